@@ -1,0 +1,67 @@
+// RunAgent: wires catalog, node state, socket server and the agreement rounds together.
+#include "agent/agent.h"
+
+#include <sys/stat.h>
+
+#include <cctype>
+
+#include <chrono>
+#include <filesystem>
+#include <thread>
+#include <vector>
+
+#include "agent/catalog.h"
+#include "agent/node_state.h"
+#include "agent/server.h"
+#include "core/env.h"
+#include "core/log.h"
+
+namespace memento {
+
+Status RunAgent(AgentOptions options, Communicator* comm, const std::atomic<bool>* stop) {
+  if (options.job_id.empty()) return InvalidArgument("the agent needs a job id (--job or MEMENTO_JOB_ID)");
+  for (char c : options.job_id) {
+    if (!std::isalnum(static_cast<unsigned char>(c)) && c != '-' && c != '_' && c != '.') {
+      return InvalidArgument("job id '" + options.job_id + "' may hold only letters, digits, '-', '_' and '.'");
+    }
+  }
+  if (options.slots_per_rank < 2) {
+    return InvalidArgument("--slots must be at least 2 (one for the newest restorable version, one to capture into)");
+  }
+  const int node_id = options.node_id >= 0 ? options.node_id : comm->rank();
+  if (options.socket_path.empty()) options.socket_path = "/tmp/memento-" + options.job_id + "-node%n.sock";
+  if (options.catalog_dir.empty()) options.catalog_dir = "/tmp/memento-" + options.job_id + "-node%n.catalog";
+  const std::string socket_path = ExpandNodePattern(options.socket_path, node_id);
+  const std::string catalog_dir = ExpandNodePattern(options.catalog_dir, node_id);
+  SetLogTag("agent[" + std::to_string(node_id) + "]");
+
+  std::error_code ec;
+  std::filesystem::create_directories(catalog_dir, ec);
+  if (ec) return IOError("creating catalog directory " + catalog_dir + ": " + ec.message());
+  ::chmod(catalog_dir.c_str(), 0700);
+  MEMENTO_ASSIGN_OR_RETURN(auto catalog, Catalog::Open(catalog_dir));
+  NodeState state(options, node_id, catalog.get());
+  MEMENTO_RETURN_IF_ERROR(state.Recover());
+  SocketServer server(socket_path, &state);
+  MEMENTO_RETURN_IF_ERROR(server.Start());
+  MEMENTO_LOG(kInfo) << "serving job '" << options.job_id << "' on " << socket_path << " (node " << node_id << " of "
+                     << comm->size() << ", " << options.slots_per_rank << " slots per rank)";
+
+  std::vector<TickPayload> all(comm->size());
+  Status result;
+  for (;;) {
+    TickPayload mine = state.MakeTick(stop->load());
+    Status st = comm->Allgather(&mine, sizeof mine, all.data());
+    if (!st.ok()) {
+      result = st.WithContext("agreement round with the other agents");
+      break;
+    }
+    if (state.ApplyTick(all)) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(options.tick_ms));
+  }
+  MEMENTO_LOG(kInfo) << "stopping";
+  server.Stop();
+  return result;
+}
+
+}  // namespace memento

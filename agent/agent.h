@@ -1,0 +1,47 @@
+// memento-agent: the per-node daemon that owns the host copies of every rank's snapshots in
+// named shared memory, keeps their catalog in RocksDB, checksums them, agrees with the other
+// agents of the job (over a Communicator: MPI) which versions are globally complete, and serves
+// the node's ranks over a Unix socket. See DESIGN.md §1–2.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <string>
+
+#include "core/communicator.h"
+#include "core/status.h"
+
+namespace memento {
+
+struct AgentOptions {
+  // The job this agent serves (required); clients of other jobs are refused.
+  std::string job_id;
+  // The job's secret, checked in every client's handshake. Default "" = MEMENTO_JOB_TOKEN.
+  std::string job_token;
+  // This node's id; -1 = the agent's rank in its Communicator (MPI rank).
+  int node_id = -1;
+  // Unix socket path; "%n" becomes the node id. Default "" = /tmp/memento-<job>-node%n.sock.
+  std::string socket_path;
+  // Catalog directory (node-local disk); "%n" becomes the node id.
+  // Default "" = /tmp/memento-<job>-node%n.catalog.
+  std::string catalog_dir;
+  // Versions kept per rank (R slots each). Default 2.
+  int slots_per_rank = 2;
+  // Most bytes of slots this agent may create; 0 = no budget beyond what /dev/shm holds.
+  uint64_t memory_budget_bytes = 0;
+  // Threads computing and verifying CRC-64 (default 4).
+  int crc_threads = 4;
+  // Bytes per CRC chunk: the unit of parallel checksumming (default 64 MiB).
+  uint64_t crc_chunk_bytes = uint64_t{64} << 20;
+  // Interval between agreement rounds with the other agents, milliseconds (default 2).
+  int tick_ms = 2;
+};
+
+// Runs the agent until `stop` becomes true in any agent of the job (all agents stop in the same
+// round). Returns the error that ended it, if any.
+Status RunAgent(AgentOptions options, Communicator* comm, const std::atomic<bool>* stop);
+
+// Shared-memory names of node `node_id` of `job_id` start with this.
+std::string ShmPrefix(const std::string& job_id, int node_id);
+
+}  // namespace memento

@@ -1,0 +1,117 @@
+// memento-agent: one per node, all agents of a job in one MPI job:
+//   mpirun -np <nodes> memento-agent --job J [--socket PATH] [--catalog DIR] [--slots R] ...
+#include <csignal>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+#include "agent/agent.h"
+#include "agent/mpi_communicator.h"
+#include "core/env.h"
+#include "core/log.h"
+
+namespace {
+
+std::atomic<bool> g_stop{false};
+void OnSignal(int) { g_stop.store(true); }
+
+void Usage() {
+  std::fprintf(stderr,
+               "usage: memento-agent --job ID [options]\n"
+               "  --job ID              job id (default MEMENTO_JOB_ID)\n"
+               "  --token T             job token (default MEMENTO_JOB_TOKEN)\n"
+               "  --node-id N           node id (default: MPI rank)\n"
+               "  --socket PATH         Unix socket; %%n = node id (default /tmp/memento-<job>-node%%n.sock)\n"
+               "  --catalog DIR         catalog directory; %%n = node id (default /tmp/memento-<job>-node%%n.catalog)\n"
+               "  --slots R             versions kept per rank (default 2)\n"
+               "  --memory-budget B     bytes of slots at most, with K/M/G suffix (default: /dev/shm)\n"
+               "  --crc-threads N       checksum threads (default 4)\n"
+               "  --tick-ms MS          agreement interval (default 2)\n"
+               "  --log-level L         debug|info|warning|error\n");
+}
+
+bool ParseBytes(const char* s, uint64_t* out) {
+  char* end = nullptr;
+  double v = std::strtod(s, &end);
+  if (end == s || v < 0) return false;
+  uint64_t mult = 1;
+  if (*end == 'K' || *end == 'k') mult = 1ull << 10;
+  else if (*end == 'M' || *end == 'm') mult = 1ull << 20;
+  else if (*end == 'G' || *end == 'g') mult = 1ull << 30;
+  else if (*end != '\0') return false;
+  *out = static_cast<uint64_t>(v * static_cast<double>(mult));
+  return true;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  memento::AgentOptions opts;
+  opts.job_id = memento::Env().job_id;
+  opts.job_token = memento::Env().job_token;
+  for (int i = 1; i < argc; ++i) {
+    std::string a = argv[i];
+    auto next = [&]() -> const char* {
+      if (i + 1 >= argc) {
+        std::fprintf(stderr, "memento-agent: %s needs a value\n", a.c_str());
+        std::exit(2);
+      }
+      return argv[++i];
+    };
+    auto next_int = [&]() {
+      const char* v = next();
+      char* end = nullptr;
+      long x = std::strtol(v, &end, 10);
+      if (*end != '\0') {
+        std::fprintf(stderr, "memento-agent: %s expects an integer, got '%s'\n", a.c_str(), v);
+        std::exit(2);
+      }
+      return static_cast<int>(x);
+    };
+    if (a == "--job") opts.job_id = next();
+    else if (a == "--token") opts.job_token = next();
+    else if (a == "--node-id") opts.node_id = next_int();
+    else if (a == "--socket") opts.socket_path = next();
+    else if (a == "--catalog") opts.catalog_dir = next();
+    else if (a == "--slots") opts.slots_per_rank = next_int();
+    else if (a == "--crc-threads") opts.crc_threads = next_int();
+    else if (a == "--tick-ms") opts.tick_ms = next_int();
+    else if (a == "--memory-budget") {
+      const char* v = next();
+      if (!ParseBytes(v, &opts.memory_budget_bytes)) {
+        std::fprintf(stderr, "memento-agent: --memory-budget expects bytes like 512M or 4G, got '%s'\n", v);
+        return 2;
+      }
+    } else if (a == "--log-level") {
+      std::string l = next();
+      memento::SetLogLevel(l == "debug" ? memento::LogLevel::kDebug
+                           : l == "warning" ? memento::LogLevel::kWarning
+                           : l == "error" ? memento::LogLevel::kError
+                                          : memento::LogLevel::kInfo);
+    } else if (a == "-h" || a == "--help") {
+      Usage();
+      return 0;
+    } else {
+      std::fprintf(stderr, "memento-agent: unknown option '%s'\n", a.c_str());
+      Usage();
+      return 2;
+    }
+  }
+  std::signal(SIGTERM, OnSignal);
+  std::signal(SIGINT, OnSignal);
+  std::signal(SIGPIPE, SIG_IGN);
+  memento::Status st = memento::InitMpi(&argc, &argv);
+  if (!st.ok()) {
+    std::fprintf(stderr, "memento-agent: %s\n", st.ToString().c_str());
+    return 1;
+  }
+  auto comm = memento::MakeMpiCommunicator();
+  st = memento::RunAgent(opts, comm.get(), &g_stop);
+  memento::FinalizeMpi();
+  if (!st.ok()) {
+    std::fprintf(stderr, "memento-agent: %s\n", st.ToString().c_str());
+    return 1;
+  }
+  return 0;
+}

@@ -1,0 +1,822 @@
+// NodeState: slots, versions, epochs and agreement. See node_state.h for the contract.
+//
+// Invariants that keep a restorable version alive:
+//  - the newest globally complete version's slot is never reused;
+//  - a locally complete version waiting for the other agents is never reused (they may be about
+//    to declare it globally complete);
+//  - a version only becomes globally complete in an agreement round, which every agent applies
+//    identically; and the restore point of an epoch is agreed the same way.
+#include "agent/node_state.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cstring>
+
+#include "core/crc.h"
+#include "core/dtype.h"
+#include "core/log.h"
+#include "proto/shard_convert.h"
+#include "proto/version.h"
+
+namespace memento {
+namespace {
+
+constexpr uint64_t kSlotAlignment = 4096;
+
+uint64_t AlignUp(uint64_t x) { return (x + kSlotAlignment - 1) / kSlotAlignment * kSlotAlignment; }
+
+int64_t NowUnixMs() {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+
+std::string StateName(proto::VersionState s) {
+  switch (s) {
+    case proto::VERSION_CAPTURING: return "capturing";
+    case proto::VERSION_LOCALLY_COMPLETE: return "locally_complete";
+    case proto::VERSION_GLOBALLY_COMPLETE: return "globally_complete";
+    default: return "unknown";
+  }
+}
+
+bool SameLayout(const proto::RankRecord& a, const proto::RankRecord& b) {
+  if (a.tensors_size() != b.tensors_size() || a.blobs_size() != b.blobs_size()) return false;
+  for (int i = 0; i < a.tensors_size(); ++i) {
+    if (a.tensors(i).SerializeAsString() != b.tensors(i).SerializeAsString()) return false;
+  }
+  for (int i = 0; i < a.blobs_size(); ++i) {
+    if (a.blobs(i).SerializeAsString() != b.blobs(i).SerializeAsString()) return false;
+  }
+  return a.slot_bytes() == b.slot_bytes();
+}
+
+// Which name differs first, for the error message.
+std::string FirstLayoutDifference(const proto::RankRecord& saved, const proto::RankRecord& now) {
+  std::map<std::string, std::string> s, n;
+  for (const auto& t : saved.tensors()) s[t.name()] = t.SerializeAsString();
+  for (const auto& t : now.tensors()) n[t.name()] = t.SerializeAsString();
+  for (const auto& b : saved.blobs()) s["blob " + b.name()] = b.SerializeAsString();
+  for (const auto& b : now.blobs()) n["blob " + b.name()] = b.SerializeAsString();
+  for (const auto& [name, v] : s) {
+    auto it = n.find(name);
+    if (it == n.end()) return "'" + name + "' was saved but is not registered now";
+    if (it->second != v) return "'" + name + "' differs from the saved one (dtype, shape, spec or size)";
+  }
+  for (const auto& [name, v] : n) {
+    if (!s.count(name)) return "'" + name + "' is registered now but was not saved";
+  }
+  return "the layout differs";
+}
+
+bool ContainsRank(const proto::VersionRecord& v, int32_t rank) {
+  for (const auto& c : v.captured()) {
+    if (c.rank() == rank) return true;
+  }
+  return false;
+}
+
+}  // namespace
+
+std::string ShmPrefix(const std::string& job_id, int node_id) {
+  return "/memento-" + job_id + "-n" + std::to_string(node_id);
+}
+
+NodeState::NodeState(const AgentOptions& options, int node_id, Catalog* catalog)
+    : options_(options), node_id_(node_id), catalog_(catalog),
+      crc_pool_(std::make_unique<ThreadPool>(std::max(1, options.crc_threads))) {}
+
+NodeState::~NodeState() { crc_pool_.reset(); }
+
+Status NodeState::CreateSlots(RankSlots* rs) {
+  const uint64_t bytes = rs->record.slot_bytes();
+  rs->record.clear_slot_names();
+  for (int k = 0; k < options_.slots_per_rank; ++k) {
+    std::string name = ShmPrefix(options_.job_id, node_id_) + "-r" + std::to_string(rs->record.rank()) + "-s" +
+                       std::to_string(k);
+    if (SharedMemory::Exists(name)) SharedMemory::Unlink(name).IgnoreError();  // stale, not in the catalog
+    auto seg = SharedMemory::Create(name, bytes);
+    if (!seg.ok()) {
+      ReleaseSlots(rs);
+      return seg.status().WithContext("rank " + std::to_string(rs->record.rank()) + ": creating slot " +
+                                      std::to_string(k));
+    }
+    rs->record.add_slot_names(name);
+    rs->slots.push_back(std::move(seg).value());
+  }
+  return Status::Ok();
+}
+
+void NodeState::ReleaseSlots(RankSlots* rs) {
+  for (auto& seg : rs->slots) SharedMemory::Unlink(seg->name()).IgnoreError();
+  rs->slots.clear();
+}
+
+Status NodeState::Recover() {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto node = catalog_->GetNode();
+  if (node.ok()) {
+    if (node->job_id() != options_.job_id) {
+      return FailedPrecondition("catalog " + catalog_->dir() + " belongs to job '" + node->job_id() +
+                                "', not '" + options_.job_id + "'");
+    }
+    if (node->format_version() != kCatalogFormatVersion) {
+      return FailedPrecondition("catalog " + catalog_->dir() + " has format version " +
+                                std::to_string(node->format_version()) + "; this agent reads version " +
+                                std::to_string(kCatalogFormatVersion));
+    }
+    if (node->slots_per_rank() != options_.slots_per_rank) {
+      return FailedPrecondition("catalog " + catalog_->dir() + " was made with " +
+                                std::to_string(node->slots_per_rank()) + " slots per rank; the agent was started with " +
+                                std::to_string(options_.slots_per_rank));
+    }
+    incarnation_ = node->incarnation();
+  } else if (node.status().code() != StatusCode::kNotFound) {
+    return node.status();
+  }
+  proto::NodeRecord rec;
+  rec.set_format_version(kCatalogFormatVersion);
+  rec.set_job_id(options_.job_id);
+  rec.set_node_id(node_id_);
+  rec.set_shm_prefix(ShmPrefix(options_.job_id, node_id_));
+  rec.set_slots_per_rank(options_.slots_per_rank);
+  rec.set_incarnation(incarnation_);
+  MEMENTO_RETURN_IF_ERROR(catalog_->PutNode(rec));
+
+  MEMENTO_ASSIGN_OR_RETURN(auto ranks, catalog_->ListRanks());
+  MEMENTO_ASSIGN_OR_RETURN(auto versions, catalog_->ListVersions());
+  std::set<int32_t> lost_ranks;
+  for (auto& r : ranks) {
+    RankSlots rs;
+    rs.record = r;
+    bool intact = true;
+    for (const std::string& name : r.slot_names()) {
+      auto seg = SharedMemory::Open(name, r.slot_bytes(), /*writable=*/true);
+      if (!seg.ok()) {
+        MEMENTO_LOG(kWarning) << "rank " << r.rank() << ": slot " << name << " did not survive ("
+                              << seg.status().ToString() << "); its versions are lost on this node";
+        intact = false;
+        break;
+      }
+      rs.slots.push_back(std::move(seg).value());
+    }
+    if (!intact) {
+      ReleaseSlots(&rs);
+      lost_ranks.insert(r.rank());
+      MEMENTO_RETURN_IF_ERROR(catalog_->DeleteRank(r.rank()));
+      continue;
+    }
+    slot_bytes_in_use_ += r.slot_bytes() * r.slot_names_size();
+    ranks_.emplace(r.rank(), std::move(rs));
+  }
+  int kept = 0;
+  for (auto& v : versions) {
+    bool lost = false;
+    for (const auto& c : v.captured()) lost |= lost_ranks.count(c.rank()) > 0;
+    if (v.state() == proto::VERSION_CAPTURING || lost) {
+      MEMENTO_LOG(kInfo) << "dropping " << (lost ? "lost" : "torn") << " version " << v.step();
+      MEMENTO_RETURN_IF_ERROR(catalog_->DeleteVersion(v.step()));
+      continue;
+    }
+    versions_.emplace(v.step(), v);
+    ++kept;
+  }
+  MEMENTO_LOG(kInfo) << "catalog " << catalog_->dir() << ": " << ranks_.size() << " ranks, " << kept
+                     << " complete versions re-attached (incarnation " << incarnation_ << ")";
+  return Status::Ok();
+}
+
+// ---- client operations -----------------------------------------------------------------------
+
+Result<proto::HelloReply> NodeState::Hello(Session* session, const proto::Hello& h) {
+  const std::string who = "rank " + std::to_string(h.rank());
+  if (h.protocol_version() != kAgentProtocolVersion) {
+    return FailedPrecondition(who + ": client speaks agent protocol version " + std::to_string(h.protocol_version()) +
+                              " but this agent speaks version " + std::to_string(kAgentProtocolVersion) +
+                              " (client library " + h.library_version() + ", agent " + kLibraryVersion + ")");
+  }
+  if (h.job_id() != options_.job_id) {
+    return PermissionDenied(who + ": client of job '" + h.job_id() + "' refused by the agent of job '" +
+                            options_.job_id + "'");
+  }
+  if (h.job_token() != options_.job_token) {
+    return PermissionDenied(who + ": wrong job token for job '" + options_.job_id + "'");
+  }
+  if (h.world_size() <= 0 || h.rank() < 0 || h.rank() >= h.world_size()) {
+    return InvalidArgument(who + ": rank must be in [0, world_size) and world_size > 0 (got world_size " +
+                           std::to_string(h.world_size()) + ")");
+  }
+  if (h.local_rank() < 0) return InvalidArgument(who + ": local_rank must be >= 0");
+  session->hello_done = true;
+  session->rank = h.rank();
+  session->local_rank = h.local_rank();
+  session->world_size = h.world_size();
+  proto::HelloReply reply;
+  reply.set_protocol_version(kAgentProtocolVersion);
+  reply.set_node_id(node_id_);
+  reply.set_agent_version(kLibraryVersion);
+  return reply;
+}
+
+Result<proto::RegisterReply> NodeState::Register(Session* session, const proto::RegisterRequest& req) {
+  const std::string who = "rank " + std::to_string(session->rank);
+  if (!session->hello_done) return FailedPrecondition("register before hello");
+  // Validate and lay out the slot.
+  proto::RankRecord rec;
+  rec.set_rank(session->rank);
+  rec.set_local_rank(session->local_rank);
+  rec.set_world_size(session->world_size);
+  std::set<std::string> names;
+  uint64_t offset = 0;
+  for (const auto& t : req.tensors()) {
+    if (t.name().empty()) return InvalidArgument(who + ": a tensor has an empty name");
+    if (!names.insert(t.name()).second) {
+      return AlreadyExists(who + ": tensor '" + t.name() + "' is registered twice");
+    }
+    auto dtype = DTypeFromInt(t.dtype());
+    if (!dtype.ok()) return InvalidArgument(who + ": tensor '" + t.name() + "': " + dtype.status().message());
+    auto spec = FromProto(t.spec());
+    if (!spec.ok()) return InvalidArgument(who + ": tensor '" + t.name() + "': " + spec.status().message());
+    Status valid = spec->Validate();
+    if (!valid.ok()) return InvalidArgument(who + ": tensor '" + t.name() + "': " + valid.message());
+    const uint64_t need = static_cast<uint64_t>(spec->local_numel) * DTypeSize(*dtype);
+    if (t.bytes() != need) {
+      return InvalidArgument(who + ": tensor '" + t.name() + "': buffer of " + std::to_string(t.bytes()) +
+                             " bytes does not match its spec: " + std::to_string(spec->local_numel) +
+                             " elements of " + std::string(DTypeName(*dtype)) + " need " + std::to_string(need) +
+                             " bytes");
+    }
+    proto::TensorRecord* out = rec.add_tensors();
+    *out = t;
+    out->set_slot_offset(offset);
+    offset = AlignUp(offset + t.bytes());
+  }
+  for (const auto& b : req.blobs()) {
+    if (b.name().empty()) return InvalidArgument(who + ": a blob has an empty name");
+    if (!names.insert(b.name()).second) return AlreadyExists(who + ": blob '" + b.name() + "' is registered twice");
+    if (b.capacity() == 0) return InvalidArgument(who + ": blob '" + b.name() + "' has capacity 0");
+    proto::BlobRecord* out = rec.add_blobs();
+    *out = b;
+    out->set_slot_offset(offset);
+    offset = AlignUp(offset + 8 + b.capacity());
+  }
+  rec.set_slot_bytes(std::max<uint64_t>(offset, kSlotAlignment));
+
+  std::unique_lock<std::mutex> lock(mu_);
+  if (pending_world_size_ != 0 && pending_world_size_ != session->world_size) {
+    return InvalidArgument(who + ": declares world size " + std::to_string(session->world_size) +
+                           " but other ranks of this node declared " + std::to_string(pending_world_size_));
+  }
+  for (const auto& [r, rs] : ranks_) {
+    if (r != session->rank && rs.record.local_rank() == session->local_rank && pending_ranks_.count(r)) {
+      return InvalidArgument(who + ": local rank " + std::to_string(session->local_rank) +
+                             " is already taken by rank " + std::to_string(r));
+    }
+  }
+  auto it = ranks_.find(session->rank);
+  if (it != ranks_.end() && !SameLayout(it->second.record, rec)) {
+    std::vector<int64_t> held;
+    for (const auto& [step, v] : versions_) {
+      if (v.state() != proto::VERSION_CAPTURING && ContainsRank(v, session->rank)) held.push_back(step);
+    }
+    if (!held.empty()) {
+      std::string steps;
+      for (int64_t s : held) steps += (steps.empty() ? "" : ", ") + std::to_string(s);
+      return FailedPrecondition(who + ": registration differs from the saved layout: " +
+                                FirstLayoutDifference(it->second.record, rec) + "; this node holds versions " +
+                                steps + " of the saved layout. Register the same tensors to restore them (a "
+                                "different layout restores through the universal format)");
+    }
+    slot_bytes_in_use_ -= it->second.record.slot_bytes() * it->second.slots.size();
+    ReleaseSlots(&it->second);
+    ranks_.erase(it);
+    it = ranks_.end();
+  }
+  if (it == ranks_.end()) {
+    const uint64_t need = rec.slot_bytes() * static_cast<uint64_t>(options_.slots_per_rank);
+    if (options_.memory_budget_bytes != 0 && slot_bytes_in_use_ + need > options_.memory_budget_bytes) {
+      return ResourceExhausted(who + ": needs " + std::to_string(options_.slots_per_rank) + " slots of " +
+                               FormatBytes(rec.slot_bytes()) + " = " + FormatBytes(need) +
+                               ", but the agent's memory budget has " +
+                               FormatBytes(options_.memory_budget_bytes - slot_bytes_in_use_) + " free (budget " +
+                               FormatBytes(options_.memory_budget_bytes) + ", " + FormatBytes(slot_bytes_in_use_) +
+                               " in use)");
+    }
+    const uint64_t shm_free = SharedMemoryFreeBytes();
+    if (shm_free < need) {
+      return ResourceExhausted(who + ": needs " + FormatBytes(need) + " of shared memory for " +
+                               std::to_string(options_.slots_per_rank) + " slots, but /dev/shm has " +
+                               FormatBytes(shm_free) + " free");
+    }
+    RankSlots rs;
+    rs.record = rec;
+    MEMENTO_RETURN_IF_ERROR(CreateSlots(&rs));
+    slot_bytes_in_use_ += need;
+    it = ranks_.emplace(session->rank, std::move(rs)).first;
+  }
+  it->second.record.set_local_rank(session->local_rank);
+  it->second.record.set_world_size(session->world_size);
+  it->second.record.set_incarnation(incarnation_ + 1);
+  MEMENTO_RETURN_IF_ERROR(catalog_->PutRank(it->second.record));
+
+  // A registration starts the job's next epoch: the running one, if any, is over.
+  if (epoch_open_) {
+    MEMENTO_LOG(kInfo) << who << " registered: the job restarted; closing incarnation " << incarnation_;
+    epoch_open_ = false;
+    phase_ = 1;
+    ++registration_serial_;
+    pending_ranks_.clear();
+    epoch_ranks_.clear();
+  }
+  pending_ranks_.insert(session->rank);
+  pending_world_size_ = session->world_size;
+  session->registered = true;
+  session->registration_serial = registration_serial_;
+  cv_.notify_all();
+
+  proto::RegisterReply reply;
+  *reply.mutable_tensors() = it->second.record.tensors();
+  *reply.mutable_blobs() = it->second.record.blobs();
+  reply.set_slot_bytes(it->second.record.slot_bytes());
+  *reply.mutable_slot_names() = it->second.record.slot_names();
+  return reply;
+}
+
+Status NodeState::CheckSessionInEpoch(const Session& s) const {
+  const std::string who = "rank " + std::to_string(s.rank);
+  if (!s.registered) return FailedPrecondition(who + ": not registered");
+  if (s.registration_serial != registration_serial_) {
+    return Aborted(who + ": this session was superseded by a newer registration of the job (the job restarted)");
+  }
+  if (!epoch_open_) return FailedPrecondition(who + ": registration not finished: waiting for the job's other ranks");
+  return Status::Ok();
+}
+
+Result<proto::AwaitEpochReply> NodeState::AwaitEpoch(Session* session, int timeout_ms) {
+  std::unique_lock<std::mutex> lock(mu_);
+  if (!session->registered) return FailedPrecondition("rank " + std::to_string(session->rank) + ": not registered");
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
+  bool ok = cv_.wait_until(lock, deadline, [&] {
+    return session->registration_serial != registration_serial_ || epoch_open_;
+  });
+  if (session->registration_serial != registration_serial_) return CheckSessionInEpoch(*session);
+  if (!ok) {
+    return Timeout("rank " + std::to_string(session->rank) + ": waited " + std::to_string(timeout_ms) +
+                   " ms for the job's ranks to register; " + std::to_string(job_registered_) + " of " +
+                   std::to_string(session->world_size) + " have");
+  }
+  proto::AwaitEpochReply reply;
+  reply.set_incarnation(incarnation_);
+  reply.set_restore_point(restore_point_);
+  for (const auto& r : refused_) reply.add_refused(r);
+  return reply;
+}
+
+int64_t NodeState::NewestGlobal() const {
+  for (auto it = versions_.rbegin(); it != versions_.rend(); ++it) {
+    if (it->second.state() == proto::VERSION_GLOBALLY_COMPLETE) return it->first;
+  }
+  return -1;
+}
+
+Status NodeState::DropVersion(int64_t step) {
+  versions_.erase(step);
+  return catalog_->DeleteVersion(step);
+}
+
+Result<int> NodeState::ChooseSlot(int64_t step, std::string* why_none) {
+  const int64_t newest_global = NewestGlobal();
+  std::vector<const proto::VersionRecord*> by_slot(options_.slots_per_rank, nullptr);
+  for (const auto& [s, v] : versions_) {
+    if (v.slot_index() >= 0 && v.slot_index() < options_.slots_per_rank) by_slot[v.slot_index()] = &v;
+  }
+  int best = -1;
+  int64_t best_step = INT64_MAX;
+  why_none->clear();
+  for (int k = 0; k < options_.slots_per_rank; ++k) {
+    const proto::VersionRecord* v = by_slot[k];
+    if (v == nullptr) return k;
+    bool usable = v->state() == proto::VERSION_GLOBALLY_COMPLETE && v->step() != newest_global;
+    if (!usable) {
+      *why_none += (why_none->empty() ? "" : ", ") + std::string("slot ") + std::to_string(k) + " holds step " +
+                   std::to_string(v->step()) + " (" + StateName(v->state()) +
+                   (v->step() == newest_global ? ", newest restorable" : "") + ")";
+      continue;
+    }
+    if (v->step() < best_step) {
+      best_step = v->step();
+      best = k;
+    }
+  }
+  (void)step;
+  return best;
+}
+
+Result<proto::BeginCaptureReply> NodeState::BeginCapture(Session* session, int64_t step, int timeout_ms) {
+  std::unique_lock<std::mutex> lock(mu_);
+  MEMENTO_RETURN_IF_ERROR(CheckSessionInEpoch(*session));
+  const std::string who = "rank " + std::to_string(session->rank);
+  if (step < 0) return InvalidArgument(who + ": step must be >= 0, got " + std::to_string(step));
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
+  for (;;) {
+    MEMENTO_RETURN_IF_ERROR(CheckSessionInEpoch(*session));
+    auto it = versions_.find(step);
+    if (it != versions_.end() && it->second.state() == proto::VERSION_CAPTURING &&
+        it->second.incarnation() == incarnation_) {
+      if (ContainsRank(it->second, session->rank)) {
+        return FailedPrecondition(who + ": step " + std::to_string(step) + " was already captured by this rank");
+      }
+      proto::BeginCaptureReply reply;
+      reply.set_slot_index(it->second.slot_index());
+      return reply;
+    }
+    // A step at or below versions this node already holds: the job went back in time (restored an
+    // older version); the newer versions belong to an abandoned timeline.
+    std::vector<int64_t> newer;
+    for (const auto& [s, v] : versions_) {
+      if (s >= step) newer.push_back(s);
+    }
+    for (int64_t s : newer) {
+      MEMENTO_LOG(kInfo) << "step " << step << " captured again: dropping version " << s << " of the old timeline";
+      MEMENTO_RETURN_IF_ERROR(DropVersion(s));
+    }
+    std::string why;
+    MEMENTO_ASSIGN_OR_RETURN(int slot, ChooseSlot(step, &why));
+    if (slot >= 0) {
+      for (auto vit = versions_.begin(); vit != versions_.end(); ++vit) {
+        if (vit->second.slot_index() == slot) {
+          MEMENTO_RETURN_IF_ERROR(DropVersion(vit->first));
+          break;
+        }
+      }
+      proto::VersionRecord v;
+      v.set_step(step);
+      v.set_slot_index(slot);
+      v.set_state(proto::VERSION_CAPTURING);
+      v.set_incarnation(incarnation_);
+      v.set_created_unix_ms(NowUnixMs());
+      MEMENTO_RETURN_IF_ERROR(catalog_->PutVersion(v));
+      versions_[step] = v;
+      proto::BeginCaptureReply reply;
+      reply.set_slot_index(slot);
+      return reply;
+    }
+    if (cv_.wait_until(lock, deadline) == std::cv_status::timeout) {
+      return Timeout(who + ": no free slot for step " + std::to_string(step) + " on node " + std::to_string(node_id_) +
+                     " after " + std::to_string(timeout_ms) + " ms: " + why);
+    }
+  }
+}
+
+Status NodeState::Captured(Session* session, int64_t step) {
+  std::vector<std::pair<const proto::TensorRecord*, const proto::BlobRecord*>> regions;
+  uint8_t* base = nullptr;
+  proto::RankRecord record;
+  uint64_t incarnation = 0;
+  int32_t slot = -1;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    MEMENTO_RETURN_IF_ERROR(CheckSessionInEpoch(*session));
+    const std::string who = "rank " + std::to_string(session->rank);
+    auto it = versions_.find(step);
+    if (it == versions_.end() || it->second.state() != proto::VERSION_CAPTURING) {
+      return FailedPrecondition(who + ": captured step " + std::to_string(step) + " that is not being captured");
+    }
+    if (ContainsRank(it->second, session->rank)) {
+      return FailedPrecondition(who + ": step " + std::to_string(step) + " reported captured twice");
+    }
+    auto rit = ranks_.find(session->rank);
+    if (rit == ranks_.end()) return Internal(who + ": registered but has no slots");
+    slot = it->second.slot_index();
+    incarnation = it->second.incarnation();
+    record = rit->second.record;
+    base = rit->second.slots.at(slot)->data();
+  }
+  // Checksum in the background: split every region into chunks over the CRC pool.
+  struct Job {
+    std::mutex mu;
+    int remaining = 0;
+    proto::RankCapture capture;
+  };
+  auto job = std::make_shared<Job>();
+  job->capture.set_rank(record.rank());
+  const uint64_t chunk = std::max<uint64_t>(options_.crc_chunk_bytes, 4096);
+  auto add_region = [&](const std::string& name, uint64_t off, uint64_t bytes) {
+    proto::RegionCrc* r = job->capture.add_crcs();
+    r->set_name(name);
+    r->set_offset(off);
+    r->set_bytes(bytes);
+    r->set_chunk_bytes(chunk);
+    const uint64_t n = bytes == 0 ? 1 : (bytes + chunk - 1) / chunk;
+    for (uint64_t i = 0; i < n; ++i) r->add_chunk_crcs(0);
+    job->remaining += static_cast<int>(n);
+  };
+  for (const auto& t : record.tensors()) add_region(t.name(), t.slot_offset(), t.bytes());
+  for (const auto& b : record.blobs()) add_region(b.name(), b.slot_offset(), 8 + b.capacity());
+  if (job->remaining == 0) {
+    OnCrcDone(step, incarnation, slot, job->capture);
+    return Status::Ok();
+  }
+  for (int ri = 0; ri < job->capture.crcs_size(); ++ri) {
+    const proto::RegionCrc& r = job->capture.crcs(ri);
+    for (int ci = 0; ci < r.chunk_crcs_size(); ++ci) {
+      const uint64_t begin = r.offset() + static_cast<uint64_t>(ci) * chunk;
+      const uint64_t len = std::min<uint64_t>(chunk, r.offset() + r.bytes() - begin);
+      crc_pool_->Submit([this, job, base, ri, ci, begin, len, step, incarnation, slot] {
+        uint64_t crc = Crc64(base + begin, len);
+        bool last = false;
+        {
+          std::lock_guard<std::mutex> l(job->mu);
+          job->capture.mutable_crcs(ri)->set_chunk_crcs(ci, crc);
+          last = --job->remaining == 0;
+        }
+        if (last) OnCrcDone(step, incarnation, slot, job->capture);
+      });
+    }
+  }
+  return Status::Ok();
+}
+
+void NodeState::OnCrcDone(int64_t step, uint64_t incarnation, int32_t slot, proto::RankCapture capture) {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = versions_.find(step);
+  if (it == versions_.end() || it->second.incarnation() != incarnation || it->second.slot_index() != slot ||
+      it->second.state() != proto::VERSION_CAPTURING) {
+    return;  // dropped meanwhile (the job restarted)
+  }
+  *it->second.add_captured() = std::move(capture);
+  MaybeLocallyComplete(&it->second);
+  Status st = catalog_->PutVersion(it->second);
+  if (!st.ok()) {
+    MEMENTO_LOG(kError) << "recording capture of step " << step << ": " << st.ToString();
+  }
+  cv_.notify_all();
+}
+
+void NodeState::MaybeLocallyComplete(proto::VersionRecord* v) {
+  for (int32_t r : epoch_ranks_) {
+    if (!ContainsRank(*v, r)) return;
+  }
+  v->set_state(proto::VERSION_LOCALLY_COMPLETE);
+  MEMENTO_LOG(kDebug) << "step " << v->step() << " locally complete";
+}
+
+Result<proto::RestoreReply> NodeState::Restore(Session* session, int64_t step) {
+  std::lock_guard<std::mutex> lock(mu_);
+  MEMENTO_RETURN_IF_ERROR(CheckSessionInEpoch(*session));
+  const std::string who = "rank " + std::to_string(session->rank);
+  int64_t chosen = step;
+  if (step < 0) {
+    chosen = NewestGlobal();
+    if (chosen < 0) {
+      std::string msg = who + ": no globally complete version to restore on node " + std::to_string(node_id_);
+      for (const auto& r : refused_) msg += "; " + r;
+      return NotFound(msg);
+    }
+  }
+  auto it = versions_.find(chosen);
+  if (it == versions_.end() || it->second.state() != proto::VERSION_GLOBALLY_COMPLETE) {
+    return NotFound(who + ": version " + std::to_string(chosen) + " is not a globally complete version on node " +
+                    std::to_string(node_id_));
+  }
+  if (!ContainsRank(it->second, session->rank)) {
+    return NotFound(who + ": version " + std::to_string(chosen) + " holds no data of this rank on node " +
+                    std::to_string(node_id_));
+  }
+  proto::RestoreReply reply;
+  reply.set_step(chosen);
+  reply.set_slot_index(it->second.slot_index());
+  for (const auto& r : refused_) reply.add_refused(r);
+  return reply;
+}
+
+proto::ListVersionsReply NodeState::ListVersions() {
+  std::lock_guard<std::mutex> lock(mu_);
+  proto::ListVersionsReply reply;
+  for (const auto& [step, v] : versions_) {
+    proto::VersionInfoProto* p = reply.add_versions();
+    p->set_step(step);
+    p->set_state(StateName(v.state()));
+    p->set_captured_ranks(v.captured_size());
+    p->set_local_ranks(static_cast<int32_t>(epoch_open_ ? epoch_ranks_.size() : pending_ranks_.size()));
+  }
+  return reply;
+}
+
+// ---- verification and agreement --------------------------------------------------------------
+
+Status NodeState::VerifyRank(const proto::VersionRecord& v, const RankSlots& rs) {
+  const proto::RankCapture* cap = nullptr;
+  for (const auto& c : v.captured()) {
+    if (c.rank() == rs.record.rank()) cap = &c;
+  }
+  if (cap == nullptr) {
+    return NotFound("rank " + std::to_string(rs.record.rank()) + " has no data of step " + std::to_string(v.step()) +
+                    " on node " + std::to_string(node_id_));
+  }
+  if (v.slot_index() < 0 || v.slot_index() >= static_cast<int>(rs.slots.size())) {
+    return DataLoss("step " + std::to_string(v.step()) + " names slot " + std::to_string(v.slot_index()) +
+                    " which rank " + std::to_string(rs.record.rank()) + " does not have");
+  }
+  const uint8_t* base = rs.slots[v.slot_index()]->data();
+  const uint64_t slot_bytes = rs.slots[v.slot_index()]->size();
+  struct Check {
+    const proto::RegionCrc* region;
+    int chunk;
+  };
+  std::vector<Check> checks;
+  for (const auto& r : cap->crcs()) {
+    if (r.offset() + r.bytes() > slot_bytes || r.chunk_bytes() == 0) {
+      return DataLoss("catalog record of rank " + std::to_string(rs.record.rank()) + " '" + r.name() + "' step " +
+                      std::to_string(v.step()) + " lies outside its slot");
+    }
+    for (int c = 0; c < r.chunk_crcs_size(); ++c) checks.push_back({&r, c});
+  }
+  std::vector<uint8_t> bad(checks.size(), 0);
+  TaskGroup group;
+  group.Add(static_cast<int>(checks.size()));
+  for (size_t i = 0; i < checks.size(); ++i) {
+    crc_pool_->Submit([&, i] {
+      const proto::RegionCrc& r = *checks[i].region;
+      const uint64_t begin = r.offset() + static_cast<uint64_t>(checks[i].chunk) * r.chunk_bytes();
+      const uint64_t len = std::min<uint64_t>(r.chunk_bytes(), r.offset() + r.bytes() - begin);
+      bad[i] = Crc64(base + begin, len) != r.chunk_crcs(checks[i].chunk);
+      group.Done();
+    });
+  }
+  group.Wait();
+  for (size_t i = 0; i < checks.size(); ++i) {
+    if (!bad[i]) continue;
+    const proto::RegionCrc& r = *checks[i].region;
+    const uint64_t begin = static_cast<uint64_t>(checks[i].chunk) * r.chunk_bytes();
+    const uint64_t end = std::min<uint64_t>(begin + r.chunk_bytes(), r.bytes());
+    return DataLoss("CRC mismatch in rank " + std::to_string(rs.record.rank()) + " tensor '" + r.name() + "' step " +
+                    std::to_string(v.step()) + " (bytes " + std::to_string(begin) + ".." + std::to_string(end) +
+                    " of the tensor, node " + std::to_string(node_id_) + ", slot " +
+                    rs.slots[v.slot_index()]->name() + ")");
+  }
+  return Status::Ok();
+}
+
+void NodeState::VerifyForEpoch() {
+  valid_steps_.clear();
+  refusal_reasons_.clear();
+  first_reason_.clear();
+  std::vector<int64_t> drop;
+  for (auto& [step, v] : versions_) {
+    if (v.state() == proto::VERSION_CAPTURING) {
+      drop.push_back(step);
+      continue;
+    }
+    Status st;
+    for (int32_t r : pending_ranks_) {
+      auto rit = ranks_.find(r);
+      st = rit == ranks_.end() ? NotFound("rank " + std::to_string(r) + " has no slots") : VerifyRank(v, rit->second);
+      if (!st.ok()) break;
+    }
+    if (st.ok()) {
+      valid_steps_.push_back(step);
+    } else {
+      MEMENTO_LOG(kWarning) << "version " << step << " refused: " << st.message();
+      refusal_reasons_[step] = st.message();
+    }
+  }
+  for (int64_t s : drop) {
+    MEMENTO_LOG(kInfo) << "dropping torn version " << s;
+    DropVersion(s).IgnoreError();
+  }
+  std::sort(valid_steps_.rbegin(), valid_steps_.rend());
+  if (valid_steps_.size() > TickPayload::kMaxListed) valid_steps_.resize(TickPayload::kMaxListed);
+  if (!refusal_reasons_.empty()) first_reason_ = refusal_reasons_.rbegin()->second;
+}
+
+void NodeState::OpenEpoch(const std::vector<TickPayload>& all) {
+  // Versions every agent holds intact; the newest is the restore point.
+  std::map<int64_t, int> count;
+  uint64_t max_incarnation = incarnation_;
+  for (const TickPayload& p : all) {
+    for (int i = 0; i < p.n_valid && i < TickPayload::kMaxListed; ++i) ++count[p.valid[i]];
+    max_incarnation = std::max(max_incarnation, p.incarnation);
+  }
+  std::set<int64_t> common;
+  for (const auto& [s, c] : count) {
+    if (c == static_cast<int>(all.size())) common.insert(s);
+  }
+  restore_point_ = common.empty() ? -1 : *common.rbegin();
+  refused_.clear();
+  std::vector<int64_t> drop;
+  for (auto& [step, v] : versions_) {
+    if (common.count(step)) {
+      if (v.state() != proto::VERSION_GLOBALLY_COMPLETE) {
+        v.set_state(proto::VERSION_GLOBALLY_COMPLETE);
+        catalog_->PutVersion(v).IgnoreError();
+      }
+      continue;
+    }
+    drop.push_back(step);
+  }
+  // Explain every step that some agent held but that is not restorable everywhere.
+  std::set<int64_t> seen;
+  for (const TickPayload& p : all) {
+    for (int i = 0; i < p.n_valid && i < TickPayload::kMaxListed; ++i) seen.insert(p.valid[i]);
+  }
+  for (const auto& [s, why] : refusal_reasons_) seen.insert(s);
+  for (int64_t s : seen) {
+    if (common.count(s) || s < restore_point_) continue;
+    std::string why;
+    auto rit = refusal_reasons_.find(s);
+    if (rit != refusal_reasons_.end()) {
+      why = rit->second;
+    } else {
+      for (const TickPayload& p : all) {
+        bool has = false;
+        for (int i = 0; i < p.n_valid; ++i) has |= p.valid[i] == s;
+        if (!has) {
+          why = "node " + std::to_string(p.node_id) + " does not hold it intact";
+          if (p.reason[0] != '\0') why += " (" + std::string(p.reason, strnlen(p.reason, TickPayload::kReasonBytes)) + ")";
+          break;
+        }
+      }
+    }
+    refused_.push_back("version " + std::to_string(s) + " refused: " + why);
+  }
+  for (int64_t s : drop) DropVersion(s).IgnoreError();
+  incarnation_ = max_incarnation + 1;
+  epoch_ranks_ = pending_ranks_;
+  pending_ranks_.clear();
+  pending_world_size_ = 0;
+  epoch_open_ = true;
+  phase_ = 0;
+  auto node = catalog_->GetNode();
+  if (node.ok()) {
+    node->set_incarnation(incarnation_);
+    catalog_->PutNode(*node).IgnoreError();
+  }
+  MEMENTO_LOG(kInfo) << "incarnation " << incarnation_ << " open with " << epoch_ranks_.size()
+                     << " local ranks; restore point " << restore_point_;
+  for (const auto& r : refused_) MEMENTO_LOG(kWarning) << r;
+  cv_.notify_all();
+}
+
+TickPayload NodeState::MakeTick(bool stop) {
+  std::lock_guard<std::mutex> lock(mu_);
+  TickPayload p;
+  p.node_id = node_id_;
+  p.phase = phase_;
+  p.registered = static_cast<int32_t>(pending_ranks_.size());
+  p.world_size = pending_world_size_;
+  p.incarnation = incarnation_;
+  p.stop = stop ? 1 : 0;
+  for (auto it = versions_.rbegin(); it != versions_.rend() && p.n_local < TickPayload::kMaxListed; ++it) {
+    if (it->second.state() == proto::VERSION_LOCALLY_COMPLETE) p.local_complete[p.n_local++] = it->first;
+  }
+  if (phase_ == 2) {
+    for (int64_t s : valid_steps_) p.valid[p.n_valid++] = s;
+    std::strncpy(p.reason, first_reason_.c_str(), TickPayload::kReasonBytes - 1);
+  }
+  return p;
+}
+
+bool NodeState::ApplyTick(const std::vector<TickPayload>& all) {
+  std::lock_guard<std::mutex> lock(mu_);
+  bool stop = false;
+  bool all_open = true, all_waiting = true, all_verified = true;
+  int32_t registered = 0, world = 0;
+  for (const TickPayload& p : all) {
+    stop |= p.stop != 0;
+    all_open &= p.phase == 0;
+    all_waiting &= p.phase == 1;
+    all_verified &= p.phase == 2;
+    registered += p.registered;
+    world = std::max(world, p.world_size);
+  }
+  if (stop) return true;
+  job_registered_ = registered;
+  if (all_open) {
+    // Global completion: a step every agent holds locally complete.
+    bool changed = false;
+    for (auto& [step, v] : versions_) {
+      if (v.state() != proto::VERSION_LOCALLY_COMPLETE) continue;
+      bool everywhere = true;
+      for (const TickPayload& p : all) {
+        bool has = false;
+        for (int i = 0; i < p.n_local; ++i) has |= p.local_complete[i] == step;
+        everywhere &= has;
+      }
+      if (everywhere) {
+        v.set_state(proto::VERSION_GLOBALLY_COMPLETE);
+        catalog_->PutVersion(v).IgnoreError();
+        changed = true;
+        MEMENTO_LOG(kDebug) << "step " << step << " globally complete";
+      }
+    }
+    if (changed) cv_.notify_all();
+  } else if (all_waiting && world > 0 && registered == world) {
+    VerifyForEpoch();
+    phase_ = 2;
+  } else if (all_verified) {
+    OpenEpoch(all);
+  }
+  return false;
+}
+
+}  // namespace memento

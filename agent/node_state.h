@@ -1,0 +1,121 @@
+// The agent's state machine: ranks and their slots, versions and their states, the job's epochs
+// (one per start of the training job) and the agreement rounds with the other agents.
+// Thread-safe: connection threads call the client operations, the coordinator thread calls
+// MakeTick/ApplyTick; all state is guarded by mu_.
+#pragma once
+
+#include <condition_variable>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "agent/agent.h"
+#include "agent/catalog.h"
+#include "core/shared_memory.h"
+#include "core/status.h"
+#include "core/thread_pool.h"
+#include "proto/memento.pb.h"
+
+namespace memento {
+
+// What one connected rank told the agent.
+struct Session {
+  bool hello_done = false;
+  int32_t rank = -1;
+  int32_t local_rank = -1;
+  int32_t world_size = 0;
+  bool registered = false;
+  uint64_t registration_serial = 0;  // which registration round this session belongs to
+};
+
+// One agent's contribution to an agreement round: plain bytes, identical layout on every agent.
+struct TickPayload {
+  static constexpr int kMaxListed = 32;
+  static constexpr int kReasonBytes = 384;
+  int32_t node_id = -1;
+  int32_t phase = 0;        // 0 = epoch open, 1 = waiting for registrations, 2 = verified
+  int32_t registered = 0;   // ranks registered for the next epoch on this node
+  int32_t world_size = 0;   // the world size those ranks declared (0 = none)
+  uint64_t incarnation = 0;
+  int32_t stop = 0;
+  int32_t n_local = 0;
+  int64_t local_complete[kMaxListed] = {};  // locally complete, not yet globally complete steps
+  int32_t n_valid = 0;
+  int64_t valid[kMaxListed] = {};           // phase 2: steps this node holds intact for every rank
+  char reason[kReasonBytes] = {};           // phase 2: why the newest refused step was refused
+};
+
+class NodeState {
+ public:
+  NodeState(const AgentOptions& options, int node_id, Catalog* catalog);
+  ~NodeState();
+
+  // Loads the catalog and re-attaches to surviving slots. Versions left capturing are dropped;
+  // complete ones are re-verified when the next epoch opens.
+  Status Recover();
+
+  // ---- client operations (connection threads) ----
+  Result<proto::HelloReply> Hello(Session* session, const proto::Hello& hello);
+  Result<proto::RegisterReply> Register(Session* session, const proto::RegisterRequest& req);
+  Result<proto::AwaitEpochReply> AwaitEpoch(Session* session, int timeout_ms);
+  Result<proto::BeginCaptureReply> BeginCapture(Session* session, int64_t step, int timeout_ms);
+  Status Captured(Session* session, int64_t step);
+  Result<proto::RestoreReply> Restore(Session* session, int64_t step);
+  proto::ListVersionsReply ListVersions();
+
+  // ---- agreement rounds (coordinator thread) ----
+  TickPayload MakeTick(bool stop);
+  // Applies a round's results; every agent sees the same `all` and makes the same decisions.
+  // Returns true when the job's agents agreed to stop.
+  bool ApplyTick(const std::vector<TickPayload>& all);
+
+ private:
+  struct RankSlots {
+    proto::RankRecord record;
+    std::vector<std::unique_ptr<SharedMemory>> slots;
+  };
+
+  Status CheckSessionInEpoch(const Session& s) const;  // REQUIRES(mu_)
+  Result<int> ChooseSlot(int64_t step, std::string* why_none);  // REQUIRES(mu_)
+  Status DropVersion(int64_t step);                    // REQUIRES(mu_)
+  int64_t NewestGlobal() const;                        // REQUIRES(mu_)
+  // Checks every region CRC of `rank` in version `v`; DataLoss naming rank, tensor and step.
+  Status VerifyRank(const proto::VersionRecord& v, const RankSlots& rs);
+  void VerifyForEpoch();                               // REQUIRES(mu_)
+  void OpenEpoch(const std::vector<TickPayload>& all); // REQUIRES(mu_)
+  void OnCrcDone(int64_t step, uint64_t incarnation, int32_t slot, proto::RankCapture capture);
+  void MaybeLocallyComplete(proto::VersionRecord* v);  // REQUIRES(mu_)
+  Status CreateSlots(RankSlots* rs);
+  void ReleaseSlots(RankSlots* rs);
+
+  const AgentOptions options_;
+  const int node_id_;
+  Catalog* catalog_;
+  std::unique_ptr<ThreadPool> crc_pool_;
+
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  std::map<int32_t, RankSlots> ranks_;                  // GUARDED_BY(mu_)
+  std::map<int64_t, proto::VersionRecord> versions_;    // GUARDED_BY(mu_)
+  uint64_t slot_bytes_in_use_ = 0;                      // GUARDED_BY(mu_)
+  // Epochs: the job is (re)started whenever its ranks register anew.
+  bool epoch_open_ = false;                             // GUARDED_BY(mu_)
+  int phase_ = 1;                                       // GUARDED_BY(mu_)
+  uint64_t incarnation_ = 0;                            // GUARDED_BY(mu_)
+  uint64_t registration_serial_ = 1;                    // GUARDED_BY(mu_)
+  std::set<int32_t> pending_ranks_;                     // GUARDED_BY(mu_) registered, epoch not open
+  int32_t pending_world_size_ = 0;                      // GUARDED_BY(mu_)
+  std::set<int32_t> epoch_ranks_;                       // GUARDED_BY(mu_) local ranks of the open epoch
+  std::vector<int64_t> valid_steps_;                    // GUARDED_BY(mu_) phase 2
+  std::map<int64_t, std::string> refusal_reasons_;      // GUARDED_BY(mu_) phase 2, this node
+  std::string first_reason_;                            // GUARDED_BY(mu_)
+  int64_t restore_point_ = -1;                          // GUARDED_BY(mu_)
+  std::vector<std::string> refused_;                    // GUARDED_BY(mu_) reported to restoring ranks
+  int32_t job_registered_ = 0;                          // GUARDED_BY(mu_) job-wide, last round
+};
+
+}  // namespace memento

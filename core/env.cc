@@ -1,0 +1,62 @@
+// Reads the MEMENTO_* environment once.
+#include "core/env.h"
+
+#include <cstdlib>
+#include <string_view>
+
+namespace memento {
+namespace {
+
+std::string Get(const char* name, std::string def = "") {
+  const char* v = std::getenv(name);
+  return v ? std::string(v) : def;
+}
+
+int GetInt(const char* name, int def) {
+  const char* v = std::getenv(name);
+  if (v == nullptr || *v == '\0') return def;
+  char* end = nullptr;
+  long x = std::strtol(v, &end, 10);
+  return (end && *end == '\0') ? static_cast<int>(x) : def;
+}
+
+LogLevel ParseLevel(std::string_view s) {
+  if (s == "debug") return LogLevel::kDebug;
+  if (s == "warning" || s == "warn") return LogLevel::kWarning;
+  if (s == "error") return LogLevel::kError;
+  return LogLevel::kInfo;
+}
+
+EnvSettings Read() {
+  EnvSettings e;
+  e.agent_socket = Get("MEMENTO_AGENT_SOCKET");
+  e.job_id = Get("MEMENTO_JOB_ID");
+  e.job_token = Get("MEMENTO_JOB_TOKEN");
+  e.node_id = GetInt("MEMENTO_NODE_ID", -1);
+  e.ranks_per_node = GetInt("MEMENTO_RANKS_PER_NODE", 0);
+  e.log_level = ParseLevel(Get("MEMENTO_LOG_LEVEL", "info"));
+  e.copy_threads = GetInt("MEMENTO_COPY_THREADS", 0);
+  return e;
+}
+
+}  // namespace
+
+const EnvSettings& Env() {
+  static const EnvSettings settings = Read();
+  return settings;
+}
+
+std::string ExpandNodePattern(const std::string& pattern, int node_id) {
+  std::string out;
+  for (size_t i = 0; i < pattern.size(); ++i) {
+    if (pattern[i] == '%' && i + 1 < pattern.size() && pattern[i + 1] == 'n') {
+      out += std::to_string(node_id);
+      ++i;
+    } else {
+      out += pattern[i];
+    }
+  }
+  return out;
+}
+
+}  // namespace memento

@@ -1,0 +1,36 @@
+// Every MEMENTO_* environment variable, read in this one place, with its default.
+// Env() reads them once (thread-safe) and returns the same values for the life of the process.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "core/log.h"
+
+namespace memento {
+
+struct EnvSettings {
+  // MEMENTO_AGENT_SOCKET: path of the node agent's Unix socket; "%n" is replaced by the node id.
+  // Default "" (the client then requires ClientOptions::agent_socket).
+  std::string agent_socket;
+  // MEMENTO_JOB_ID: the job's id, shared by agents and ranks. Default "".
+  std::string job_id;
+  // MEMENTO_JOB_TOKEN: the job's secret, checked in the handshake. Default "".
+  std::string job_token;
+  // MEMENTO_NODE_ID: this process's node id; -1 = unset.
+  int node_id = -1;
+  // MEMENTO_RANKS_PER_NODE: simulated nodes on one machine: node id = rank / this; 0 = unset.
+  int ranks_per_node = 0;
+  // MEMENTO_LOG_LEVEL: debug | info | warning | error. Default warning for clients and info for
+  // the agent is the caller's choice; this is the env override (default info).
+  LogLevel log_level = LogLevel::kInfo;
+  // MEMENTO_COPY_THREADS: host-path copy threads per rank; 0 = choose (default 0).
+  int copy_threads = 0;
+};
+
+const EnvSettings& Env();
+
+// Replaces every "%n" in `pattern` with `node_id`.
+std::string ExpandNodePattern(const std::string& pattern, int node_id);
+
+}  // namespace memento

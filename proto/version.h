@@ -1,0 +1,14 @@
+// Versions that peers and files check: the library, the agent protocol and the catalog format.
+#pragma once
+
+#include <cstdint>
+
+namespace memento {
+
+inline constexpr const char* kLibraryVersion = "0.1.0";
+// Bumped on any incompatible change of the client <-> agent messages.
+inline constexpr uint32_t kAgentProtocolVersion = 1;
+// Bumped on any incompatible change of the catalog records.
+inline constexpr uint32_t kCatalogFormatVersion = 1;
+
+}  // namespace memento

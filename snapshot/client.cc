@@ -1,0 +1,459 @@
+// The client library: handshake, registration, lazy asynchronous capture into the agent's slots
+// (host path: chunked multi-threaded copy; CUDA path: pinned slots, a copy stream and events),
+// and restore. See client.h for the contract.
+#include "snapshot/client.h"
+
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <condition_variable>
+#include <cstring>
+#include <future>
+#include <map>
+#include <mutex>
+#include <thread>
+
+#include "core/env.h"
+#include "core/log.h"
+#include "core/posix_error.h"
+#include "core/shared_memory.h"
+#include "core/thread_pool.h"
+#include "proto/memento.pb.h"
+#include "proto/shard_convert.h"
+#include "proto/version.h"
+#include "proto/wire.h"
+#include "snapshot/cuda_copier.h"
+
+namespace memento {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double Seconds(Clock::time_point a, Clock::time_point b) { return std::chrono::duration<double>(b - a).count(); }
+
+int EnvInt(const char* name, int def) {
+  const char* v = std::getenv(name);
+  return (v && *v) ? std::atoi(v) : def;
+}
+
+// Registration chunks for cudaHostRegister; copies never straddle two of them.
+constexpr size_t kPinChunk = size_t{64} << 20;
+
+struct TensorEntry {
+  std::string name;
+  void* data = nullptr;
+  DType dtype = DType::kInvalid;
+  ShardSpec spec;
+  size_t bytes = 0;
+  MemoryKind where = MemoryKind::kHost;
+  int device = 0;
+  uint64_t slot_offset = 0;
+};
+
+struct BlobEntry {
+  std::string name;
+  void* data = nullptr;
+  size_t capacity = 0;
+  size_t* size = nullptr;
+  uint64_t slot_offset = 0;
+  std::string staged;  // copied in Snapshot(), written to the slot in the background
+};
+
+class ClientImpl : public Client {
+ public:
+  ClientImpl(ClientOptions o, int fd) : opts_(std::move(o)), fd_(fd) {
+    copy_pool_ = std::make_unique<ThreadPool>(opts_.copy_threads);
+    worker_ = std::make_unique<ThreadPool>(1);
+  }
+  ~ClientImpl() override {
+    if (inflight_.valid()) inflight_.wait();
+    worker_.reset();
+    copy_pool_.reset();
+    for (auto& [dev, c] : copiers_) {
+      for (auto& seg : slots_) c->UnregisterHost(seg->data(), seg->size(), kPinChunk);
+    }
+    if (fd_ >= 0) ::close(fd_);
+  }
+
+  Status Handshake() {
+    proto::Request req;
+    proto::Hello* h = req.mutable_hello();
+    h->set_protocol_version(kAgentProtocolVersion);
+    h->set_job_id(opts_.job_id);
+    h->set_job_token(opts_.job_token);
+    h->set_rank(opts_.rank);
+    h->set_local_rank(opts_.local_rank);
+    h->set_world_size(opts_.world_size);
+    h->set_node_id(opts_.node_id);
+    h->set_pid(static_cast<int32_t>(::getpid()));
+    h->set_library_version(kLibraryVersion);
+    MEMENTO_ASSIGN_OR_RETURN(proto::Reply reply, Call(req));
+    node_id_ = reply.hello().node_id();
+    return Status::Ok();
+  }
+
+  Status RegisterTensor(const std::string& name, void* data, DType dtype, const ShardSpec& spec, MemoryKind where,
+                        int cuda_device) override {
+    return RegisterTensor(name, data, static_cast<size_t>(spec.local_numel) * DTypeSize(dtype), dtype, spec, where,
+                          cuda_device);
+  }
+
+  Status RegisterTensor(const std::string& name, void* data, size_t buffer_bytes, DType dtype, const ShardSpec& spec,
+                        MemoryKind where, int cuda_device) override {
+    if (finished_) return FailedPrecondition("tensor '" + name + "' registered after FinishRegistration()");
+    if (data == nullptr && buffer_bytes > 0) return InvalidArgument("tensor '" + name + "' has a null buffer");
+    if (DTypeSize(dtype) == 0) {
+      return InvalidArgument("tensor '" + name + "' has unknown dtype code " + std::to_string(static_cast<int>(dtype)));
+    }
+    if (where == MemoryKind::kCuda) {
+      Status avail = CudaCopier::Available();
+      if (!avail.ok()) return avail.WithContext("tensor '" + name + "' is on a CUDA device");
+    }
+    TensorEntry t;
+    t.name = name;
+    t.data = data;
+    t.dtype = dtype;
+    t.spec = spec;
+    t.bytes = buffer_bytes;
+    t.where = where;
+    t.device = cuda_device;
+    tensors_.push_back(std::move(t));
+    return Status::Ok();
+  }
+
+  Status RegisterBlob(const std::string& name, void* data, size_t capacity, size_t* size) override {
+    if (finished_) return FailedPrecondition("blob '" + name + "' registered after FinishRegistration()");
+    if (data == nullptr || size == nullptr) return InvalidArgument("blob '" + name + "' needs a buffer and a size");
+    BlobEntry b;
+    b.name = name;
+    b.data = data;
+    b.capacity = capacity;
+    b.size = size;
+    blobs_.push_back(std::move(b));
+    return Status::Ok();
+  }
+
+  Status FinishRegistration() override {
+    if (finished_) return Status::Ok();
+    proto::Request req;
+    proto::RegisterRequest* r = req.mutable_register_request();
+    for (const TensorEntry& t : tensors_) {
+      proto::TensorRecord* tr = r->add_tensors();
+      tr->set_name(t.name);
+      tr->set_dtype(static_cast<int32_t>(t.dtype));
+      ToProto(t.spec, tr->mutable_spec());
+      tr->set_bytes(t.bytes);
+      tr->set_memory_kind(static_cast<int32_t>(t.where));
+    }
+    for (const BlobEntry& b : blobs_) {
+      proto::BlobRecord* br = r->add_blobs();
+      br->set_name(b.name);
+      br->set_capacity(b.capacity);
+    }
+    MEMENTO_ASSIGN_OR_RETURN(proto::Reply reply, Call(req));
+    const proto::RegisterReply& rr = reply.register_reply();
+    if (rr.tensors_size() != static_cast<int>(tensors_.size()) || rr.blobs_size() != static_cast<int>(blobs_.size())) {
+      return Internal("agent answered the registration with a different number of tensors");
+    }
+    for (size_t i = 0; i < tensors_.size(); ++i) tensors_[i].slot_offset = rr.tensors(static_cast<int>(i)).slot_offset();
+    for (size_t i = 0; i < blobs_.size(); ++i) blobs_[i].slot_offset = rr.blobs(static_cast<int>(i)).slot_offset();
+    slots_.clear();
+    for (const std::string& name : rr.slot_names()) {
+      MEMENTO_ASSIGN_OR_RETURN(auto seg, SharedMemory::Open(name, rr.slot_bytes(), /*writable=*/true, /*populate=*/true));
+      slots_.push_back(std::move(seg));
+    }
+    // Pin the slots for every device that holds a registered tensor.
+    for (const TensorEntry& t : tensors_) {
+      if (t.where != MemoryKind::kCuda || copiers_.count(t.device)) continue;
+      MEMENTO_ASSIGN_OR_RETURN(auto copier, CudaCopier::Create(t.device));
+      for (auto& seg : slots_) {
+        MEMENTO_RETURN_IF_ERROR(copier->RegisterHost(seg->data(), seg->size(), kPinChunk, 4));
+      }
+      copiers_[t.device] = std::move(copier);
+    }
+    finished_ = true;
+    // Collective: wait for every rank of the job.
+    proto::Request await;
+    await.mutable_await_epoch()->set_timeout_ms(opts_.registration_timeout_ms);
+    MEMENTO_ASSIGN_OR_RETURN(proto::Reply er, Call(await));
+    incarnation_ = er.await_epoch().incarnation();
+    for (const auto& s : er.await_epoch().refused()) {
+      MEMENTO_LOG(kWarning) << "rank " << opts_.rank << ": " << s;
+    }
+    return Status::Ok();
+  }
+
+  Status Snapshot(int64_t step) override {
+    auto t0 = Clock::now();
+    MEMENTO_RETURN_IF_ERROR(FinishRegistration());
+    if (inflight_.valid()) MEMENTO_RETURN_IF_ERROR(WaitUntilSafeToUpdate());
+    // Blobs are small and the caller may change them right after this call: stage them now.
+    for (BlobEntry& b : blobs_) {
+      if (*b.size > b.capacity) {
+        return InvalidArgument("blob '" + b.name + "' holds " + std::to_string(*b.size) + " bytes, more than its capacity of " +
+                               std::to_string(b.capacity));
+      }
+      b.staged.assign(static_cast<const char*>(b.data), *b.size);
+    }
+    for (auto& [dev, c] : copiers_) MEMENTO_RETURN_IF_ERROR(c->RecordProducer(opts_.cuda_stream));
+    auto done = std::make_shared<std::promise<Status>>();
+    inflight_ = done->get_future();
+    inflight_step_ = step;
+    snapshot_started_ = t0;
+    worker_->Submit([this, step, done, t0] { Capture(step, done, t0); });
+    stats_.snapshot_call_seconds = Seconds(t0, Clock::now());
+    return Status::Ok();
+  }
+
+  Status WaitUntilSafeToUpdate() override {
+    if (!inflight_.valid()) return Status::Ok();
+    auto t0 = Clock::now();
+    Status st = inflight_.get();
+    stats_.wait_seconds = Seconds(t0, Clock::now());
+    stats_.step = inflight_step_;
+    stats_.copy_seconds = copy_seconds_.load();
+    stats_.bytes = copy_bytes_.load();
+    return st;
+  }
+
+  Result<RestoreResult> Restore(int64_t step) override {
+    MEMENTO_RETURN_IF_ERROR(FinishRegistration());
+    if (inflight_.valid()) MEMENTO_RETURN_IF_ERROR(WaitUntilSafeToUpdate());
+    Drain();
+    proto::Request req;
+    req.mutable_restore()->set_step(step);
+    MEMENTO_ASSIGN_OR_RETURN(proto::Reply reply, Call(req));
+    const proto::RestoreReply& rr = reply.restore();
+    if (rr.slot_index() < 0 || rr.slot_index() >= static_cast<int>(slots_.size())) {
+      return Internal("agent named slot " + std::to_string(rr.slot_index()) + " for the restore");
+    }
+    const uint8_t* base = slots_[rr.slot_index()]->data();
+    // Blobs first: validate before touching any buffer.
+    for (const BlobEntry& b : blobs_) {
+      uint64_t len = 0;
+      std::memcpy(&len, base + b.slot_offset, 8);
+      if (len > b.capacity) {
+        return DataLoss("blob '" + b.name + "' of step " + std::to_string(rr.step()) + " claims " + std::to_string(len) +
+                        " bytes, more than its capacity of " + std::to_string(b.capacity));
+      }
+    }
+    TaskGroup group;
+    std::mutex err_mu;
+    Status err;
+    for (const TensorEntry& t : tensors_) {
+      const uint8_t* src = base + t.slot_offset;
+      if (t.where == MemoryKind::kCuda) {
+        MEMENTO_RETURN_IF_ERROR(copiers_.at(t.device)->CopyH2D(t.data, src, t.bytes));
+        continue;
+      }
+      for (size_t off = 0; off < t.bytes; off += opts_.copy_chunk_bytes) {
+        const size_t n = std::min(opts_.copy_chunk_bytes, t.bytes - off);
+        group.Add();
+        copy_pool_->Submit([&, src, off, n, dst = static_cast<uint8_t*>(t.data)] {
+          std::memcpy(dst + off, src + off, n);
+          group.Done();
+        });
+      }
+    }
+    group.Wait();
+    for (const BlobEntry& b : blobs_) {
+      uint64_t len = 0;
+      std::memcpy(&len, base + b.slot_offset, 8);
+      std::memcpy(b.data, base + b.slot_offset + 8, len);
+      *b.size = len;
+    }
+    RestoreResult result;
+    result.step = rr.step();
+    result.refused.assign(rr.refused().begin(), rr.refused().end());
+    return result;
+  }
+
+  Result<std::vector<VersionInfo>> ListVersions() override {
+    proto::Request req;
+    req.mutable_list_versions();
+    MEMENTO_ASSIGN_OR_RETURN(proto::Reply reply, Call(req));
+    std::vector<VersionInfo> out;
+    for (const auto& v : reply.list_versions().versions()) {
+      out.push_back({v.step(), v.state(), v.captured_ranks(), v.local_ranks()});
+    }
+    return out;
+  }
+
+  CaptureStats last_capture() const override { return stats_; }
+  int rank() const override { return opts_.rank; }
+  int node_id() const override { return node_id_; }
+
+ private:
+  // Sends a request and returns the reply, or the agent's error as a Status.
+  Result<proto::Reply> Call(const proto::Request& req) {
+    std::lock_guard<std::mutex> lock(call_mu_);
+    if (fd_ < 0) return Unavailable("rank " + std::to_string(opts_.rank) + ": not connected to the agent");
+    Status st = SendFrame(fd_, req);
+    proto::Reply reply;
+    if (st.ok()) st = RecvFrame(fd_, &reply);
+    if (!st.ok()) {
+      return Unavailable("rank " + std::to_string(opts_.rank) + ": lost the agent at " + socket_path_ + ": " +
+                         st.message());
+    }
+    if (reply.has_error()) {
+      return Status(static_cast<StatusCode>(reply.error().code()), reply.error().message(), reply.error().retryable());
+    }
+    return reply;
+  }
+
+  void Drain() {
+    std::promise<void> p;
+    auto f = p.get_future();
+    worker_->Submit([&p] { p.set_value(); });
+    f.wait();
+  }
+
+  // Runs on the worker thread: slot, copies, then the captured report.
+  void Capture(int64_t step, std::shared_ptr<std::promise<Status>> done, Clock::time_point t0) {
+    Status st = CopyIntoSlot(step);
+    copy_seconds_.store(Seconds(t0, Clock::now()));
+    if (!st.ok()) {
+      done->set_value(st);
+      return;
+    }
+    proto::Request req;
+    req.mutable_captured()->set_step(step);
+    auto r = Call(req);
+    done->set_value(r.ok() ? Status::Ok() : r.status());
+  }
+
+  Status CopyIntoSlot(int64_t step) {
+    proto::Request req;
+    req.mutable_begin_capture()->set_step(step);
+    req.mutable_begin_capture()->set_timeout_ms(opts_.slot_timeout_ms);
+    MEMENTO_ASSIGN_OR_RETURN(proto::Reply reply, Call(req));
+    const int slot = reply.begin_capture().slot_index();
+    if (slot < 0 || slot >= static_cast<int>(slots_.size())) {
+      return Internal("agent named slot " + std::to_string(slot) + " for step " + std::to_string(step));
+    }
+    uint8_t* base = slots_[slot]->data();
+    uint64_t bytes = 0;
+    TaskGroup group;
+    for (const TensorEntry& t : tensors_) {
+      uint8_t* dst = base + t.slot_offset;
+      bytes += t.bytes;
+      if (t.where == MemoryKind::kCuda) {
+        CudaCopier* c = copiers_.at(t.device).get();
+        // Split at pin-chunk boundaries of the slot so each copy lies in one registration.
+        size_t off = 0;
+        while (off < t.bytes) {
+          const size_t abs = t.slot_offset + off;
+          const size_t n = std::min(t.bytes - off, kPinChunk - abs % kPinChunk);
+          MEMENTO_RETURN_IF_ERROR(c->EnqueueD2H(dst + off, static_cast<const uint8_t*>(t.data) + off, n));
+          off += n;
+        }
+        continue;
+      }
+      const uint8_t* src = static_cast<const uint8_t*>(t.data);
+      for (size_t off = 0; off < t.bytes; off += opts_.copy_chunk_bytes) {
+        const size_t n = std::min(opts_.copy_chunk_bytes, t.bytes - off);
+        group.Add();
+        copy_pool_->Submit([&group, dst, src, off, n] {
+          std::memcpy(dst + off, src + off, n);
+          group.Done();
+        });
+      }
+    }
+    for (BlobEntry& b : blobs_) {
+      uint64_t len = b.staged.size();
+      std::memcpy(base + b.slot_offset, &len, 8);
+      std::memcpy(base + b.slot_offset + 8, b.staged.data(), len);
+      // Zero the rest so the CRC does not depend on stale bytes.
+      std::memset(base + b.slot_offset + 8 + len, 0, b.capacity - len);
+      bytes += 8 + len;
+    }
+    group.Wait();
+    Status cuda_status;
+    for (auto& [dev, c] : copiers_) {
+      Status s = c->Synchronize();
+      if (cuda_status.ok() && !s.ok()) cuda_status = s;
+    }
+    copy_bytes_.store(bytes);
+    return cuda_status;
+  }
+
+ public:
+  std::string socket_path_;
+  uint64_t incarnation_ = 0;
+
+ private:
+  ClientOptions opts_;
+  int fd_ = -1;
+  int node_id_ = -1;
+  std::mutex call_mu_;
+  bool finished_ = false;
+  std::vector<TensorEntry> tensors_;
+  std::vector<BlobEntry> blobs_;
+  std::vector<std::unique_ptr<SharedMemory>> slots_;
+  std::map<int, std::unique_ptr<CudaCopier>> copiers_;
+  std::unique_ptr<ThreadPool> copy_pool_;
+  std::unique_ptr<ThreadPool> worker_;
+  std::future<Status> inflight_;
+  int64_t inflight_step_ = -1;
+  Clock::time_point snapshot_started_;
+  std::atomic<double> copy_seconds_{0};
+  std::atomic<uint64_t> copy_bytes_{0};
+  CaptureStats stats_;
+};
+
+Result<int> ConnectSocket(const std::string& path, int timeout_ms) {
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  if (path.size() >= sizeof(addr.sun_path)) return InvalidArgument("agent socket path '" + path + "' is too long");
+  std::strncpy(addr.sun_path, path.c_str(), sizeof(addr.sun_path) - 1);
+  auto deadline = Clock::now() + std::chrono::milliseconds(timeout_ms);
+  for (;;) {
+    int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) return PosixError("socket()");
+    if (::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0) return fd;
+    int err = errno;
+    ::close(fd);
+    if ((err != ENOENT && err != ECONNREFUSED) || Clock::now() >= deadline) {
+      return Unavailable("cannot connect to the memento agent at " + path + ": " + std::strerror(err) +
+                         (err == ENOENT || err == ECONNREFUSED ? " (is memento-agent running for this node?)" : ""));
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+}
+
+}  // namespace
+
+Result<std::unique_ptr<Client>> Client::Connect(ClientOptions o) {
+  const EnvSettings& env = Env();
+  if (o.rank < 0) o.rank = EnvInt("OMPI_COMM_WORLD_RANK", EnvInt("PMIX_RANK", EnvInt("SLURM_PROCID", -1)));
+  if (o.world_size < 0) o.world_size = EnvInt("OMPI_COMM_WORLD_SIZE", EnvInt("SLURM_NTASKS", -1));
+  if (o.rank < 0 || o.world_size <= 0) {
+    return InvalidArgument("the client needs its rank and world size (ClientOptions or the launcher's environment)");
+  }
+  if (o.node_id < 0) {
+    o.node_id = env.node_id >= 0 ? env.node_id : env.ranks_per_node > 0 ? o.rank / env.ranks_per_node : 0;
+  }
+  if (o.local_rank < 0) {
+    o.local_rank = env.ranks_per_node > 0 ? o.rank % env.ranks_per_node
+                                          : EnvInt("OMPI_COMM_WORLD_LOCAL_RANK", EnvInt("SLURM_LOCALID", 0));
+  }
+  if (o.job_id.empty()) o.job_id = env.job_id;
+  if (o.job_token.empty()) o.job_token = env.job_token;
+  if (o.agent_socket.empty()) o.agent_socket = env.agent_socket;
+  if (o.agent_socket.empty()) {
+    if (o.job_id.empty()) return InvalidArgument("the client needs the agent socket or the job id (MEMENTO_AGENT_SOCKET / MEMENTO_JOB_ID)");
+    o.agent_socket = "/tmp/memento-" + o.job_id + "-node%n.sock";
+  }
+  if (o.copy_threads <= 0) o.copy_threads = env.copy_threads > 0 ? env.copy_threads : 4;
+  if (o.copy_chunk_bytes == 0) o.copy_chunk_bytes = size_t{8} << 20;
+  const std::string path = ExpandNodePattern(o.agent_socket, o.node_id);
+  MEMENTO_ASSIGN_OR_RETURN(int fd, ConnectSocket(path, o.connect_timeout_ms));
+  auto client = std::make_unique<ClientImpl>(o, fd);
+  client->socket_path_ = path;
+  MEMENTO_RETURN_IF_ERROR(client->Handshake());
+  return std::unique_ptr<Client>(std::move(client));
+}
+
+}  // namespace memento

@@ -15,6 +15,7 @@
 // Loop order, as the client requires (snapshot/client.h): forward; backward; gradient allreduce;
 // WaitUntilSafeToUpdate(); optimizer step; Snapshot(step). Registered buffers change only between
 // WaitUntilSafeToUpdate() and Snapshot().
+
 // Only the C API of MPI is linked (MPI::MPI_C); keep mpi.h from declaring the C++ bindings.
 #ifndef OMPI_SKIP_MPICXX
 #define OMPI_SKIP_MPICXX 1
@@ -33,6 +34,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <iterator>
 #include <memory>
 #include <optional>
 #include <random>
@@ -124,6 +126,12 @@ std::string ParseFlags(int argc, char** argv, Flags* f) {
       if (name == "--help" || name == "-h") f->help = true;
       continue;
     }
+    static constexpr std::string_view kValueFlags[] = {
+        "--steps", "--snapshot-every", "--restore", "--crash-at-step", "--crash-rank",
+        "--seed",  "--tp",             "--hidden",  "--layers",        "--batch"};
+    if (std::find(std::begin(kValueFlags), std::end(kValueFlags), name) == std::end(kValueFlags)) {
+      return "unknown flag '" + std::string(arg) + "'";
+    }
     std::string_view value;
     if (inline_value) {
       value = *inline_value;
@@ -167,8 +175,6 @@ std::string ParseFlags(int argc, char** argv, Flags* f) {
       err = number(&f->layers, 0);
     } else if (name == "--batch") {
       err = number(&f->batch, 1);
-    } else {
-      return "unknown flag '" + std::string(arg) + "'";
     }
     if (!err.empty()) return err;
   }

@@ -16,6 +16,7 @@
 #include <thread>
 
 #include "core/env.h"
+#include "core/kill_point.h"
 #include "core/log.h"
 #include "core/posix_error.h"
 #include "core/shared_memory.h"
@@ -318,6 +319,7 @@ class ClientImpl : public Client {
       done->set_value(st);
       return;
     }
+    KillPoint("client.before_captured", opts_.rank, step);
     proto::Request req;
     req.mutable_captured()->set_step(step);
     auto r = Call(req);
@@ -369,6 +371,7 @@ class ClientImpl : public Client {
       std::memset(base + b.slot_offset + 8 + len, 0, b.capacity - len);
       bytes += 8 + len;
     }
+    KillPoint("client.during_copy", opts_.rank, step);
     group.Wait();
     Status cuda_status;
     for (auto& [dev, c] : copiers_) {

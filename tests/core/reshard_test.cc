@@ -244,9 +244,7 @@ TEST(ReshardTest, PartialCoverage) {
   EXPECT_EQ(plan->target_elements, 24);
   EXPECT_FALSE(plan->complete());
 
-  // A target with no elements is complete with nothing.
-  plan = PlanReshard(Must(SplitEvenly({2, 6}, 0, 3, 2)), Pointers(sources));
-  ASSERT_FALSE(plan.ok());  // [2,6] against [4,6]
+  // A target with no elements (rank 2 of 3 on two rows) is complete with nothing.
   const Layout small = {WholeTensor({2, 6})};
   plan = PlanReshard(Must(SplitEvenly({2, 6}, 0, 3, 2)), Pointers(small));
   ASSERT_TRUE(plan.ok());
@@ -522,7 +520,7 @@ class LayoutGen {
 
 TEST(ReshardTest, RandomLayoutsMatchReference) {
   int plans = 0, incomplete = 0, replicated = 0;
-  for (uint64_t seed = 1; seed <= 4000; ++seed) {
+  for (uint64_t seed = 1; seed <= 6000; ++seed) {
     LayoutGen gen(seed);
     const Shape shape = gen.RandomShape();
     Layout sources;
@@ -553,9 +551,9 @@ TEST(ReshardTest, RandomLayoutsMatchReference) {
       if (layouts > 1) ++replicated;
     }
   }
-  EXPECT_GT(plans, 8000);
-  EXPECT_GT(incomplete, 500);
-  EXPECT_GT(replicated, 4000);
+  EXPECT_GT(plans, 12000);
+  EXPECT_GT(incomplete, 700);
+  EXPECT_GT(replicated, 6000);
 }
 
 // ---- round trips through the usual helpers ---------------------------------------------

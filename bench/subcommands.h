@@ -1,0 +1,11 @@
+// The subcommands of memento-bench. Each takes its own argv (argv[0] is the subcommand's name),
+// prints its figures on stdout (with --json, the last line is one JSON object) and returns the
+// process exit code (bench/harness.h: kExitOk, kExitFailed, kExitUsage, kExitSkipped).
+#pragma once
+
+namespace memento::bench {
+
+// Capture bandwidth against the memcpy / pinned-D2H limit, and the training stall per snapshot.
+int CaptureMain(int argc, char** argv);
+
+}  // namespace memento::bench

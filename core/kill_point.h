@@ -1,0 +1,12 @@
+// Kill points for crash tests (RocksDB-style): MEMENTO_KILL_POINT="name[:rank=R][:step=S]" makes
+// the process SIGKILL itself when it reaches point `name` (on rank R, at step S). Unset, a kill
+// point costs one branch on a cached flag.
+#pragma once
+
+#include <cstdint>
+
+namespace memento {
+
+void KillPoint(const char* name, int rank, int64_t step);
+
+}  // namespace memento

@@ -1,0 +1,239 @@
+// Test harness: real agents (memento-agent under mpirun, one process per simulated node, each
+// with its own socket, catalog and shared memory), clients in threads or forked processes, and
+// deterministic byte patterns. Used by the snapshot, agent and fault tests.
+#pragma once
+
+#include <gtest/gtest.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <functional>
+#include <memory>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "snapshot/client.h"
+
+namespace memento::testing {
+
+inline std::string TestTmp() {
+  const char* t = std::getenv("MEMENTO_TEST_TMP");
+  return t ? t : "/tmp";
+}
+
+// A job id unique to this test run; mpi_run.sh removes everything named after its prefix.
+inline std::string UniqueJob(const std::string& name) {
+  static int counter = 0;
+  const char* p = std::getenv("MEMENTO_TEST_PREFIX");
+  return std::string(p ? p : "tlocal") + "-" + name + "-" + std::to_string(::getpid()) + "-" + std::to_string(counter++);
+}
+
+// Deterministic bytes for (seed): splitmix64 stream.
+inline void FillPattern(void* p, size_t n, uint64_t seed) {
+  uint8_t* b = static_cast<uint8_t*>(p);
+  uint64_t x = seed * 0x9E3779B97F4A7C15ull + 1;
+  for (size_t i = 0; i < n; i += 8) {
+    x += 0x9E3779B97F4A7C15ull;
+    uint64_t z = x;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    z ^= z >> 31;
+    std::memcpy(b + i, &z, std::min<size_t>(8, n - i));
+  }
+}
+
+inline uint64_t PatternSeed(int rank, int64_t step, int tensor) {
+  return (static_cast<uint64_t>(rank) << 48) ^ (static_cast<uint64_t>(step) << 16) ^ static_cast<uint64_t>(tensor);
+}
+
+class AgentCluster {
+ public:
+  AgentCluster(std::string job, int nodes, std::vector<std::string> extra = {})
+      : job_(std::move(job)), nodes_(nodes), extra_(std::move(extra)) {
+    dir_ = TestTmp() + "/" + job_;
+    ::mkdir(dir_.c_str(), 0700);
+  }
+  ~AgentCluster() {
+    Kill();
+    for (int n = 0; n < nodes_; ++n) {
+      std::string cmd = "rm -rf '" + CatalogDir(n) + "'; rm -f /dev/shm/memento-" + job_ + "-*";
+      (void)std::system(cmd.c_str());
+    }
+  }
+
+  const std::string& job() const { return job_; }
+  std::string SocketPattern() const { return dir_ + "/agent-%n.sock"; }
+  std::string Socket(int n) const { return dir_ + "/agent-" + std::to_string(n) + ".sock"; }
+  std::string CatalogDir(int n) const { return dir_ + "/catalog-" + std::to_string(n); }
+  std::string LogPath() const { return dir_ + "/agents.log"; }
+  std::string Log() const {
+    std::ifstream f(LogPath());
+    std::stringstream ss;
+    ss << f.rdbuf();
+    return ss.str();
+  }
+  std::string SlotName(int node, int rank, int slot) const {
+    return "/memento-" + job_ + "-n" + std::to_string(node) + "-r" + std::to_string(rank) + "-s" + std::to_string(slot);
+  }
+
+  // Starts the agents and waits until every socket accepts.
+  void Start() {
+    for (int n = 0; n < nodes_; ++n) ::unlink(Socket(n).c_str());
+    pid_ = ::fork();
+    if (pid_ == 0) {
+      ::setpgid(0, 0);
+      int fd = ::open(LogPath().c_str(), O_WRONLY | O_CREAT | O_APPEND, 0600);
+      ::dup2(fd, 1);
+      ::dup2(fd, 2);
+      std::vector<std::string> args = {"mpirun", "--oversubscribe", "-np", std::to_string(nodes_),
+                                       std::string(MEMENTO_BIN_DIR) + "/memento-agent", "--job", job_,
+                                       "--socket", SocketPattern(), "--catalog", dir_ + "/catalog-%n",
+                                       "--crc-threads", "2"};
+      for (const auto& e : extra_) args.push_back(e);
+      std::vector<char*> argv;
+      for (auto& a : args) argv.push_back(a.data());
+      argv.push_back(nullptr);
+      ::execvp("mpirun", argv.data());
+      ::_exit(127);
+    }
+    auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+    for (int n = 0; n < nodes_; ++n) {
+      struct stat st {};
+      while (::stat(Socket(n).c_str(), &st) != 0) {
+        int status = 0;
+        if (::waitpid(pid_, &status, WNOHANG) == pid_) {
+          pid_ = -1;
+          FAIL() << "agents exited during start-up:\n" << Log();
+        }
+        if (std::chrono::steady_clock::now() > deadline) FAIL() << "agents did not start:\n" << Log();
+        std::this_thread::sleep_for(std::chrono::milliseconds(20));
+      }
+    }
+  }
+
+  // Graceful stop (SIGTERM: every agent stops in the same round).
+  void Stop() {
+    if (pid_ <= 0) return;
+    ::kill(pid_, SIGTERM);
+    int status = 0;
+    ::waitpid(pid_, &status, 0);
+    pid_ = -1;
+  }
+
+  // A crash of every agent: SIGKILL, shared memory and catalogs stay.
+  void Kill() {
+    if (pid_ <= 0) return;
+    ::kill(-pid_, SIGKILL);
+    std::string cmd = "pkill -9 -f -- '--job " + job_ + " ' >/dev/null 2>&1";
+    (void)std::system(cmd.c_str());
+    int status = 0;
+    ::waitpid(pid_, &status, 0);
+    pid_ = -1;
+  }
+
+  Result<std::unique_ptr<Client>> Connect(int rank, int world, int node, int local_rank,
+                                          const std::string& token = "", const std::string& job = "") const {
+    ClientOptions o;
+    o.agent_socket = SocketPattern();
+    o.job_id = job.empty() ? job_ : job;
+    o.job_token = token;
+    o.rank = rank;
+    o.world_size = world;
+    o.node_id = node;
+    o.local_rank = local_rank;
+    o.copy_threads = 2;
+    o.connect_timeout_ms = 5000;
+    o.registration_timeout_ms = 60000;
+    o.slot_timeout_ms = 60000;
+    return Client::Connect(o);
+  }
+
+ private:
+  std::string job_;
+  int nodes_;
+  std::vector<std::string> extra_;
+  std::string dir_;
+  pid_t pid_ = -1;
+};
+
+// A rank's registered state: `n` float tensors of `elems` elements plus one blob.
+struct RankState {
+  std::vector<std::vector<float>> tensors;
+  std::string blob;
+  size_t blob_size = 0;
+
+  RankState(int n, size_t elems) : tensors(n, std::vector<float>(elems)), blob(256, '\0') {}
+
+  Status Register(Client* c) {
+    for (size_t i = 0; i < tensors.size(); ++i) {
+      Status st = c->RegisterTensor("t" + std::to_string(i), tensors[i].data(), DType::kF32,
+                                    WholeTensor({static_cast<int64_t>(tensors[i].size())}));
+      if (!st.ok()) return st;
+    }
+    return c->RegisterBlob("cursor", blob.data(), blob.size(), &blob_size);
+  }
+  void Fill(int rank, int64_t step) {
+    for (size_t i = 0; i < tensors.size(); ++i) {
+      FillPattern(tensors[i].data(), tensors[i].size() * 4, PatternSeed(rank, step, static_cast<int>(i)));
+    }
+    std::string c = "rank=" + std::to_string(rank) + " step=" + std::to_string(step);
+    std::memcpy(blob.data(), c.data(), c.size());
+    blob_size = c.size();
+  }
+  void Clear() {
+    for (auto& t : tensors) std::fill(t.begin(), t.end(), 0.0f);
+    std::fill(blob.begin(), blob.end(), '\0');
+    blob_size = 0;
+  }
+  // True when the buffers hold exactly what Fill(rank, step) wrote.
+  bool Matches(int rank, int64_t step) const {
+    RankState expect(static_cast<int>(tensors.size()), tensors.empty() ? 0 : tensors[0].size());
+    expect.Fill(rank, step);
+    for (size_t i = 0; i < tensors.size(); ++i) {
+      if (std::memcmp(tensors[i].data(), expect.tensors[i].data(), tensors[i].size() * 4) != 0) return false;
+    }
+    return blob_size == expect.blob_size && std::memcmp(blob.data(), expect.blob.data(), blob_size) == 0;
+  }
+};
+
+// Runs fn(rank) for ranks [0, n) in threads and joins them.
+inline void RunRanks(int n, const std::function<void(int)>& fn) {
+  std::vector<std::thread> ts;
+  for (int r = 0; r < n; ++r) ts.emplace_back(fn, r);
+  for (auto& t : ts) t.join();
+}
+
+// Runs fn in a forked child process; returns the raw wait status. The child exits 0 when fn
+// returns, so a child that dies of SIGKILL shows WIFSIGNALED.
+inline int RunInChild(const std::function<int()>& fn) {
+  pid_t pid = ::fork();
+  if (pid == 0) ::_exit(fn());
+  int status = 0;
+  ::waitpid(pid, &status, 0);
+  return status;
+}
+
+// Polls until version `step` is globally complete on the client's node, up to 30 s.
+inline bool WaitGloballyComplete(Client* c, int64_t step) {
+  for (int i = 0; i < 3000; ++i) {
+    auto v = c->ListVersions();
+    if (v.ok()) {
+      for (const auto& x : *v) {
+        if (x.step == step && x.state == "globally_complete") return true;
+      }
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  return false;
+}
+
+}  // namespace memento::testing

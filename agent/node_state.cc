@@ -664,6 +664,12 @@ void NodeState::VerifyForEpoch() {
   std::vector<int64_t> drop;
   for (auto& [step, v] : versions_) {
     if (v.state() == proto::VERSION_CAPTURING) {
+      std::string missing;
+      for (int32_t r : pending_ranks_.empty() ? epoch_ranks_ : pending_ranks_) {
+        if (!ContainsRank(v, r)) missing += (missing.empty() ? "" : ", ") + std::to_string(r);
+      }
+      refusal_reasons_[step] = "torn: rank " + missing + " on node " + std::to_string(node_id_) +
+                               " never finished capturing it";
       drop.push_back(step);
       continue;
     }

@@ -6,6 +6,8 @@
 // Every timed capture starts with the agent idle: before it, the previous version is globally
 // complete (checksummed and agreed), so neither the agent's CRC threads nor a wait for a free slot
 // is counted in the capture (the time it takes is printed as "agent settle").
+#include <sys/resource.h>
+
 #include <cstdio>
 #include <memory>
 #include <string>
@@ -35,7 +37,9 @@ constexpr const char* kUsage =
     "  --registration     also print the time of FinishRegistration() per GiB of slots\n"
     "                     (on the CUDA path: cudaHostRegister of the slots)\n"
     "  --memory-budget B  passed to memento-agent (default: none)\n"
-    "  --json             end with one line of JSON holding every figure\n";
+    "  --crc-threads N    passed to memento-agent (default: the agent's, 4)\n"
+    "  --json             end with one line of JSON holding every figure\n"
+    "  --verbose          print every iteration's timings\n";
 
 constexpr int kSlotsPerRank = 2;
 constexpr int kWarmupIterations = 2;
@@ -52,7 +56,9 @@ struct CaptureFlags {
   int device = 0;
   bool registration = false;
   uint64_t memory_budget_bytes = 0;
+  int crc_threads = 0;
   bool json = false;
+  bool verbose = false;
 };
 
 // Returns InvalidArgument for a bad command line; sets *help for --help.
@@ -70,7 +76,9 @@ Status ParseFlags(int argc, char** argv, CaptureFlags* f, bool* help) {
     else if (n == "--device") MEMENTO_RETURN_IF_ERROR(r.Int(&f->device, 0));
     else if (n == "--registration") MEMENTO_RETURN_IF_ERROR(r.Switch(&f->registration));
     else if (n == "--memory-budget") MEMENTO_RETURN_IF_ERROR(r.Bytes(&f->memory_budget_bytes));
+    else if (n == "--crc-threads") MEMENTO_RETURN_IF_ERROR(r.Int(&f->crc_threads, 1));
     else if (n == "--json") MEMENTO_RETURN_IF_ERROR(r.Switch(&f->json));
+    else if (n == "--verbose") MEMENTO_RETURN_IF_ERROR(r.Switch(&f->verbose));
     else if (n == "-h" || n == "--help") *help = true;
     else return r.Unknown();
   }
@@ -84,6 +92,7 @@ Status ParseFlags(int argc, char** argv, CaptureFlags* f, bool* help) {
 struct CaptureFigures {
   Samples limit;          // one plain copy of the state
   Samples capture;        // Snapshot() + WaitUntilSafeToUpdate(), back to back
+  Samples capture_copy;   // of which until the last byte landed (CaptureStats::copy_seconds)
   Samples settle;         // after a capture, until the agent holds it globally complete
   Samples stall;          // time inside Snapshot() + WaitUntilSafeToUpdate() around the compute phase
   Samples stall_copy;     // the client's copy time (CaptureStats::copy_seconds) in the stall runs
@@ -92,6 +101,13 @@ struct CaptureFigures {
   double registration_seconds = 0;
   uint64_t slot_bytes = 0;
 };
+
+// Minor page faults of this process so far (every thread's).
+long MinorFaults() {
+  rusage ru {};
+  ::getrusage(RUSAGE_SELF, &ru);
+  return ru.ru_minflt;
+}
 
 // Blocks until every version the agent holds is globally complete.
 Status Settle(Client* client) {
@@ -119,6 +135,7 @@ Status Measure(const CaptureFlags& flags, CaptureSource* source, CaptureFigures*
   AgentProcess::Options agent_options;
   agent_options.slots_per_rank = kSlotsPerRank;
   agent_options.memory_budget_bytes = flags.memory_budget_bytes;
+  agent_options.crc_threads = flags.crc_threads;
   MEMENTO_ASSIGN_OR_RETURN(auto agent, AgentProcess::Start(agent_options));
   // On any error below, say what the agent said.
   auto with_agent_log = [&](const Status& st) {
@@ -173,15 +190,25 @@ Status Measure(const CaptureFlags& flags, CaptureSource* source, CaptureFigures*
 
   // 1 and 2: the limit and the capture, interleaved so that both see the same machine.
   for (int i = 0; i < flags.iters; ++i) {
+    const long f0 = MinorFaults();
     auto limit = source->TimeLimitCopy();
     if (!limit.ok()) return limit.status();
     fig->limit.Add(*limit);
+    const long f1 = MinorFaults();
     double seconds = 0;
     if (Status s = capture_once(0, &seconds); !s.ok()) return with_agent_log(s);
+    const long f2 = MinorFaults();
     fig->capture.Add(seconds);
+    fig->capture_copy.Add(client->last_capture().copy_seconds);
     const auto s0 = Clock::now();
     if (Status s = Settle(client.get()); !s.ok()) return with_agent_log(s);
     fig->settle.Add(Seconds(s0, Clock::now()));
+    if (flags.verbose) {
+      std::printf("  iteration %d: limit %.2f ms (%ld minor faults), capture %.2f ms (client copy %.2f ms, %ld minor "
+                  "faults), settle %.2f ms\n",
+                  i, *limit * 1e3, f1 - f0, seconds * 1e3, client->last_capture().copy_seconds * 1e3, f2 - f1,
+                  Seconds(s0, Clock::now()) * 1e3);
+    }
   }
 
   // 3: the stall around a compute phase that leaves the registered tensors alone.
@@ -193,6 +220,11 @@ Status Measure(const CaptureFlags& flags, CaptureSource* source, CaptureFigures*
     const double copy = client->last_capture().copy_seconds;
     fig->stall_copy.Add(copy);
     if (copy * 1e3 > fig->compute_ms) ++fig->copies_past_compute;
+    if (flags.verbose) {
+      const CaptureStats cs = client->last_capture();
+      std::printf("  stall run %d: stall %.3f ms (in Snapshot %.3f ms, in Wait %.3f ms), client copy %.2f ms\n", i,
+                  seconds * 1e3, cs.snapshot_call_seconds * 1e3, cs.wait_seconds * 1e3, copy * 1e3);
+    }
     if (Status s = Settle(client.get()); !s.ok()) return with_agent_log(s);
   }
   client.reset();  // before the agent goes
@@ -213,6 +245,8 @@ void Report(const CaptureFlags& flags, const CaptureSource& source, const Captur
   std::printf("%-20s%7.2f GB/s   best %.2f GB/s\n", label.c_str(), limit_gbps, GBps(flags.bytes, fig.limit.Min()));
   std::printf("%-20s%7.2f GB/s   ratio %.2f of %s (goal >= %.1f)%s\n", "capture:", capture_gbps, ratio,
               source.limit_name().c_str(), source.goal_ratio(), ratio >= source.goal_ratio() ? "" : "   BELOW GOAL");
+  std::printf("%-20s%7.1f ms     to the last byte in the slot, %.1f ms with the captured report (medians)\n", "",
+              fig.capture_copy.Median() * 1e3, copy_ms);
   std::printf("%-20s%7.3f ms     %.3f of copy time %.1f ms (goal <= %.2f)%s\n", "stall:", stall_ms, stall_fraction,
               copy_ms, goal_stall, stall_fraction <= goal_stall ? "" : "   ABOVE GOAL");
   std::printf("%-20scompute phase %.1f ms; copy in the stall runs %.1f ms (median); %d of %d copies outlasted it\n",
@@ -234,6 +268,7 @@ void Report(const CaptureFlags& flags, const CaptureSource& source, const Captur
       .Add("limit_best_gbps", GBps(flags.bytes, fig.limit.Min()))
       .Add("capture_gbps", capture_gbps)
       .Add("capture_best_gbps", GBps(flags.bytes, fig.capture.Min()))
+      .Add("capture_copy_ms", fig.capture_copy.Median() * 1e3)
       .Add("stall_ms", stall_ms)
       .Add("copy_ms", copy_ms)
       .Add("stall_fraction", stall_fraction)

@@ -276,6 +276,38 @@ void CopyInto(char* dst, size_t cap, const std::string& s) {
   std::snprintf(dst, cap, "%s", s.c_str());
 }
 
+// Shared memory and temporary directories of earlier benchmarks that were killed outright
+// (SIGKILL leaves no chance to clean up): their names carry the benchmark's pid.
+void SweepStale() {
+  auto dead = [](const char* digits) {
+    char* end = nullptr;
+    const long pid = std::strtol(digits, &end, 10);
+    if (end == digits || pid <= 0) return false;
+    if (::kill(static_cast<pid_t>(pid), 0) != 0) return errno == ESRCH;
+    // A zombie (not reaped yet) is dead too: "<pid> (<comm>) Z ...".
+    std::ifstream stat("/proc/" + std::to_string(pid) + "/stat");
+    std::string line;
+    std::getline(stat, line);
+    const size_t paren = line.rfind(')');
+    return paren != std::string::npos && paren + 2 < line.size() && line[paren + 2] == 'Z';
+  };
+  auto sweep = [&](const char* dir, const char* prefix, bool recursive) {
+    DIR* d = ::opendir(dir);
+    if (d == nullptr) return;
+    const size_t n = std::strlen(prefix);
+    while (dirent* e = ::readdir(d)) {
+      if (std::strncmp(e->d_name, prefix, n) != 0 || !dead(e->d_name + n)) continue;
+      std::error_code ec;
+      const std::string path = std::string(dir) + "/" + e->d_name;
+      if (recursive) std::filesystem::remove_all(path, ec);
+      else ::unlink(path.c_str());
+    }
+    ::closedir(d);
+  };
+  sweep("/dev/shm", "memento-bench", false);
+  sweep("/tmp", "memento-bench-", true);
+}
+
 std::string UniqueJobId() {
   std::random_device rd;
   char buf[64];
@@ -298,9 +330,10 @@ std::string DescribeWaitStatus(int ws) {
 
 Result<std::unique_ptr<AgentProcess>> AgentProcess::Start(const Options& options) {
   std::unique_ptr<AgentProcess> agent(new AgentProcess());
+  SweepStale();
   agent->job_id_ = UniqueJobId();
-  char tmpl[] = "/tmp/memento-bench-XXXXXX";
-  if (::mkdtemp(tmpl) == nullptr) return PosixError("mkdtemp(/tmp/memento-bench-XXXXXX)");
+  std::string tmpl = "/tmp/memento-bench-" + std::to_string(::getpid()) + "-XXXXXX";
+  if (::mkdtemp(tmpl.data()) == nullptr) return PosixError("mkdtemp(" + tmpl + ")");
   agent->tmpdir_ = tmpl;
   agent->socket_path_ = agent->tmpdir_ + "/agent-0.sock";
   agent->log_path_ = agent->tmpdir_ + "/agent.log";
@@ -327,6 +360,10 @@ Result<std::unique_ptr<AgentProcess>> AgentProcess::Start(const Options& options
                                    "--catalog", agent->tmpdir_ + "/cat-%n",
                                    "--slots", std::to_string(options.slots_per_rank),
                                    "--log-level", "warning"};
+  if (options.crc_threads > 0) {
+    args.push_back("--crc-threads");
+    args.push_back(std::to_string(options.crc_threads));
+  }
   if (options.memory_budget_bytes > 0) {
     args.push_back("--memory-budget");
     args.push_back(std::to_string(options.memory_budget_bytes));

@@ -123,13 +123,16 @@ double ParallelMemcpy(ThreadPool* pool, const std::vector<CopyRegion>& regions, 
 // A memento-agent of a private job, run as a child process for the length of one benchmark:
 // socket and catalog in a fresh temporary directory. The destructor (also on error paths and on
 // SIGINT/SIGTERM of the benchmark) stops the agent with SIGTERM, reaps it, removes the job's
-// shared memory (/dev/shm/memento-<job>-*) and the temporary directory. One at a time per process.
+// shared memory (/dev/shm/memento-<job>-*) and the temporary directory. Start() first removes what
+// earlier benchmarks killed with SIGKILL left behind (their names carry their pid; the agent of
+// such a one gets SIGTERM when its parent dies). One at a time per process.
 class AgentProcess {
  public:
   struct Options {
     std::string agent_binary;        // default "": memento-agent next to this executable
     int slots_per_rank = 2;          // --slots
     uint64_t memory_budget_bytes = 0;  // --memory-budget; 0 = not passed
+    int crc_threads = 0;             // --crc-threads; 0 = not passed (the agent's default, 4)
     int start_timeout_ms = 30000;    // how long to wait for the agent's socket
   };
 

@@ -246,7 +246,10 @@ class ClientImpl : public Client {
     for (const TensorEntry& t : tensors_) {
       const uint8_t* src = base + t.slot_offset;
       if (t.where == MemoryKind::kCuda) {
-        MEMENTO_RETURN_IF_ERROR(copiers_.at(t.device)->CopyH2D(t.data, src, t.bytes));
+        CudaCopier* c = copiers_.at(t.device).get();
+        MEMENTO_RETURN_IF_ERROR(ForEachPinnedPiece(t, [&](size_t off, size_t n) {
+          return c->EnqueueH2D(static_cast<uint8_t*>(t.data) + off, src + off, n);
+        }));
         continue;
       }
       for (size_t off = 0; off < t.bytes; off += opts_.copy_chunk_bytes) {
@@ -259,6 +262,7 @@ class ClientImpl : public Client {
       }
     }
     group.Wait();
+    for (auto& [dev, c] : copiers_) MEMENTO_RETURN_IF_ERROR(c->Synchronize());
     for (const BlobEntry& b : blobs_) {
       uint64_t len = 0;
       std::memcpy(&len, base + b.slot_offset, 8);
@@ -304,6 +308,20 @@ class ClientImpl : public Client {
     return reply;
   }
 
+  // Calls fn(offset, bytes) for the pieces of tensor t split at the slot's pin-chunk boundaries:
+  // a CUDA copy must lie within one cudaHostRegister'ed range.
+  template <typename Fn>
+  static Status ForEachPinnedPiece(const TensorEntry& t, Fn fn) {
+    size_t off = 0;
+    while (off < t.bytes) {
+      const size_t abs = t.slot_offset + off;
+      const size_t n = std::min(t.bytes - off, kPinChunk - abs % kPinChunk);
+      MEMENTO_RETURN_IF_ERROR(fn(off, n));
+      off += n;
+    }
+    return Status::Ok();
+  }
+
   void Drain() {
     std::promise<void> p;
     auto f = p.get_future();
@@ -343,14 +361,9 @@ class ClientImpl : public Client {
       bytes += t.bytes;
       if (t.where == MemoryKind::kCuda) {
         CudaCopier* c = copiers_.at(t.device).get();
-        // Split at pin-chunk boundaries of the slot so each copy lies in one registration.
-        size_t off = 0;
-        while (off < t.bytes) {
-          const size_t abs = t.slot_offset + off;
-          const size_t n = std::min(t.bytes - off, kPinChunk - abs % kPinChunk);
-          MEMENTO_RETURN_IF_ERROR(c->EnqueueD2H(dst + off, static_cast<const uint8_t*>(t.data) + off, n));
-          off += n;
-        }
+        MEMENTO_RETURN_IF_ERROR(ForEachPinnedPiece(t, [&](size_t off, size_t n) {
+          return c->EnqueueD2H(dst + off, static_cast<const uint8_t*>(t.data) + off, n);
+        }));
         continue;
       }
       const uint8_t* src = static_cast<const uint8_t*>(t.data);

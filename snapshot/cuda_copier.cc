@@ -81,11 +81,11 @@ class CudaCopierImpl : public CudaCopier {
     return Status::Ok();
   }
 
-  Status CopyH2D(void* device_dst, const void* host_src, size_t bytes) override {
+  Status EnqueueH2D(void* device_dst, const void* host_src, size_t bytes) override {
     MEMENTO_CUDA(cudaSetDevice(device_), "cudaSetDevice");
     MEMENTO_CUDA(cudaMemcpyAsync(device_dst, host_src, bytes, cudaMemcpyHostToDevice, stream_),
                  "cudaMemcpyAsync H2D of " + std::to_string(bytes) + " bytes");
-    return Synchronize();
+    return Status::Ok();
   }
 
  private:

@@ -29,8 +29,8 @@ class CudaCopier {
   virtual Status EnqueueD2H(void* host_dst, const void* device_src, size_t bytes) = 0;
   // Blocks the calling thread (not the training stream) until enqueued copies are done.
   virtual Status Synchronize() = 0;
-  // Host-to-device copy for restore; synchronous.
-  virtual Status CopyH2D(void* device_dst, const void* host_src, size_t bytes) = 0;
+  // Enqueues a host-to-device copy (restore) on the copy stream; Synchronize() waits for it.
+  virtual Status EnqueueH2D(void* device_dst, const void* host_src, size_t bytes) = 0;
 };
 
 }  // namespace memento

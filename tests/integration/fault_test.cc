@@ -178,7 +178,7 @@ std::string RunTrainer(const AgentCluster* cluster, const std::string& args, int
   std::string env = cluster ? "MEMENTO_JOB_ID=" + cluster->job() + " MEMENTO_AGENT_SOCKET=" + cluster->SocketPattern() +
                                   " MEMENTO_RANKS_PER_NODE=2 "
                             : "";
-  std::string cmd = env + "mpirun --oversubscribe -np 4 " + std::string(MEMENTO_BIN_DIR) + "/memento-train-example " +
+  std::string cmd = env + "mpirun --oversubscribe -np 4 " + BinDir() + "/memento-train-example " +
                     args + " --quiet > " + out + " 2>&1";
   int rc = std::system(cmd.c_str());
   *exit_code = WIFEXITED(rc) ? WEXITSTATUS(rc) : -1;

@@ -25,6 +25,12 @@
 
 namespace memento::testing {
 
+// Where memento-agent lives: MEMENTO_BIN_DIR (e.g. a bundle on the GPU machine), else the build's.
+inline std::string BinDir() {
+  const char* b = std::getenv("MEMENTO_BIN_DIR");
+  return b ? b : MEMENTO_BIN_DIR;
+}
+
 inline std::string TestTmp() {
   const char* t = std::getenv("MEMENTO_TEST_TMP");
   return t ? t : "/tmp";
@@ -95,7 +101,7 @@ class AgentCluster {
       ::dup2(fd, 1);
       ::dup2(fd, 2);
       std::vector<std::string> args = {"mpirun", "--oversubscribe", "-np", std::to_string(nodes_),
-                                       std::string(MEMENTO_BIN_DIR) + "/memento-agent", "--job", job_,
+                                       BinDir() + "/memento-agent", "--job", job_,
                                        "--socket", SocketPattern(), "--catalog", dir_ + "/catalog-%n",
                                        "--crc-threads", "2"};
       for (const auto& e : extra_) args.push_back(e);

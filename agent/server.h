@@ -34,7 +34,11 @@ class SocketServer {
   std::atomic<bool> stopping_{false};
   std::thread acceptor_;
   std::mutex mu_;
-  std::vector<std::thread> workers_;  // GUARDED_BY(mu_)
+  struct Worker {
+    std::thread thread;
+    std::shared_ptr<std::atomic<bool>> done;
+  };
+  std::vector<Worker> workers_;       // GUARDED_BY(mu_); finished ones are joined on each accept
   std::vector<int> fds_;              // GUARDED_BY(mu_)
 };
 

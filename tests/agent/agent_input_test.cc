@@ -45,6 +45,17 @@ class AgentInputTest : public ::testing::Test {
   int64_t step_ = 0;
 };
 
+TEST_F(AgentInputTest, SocketAndSlotsAreOwnerOnly) {
+  struct stat st {};
+  ASSERT_EQ(::stat(cluster_->Socket(0).c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 0777, 0600u);
+  ExpectAgentStillServes();
+  for (int k = 0; k < 2; ++k) {
+    ASSERT_EQ(::stat(("/dev/shm" + cluster_->SlotName(0, 0, k)).c_str(), &st), 0) << k;
+    EXPECT_EQ(st.st_mode & 0777, 0600u);
+  }
+}
+
 TEST_F(AgentInputTest, WrongJobIsRefused) {
   auto c = cluster_->Connect(0, 1, 0, 0, "s3cret", "someone-else");
   EXPECT_EQ(c.status().code(), StatusCode::kPermissionDenied);

@@ -83,9 +83,13 @@ std::string ShmPrefix(const std::string& job_id, int node_id) {
 
 NodeState::NodeState(const AgentOptions& options, int node_id, Catalog* catalog)
     : options_(options), node_id_(node_id), catalog_(catalog),
-      crc_pool_(std::make_unique<ThreadPool>(std::max(1, options.crc_threads))) {}
+      crc_pool_(std::make_unique<ThreadPool>(std::max(1, options.crc_threads))),
+      verify_pool_(std::make_unique<ThreadPool>(std::max(1, options.crc_threads))) {}
 
-NodeState::~NodeState() { crc_pool_.reset(); }
+NodeState::~NodeState() {
+  crc_pool_.reset();
+  verify_pool_.reset();
+}
 
 Status NodeState::CreateSlots(RankSlots* rs) {
   const uint64_t bytes = rs->record.slot_bytes();
@@ -469,7 +473,7 @@ Result<proto::BeginCaptureReply> NodeState::BeginCapture(Session* session, int64
 
 Status NodeState::Captured(Session* session, int64_t step) {
   std::vector<std::pair<const proto::TensorRecord*, const proto::BlobRecord*>> regions;
-  uint8_t* base = nullptr;
+  std::shared_ptr<SharedMemory> segment;
   proto::RankRecord record;
   uint64_t incarnation = 0;
   int32_t slot = -1;
@@ -489,8 +493,9 @@ Status NodeState::Captured(Session* session, int64_t step) {
     slot = it->second.slot_index();
     incarnation = it->second.incarnation();
     record = rit->second.record;
-    base = rit->second.slots.at(slot)->data();
+    segment = rit->second.slots.at(slot);
   }
+  uint8_t* base = segment->data();
   // Checksum in the background: split every region into chunks over the CRC pool.
   struct Job {
     std::mutex mu;
@@ -521,7 +526,7 @@ Status NodeState::Captured(Session* session, int64_t step) {
     for (int ci = 0; ci < r.chunk_crcs_size(); ++ci) {
       const uint64_t begin = r.offset() + static_cast<uint64_t>(ci) * chunk;
       const uint64_t len = std::min<uint64_t>(chunk, r.offset() + r.bytes() - begin);
-      crc_pool_->Submit([this, job, base, ri, ci, begin, len, step, incarnation, slot] {
+      crc_pool_->Submit([this, job, segment, base, ri, ci, begin, len, step, incarnation, slot] {
         uint64_t crc = Crc64(base + begin, len);
         bool last = false;
         {
@@ -635,7 +640,7 @@ Status NodeState::VerifyRank(const proto::VersionRecord& v, const RankSlots& rs)
   TaskGroup group;
   group.Add(static_cast<int>(checks.size()));
   for (size_t i = 0; i < checks.size(); ++i) {
-    crc_pool_->Submit([&, i] {
+    verify_pool_->Submit([&, i] {
       const proto::RegionCrc& r = *checks[i].region;
       const uint64_t begin = r.offset() + static_cast<uint64_t>(checks[i].chunk) * r.chunk_bytes();
       const uint64_t len = std::min<uint64_t>(r.chunk_bytes(), r.offset() + r.bytes() - begin);

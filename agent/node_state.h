@@ -76,7 +76,8 @@ class NodeState {
  private:
   struct RankSlots {
     proto::RankRecord record;
-    std::vector<std::unique_ptr<SharedMemory>> slots;
+    // shared: background CRC jobs keep a slot mapped while they read it
+    std::vector<std::shared_ptr<SharedMemory>> slots;
   };
 
   Status CheckSessionInEpoch(const Session& s) const;  // REQUIRES(mu_)
@@ -95,7 +96,8 @@ class NodeState {
   const AgentOptions options_;
   const int node_id_;
   Catalog* catalog_;
-  std::unique_ptr<ThreadPool> crc_pool_;
+  std::unique_ptr<ThreadPool> crc_pool_;     // checksums of new captures (tasks take mu_ when done)
+  std::unique_ptr<ThreadPool> verify_pool_;  // re-verification under mu_: its tasks never take mu_
 
   mutable std::mutex mu_;
   std::condition_variable cv_;

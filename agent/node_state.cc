@@ -83,7 +83,7 @@ std::string ShmPrefix(const std::string& job_id, int node_id) {
 
 NodeState::NodeState(const AgentOptions& options, int node_id, Catalog* catalog)
     : options_(options), node_id_(node_id), catalog_(catalog),
-      crc_pool_(std::make_unique<ThreadPool>(std::max(1, options.crc_threads))),
+      crc_pool_(std::make_unique<ThreadPool>(std::max(1, options.crc_threads), /*nice_increment=*/10)),
       verify_pool_(std::make_unique<ThreadPool>(std::max(1, options.crc_threads))) {}
 
 NodeState::~NodeState() {

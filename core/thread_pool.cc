@@ -1,11 +1,24 @@
 // ThreadPool and TaskGroup.
 #include "core/thread_pool.h"
 
+#include <sys/resource.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
 namespace memento {
 
-ThreadPool::ThreadPool(int threads) {
+ThreadPool::ThreadPool(int threads, int nice_increment) {
   if (threads < 1) threads = 1;
-  for (int i = 0; i < threads; ++i) workers_.emplace_back([this] { Loop(); });
+  for (int i = 0; i < threads; ++i) {
+    workers_.emplace_back([this, nice_increment] {
+      if (nice_increment > 0) {
+        // On Linux a thread id names one thread: only this worker is lowered.
+        const id_t tid = static_cast<id_t>(::syscall(SYS_gettid));
+        (void)::setpriority(PRIO_PROCESS, tid, ::getpriority(PRIO_PROCESS, tid) + nice_increment);
+      }
+      Loop();
+    });
+  }
 }
 
 ThreadPool::~ThreadPool() {

@@ -13,7 +13,9 @@ namespace memento {
 
 class ThreadPool {
  public:
-  explicit ThreadPool(int threads);
+  // `nice_increment` > 0 lowers the workers' scheduling priority (background work such as
+  // checksums must not delay latency-sensitive threads on small machines).
+  explicit ThreadPool(int threads, int nice_increment = 0);
   ~ThreadPool();  // finishes queued tasks, then joins
   ThreadPool(const ThreadPool&) = delete;
   ThreadPool& operator=(const ThreadPool&) = delete;

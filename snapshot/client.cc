@@ -190,6 +190,7 @@ class ClientImpl : public Client {
     auto t0 = Clock::now();
     MEMENTO_RETURN_IF_ERROR(FinishRegistration());
     if (inflight_.valid()) MEMENTO_RETURN_IF_ERROR(WaitUntilSafeToUpdate());
+    MEMENTO_RETURN_IF_ERROR(TakeReportError());
     // Blobs are small and the caller may change them right after this call: stage them now.
     for (BlobEntry& b : blobs_) {
       if (*b.size > b.capacity) {
@@ -330,18 +331,29 @@ class ClientImpl : public Client {
   }
 
   // Runs on the worker thread: slot, copies, then the captured report.
+  // The training thread is released as soon as the bytes have landed; the captured report follows
+  // on this thread, before any later capture (the worker runs tasks in order). A failed report
+  // is returned by the next Snapshot().
   void Capture(int64_t step, std::shared_ptr<std::promise<Status>> done, Clock::time_point t0) {
     Status st = CopyIntoSlot(step);
     copy_seconds_.store(Seconds(t0, Clock::now()));
-    if (!st.ok()) {
-      done->set_value(st);
-      return;
-    }
+    done->set_value(st);
+    if (!st.ok()) return;
     KillPoint("client.before_captured", opts_.rank, step);
     proto::Request req;
     req.mutable_captured()->set_step(step);
     auto r = Call(req);
-    done->set_value(r.ok() ? Status::Ok() : r.status());
+    if (!r.ok()) {
+      std::lock_guard<std::mutex> lock(report_mu_);
+      report_error_ = r.status().WithContext("reporting step " + std::to_string(step) + " captured");
+    }
+  }
+
+  Status TakeReportError() {
+    std::lock_guard<std::mutex> lock(report_mu_);
+    Status st = report_error_;
+    report_error_ = Status::Ok();
+    return st;
   }
 
   Status CopyIntoSlot(int64_t step) {
@@ -404,6 +416,8 @@ class ClientImpl : public Client {
   int fd_ = -1;
   int node_id_ = -1;
   std::mutex call_mu_;
+  std::mutex report_mu_;
+  Status report_error_;  // GUARDED_BY(report_mu_)
   bool finished_ = false;
   std::vector<TensorEntry> tensors_;
   std::vector<BlobEntry> blobs_;

@@ -113,8 +113,9 @@ class Client {
 
   // Starts capturing the registered state as version `step` and returns at once.
   virtual Status Snapshot(int64_t step) = 0;
-  // Blocks while copies of the last Snapshot() are in flight; then reports the rank's slot
-  // captured. Returns the capture's error, if it failed.
+  // Blocks while copies of the last Snapshot() are in flight and returns the capture's error, if
+  // it failed. The rank's slot is then reported captured in the background (before any later
+  // capture begins); an error of that report is returned by the next Snapshot().
   virtual Status WaitUntilSafeToUpdate() = 0;
 
   // Fills the registered buffers and blobs from version `step`, or the newest globally complete

@@ -205,7 +205,11 @@ TEST(FaultTest, TrainerCrashedMidRunResumesToTheSameStateHash) {
   EXPECT_TRUE(HashOf(crashed).empty()) << "the crashed run must not finish";
   std::string resumed = RunTrainer(&cluster, "--steps 12 --restore latest", &rc);
   ASSERT_EQ(rc, 0) << resumed;
-  EXPECT_NE(resumed.find("restored step=6"), std::string::npos) << resumed;
+  // Rank 2 died after Snapshot(7) returned: its copy of step 7 may or may not have landed and been
+  // reported before the SIGKILL, so the newest complete version is 7 or 6 — never a torn one.
+  EXPECT_TRUE(resumed.find("restored step=6") != std::string::npos ||
+              resumed.find("restored step=7") != std::string::npos)
+      << resumed;
   EXPECT_EQ(HashOf(resumed), reference) << resumed;
 }
 

@@ -34,7 +34,7 @@ constexpr const char* kUsage =
     "                     for the stall figure (default: 3x the measured copy time)\n"
     "  --cuda             capture a CUDA device buffer (limit: pinned cudaMemcpyAsync D2H)\n"
     "  --device N         CUDA device for --cuda (default 0)\n"
-    "  --registration     also print the time of FinishRegistration() per GiB of slots\n"
+    "  --registration     also print the time until the slots are registered (and pinned) per GiB of slots\n"
     "                     (on the CUDA path: cudaHostRegister of the slots)\n"
     "  --memory-budget B  passed to memento-agent (default: none)\n"
     "  --crc-threads N    passed to memento-agent (default: the agent's, 4)\n"
@@ -163,10 +163,15 @@ Status Measure(const CaptureFlags& flags, CaptureSource* source, CaptureFigures*
   }
   auto t0 = Clock::now();
   if (Status st = client->FinishRegistration(); !st.ok()) return with_agent_log(st);
+  // Pinning the slots (CUDA path) runs in the background after FinishRegistration(); the first
+  // Snapshot() waits for it, so registration ends when that call returns.
+  int64_t step = 0;
+  if (Status st = client->Snapshot(step++); !st.ok()) return with_agent_log(st);
   fig->registration_seconds = Seconds(t0, Clock::now());
   fig->slot_bytes = uint64_t{kSlotsPerRank} * flags.bytes;
+  if (Status st = client->WaitUntilSafeToUpdate(); !st.ok()) return with_agent_log(st);
+  if (Status st = Settle(client.get()); !st.ok()) return with_agent_log(st);
 
-  int64_t step = 0;
   auto capture_once = [&](double compute_ms, double* seconds_in_client) -> Status {
     const auto a = Clock::now();
     MEMENTO_RETURN_IF_ERROR(client->Snapshot(step++));

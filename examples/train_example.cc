@@ -784,8 +784,9 @@ int Run(int argc, char** argv) {
   if (flags.restore) {
     Result<memento::RestoreResult> restored = client->Restore(*flags.restore);
     if (restored.ok()) {
-      for (const std::string& refused : restored->refused) {
-        std::printf("rank %d: refused: %s\n", layout.rank, refused.c_str());
+      // Every rank receives the same agreed list; one copy is enough.
+      if (layout.rank == 0) {
+        for (const std::string& refused : restored->refused) std::printf("%s\n", refused.c_str());
       }
       done = restored->step;
       Check(layout, "restored step " + std::to_string(done),

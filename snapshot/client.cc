@@ -7,6 +7,7 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <condition_variable>
 #include <cstring>
@@ -69,6 +70,7 @@ class ClientImpl : public Client {
     worker_ = std::make_unique<ThreadPool>(1);
   }
   ~ClientImpl() override {
+    if (pinning_.valid()) pinning_.wait();
     if (inflight_.valid()) inflight_.wait();
     worker_.reset();
     copy_pool_.reset();
@@ -165,14 +167,26 @@ class ClientImpl : public Client {
       MEMENTO_ASSIGN_OR_RETURN(auto seg, SharedMemory::Open(name, rr.slot_bytes(), /*writable=*/true, /*populate=*/true));
       slots_.push_back(std::move(seg));
     }
-    // Pin the slots for every device that holds a registered tensor.
+    // Pin the slots for every device that holds a registered tensor: about half a second per GiB,
+    // so it runs in the background, overlapping the wait for the job's other ranks.
+    std::vector<int> devices;
     for (const TensorEntry& t : tensors_) {
-      if (t.where != MemoryKind::kCuda || copiers_.count(t.device)) continue;
-      MEMENTO_ASSIGN_OR_RETURN(auto copier, CudaCopier::Create(t.device));
-      for (auto& seg : slots_) {
-        MEMENTO_RETURN_IF_ERROR(copier->RegisterHost(seg->data(), seg->size(), kPinChunk, 4));
+      if (t.where == MemoryKind::kCuda && std::find(devices.begin(), devices.end(), t.device) == devices.end()) {
+        devices.push_back(t.device);
       }
-      copiers_[t.device] = std::move(copier);
+    }
+    if (!devices.empty()) {
+      pinning_ = std::async(std::launch::async, [this, devices]() -> Status {
+        const int threads = std::clamp(static_cast<int>(std::thread::hardware_concurrency()) / 2, 2, 8);
+        for (int dev : devices) {
+          MEMENTO_ASSIGN_OR_RETURN(auto copier, CudaCopier::Create(dev));
+          for (auto& seg : slots_) {
+            MEMENTO_RETURN_IF_ERROR(copier->RegisterHost(seg->data(), seg->size(), kPinChunk, threads));
+          }
+          copiers_[dev] = std::move(copier);
+        }
+        return Status::Ok();
+      });
     }
     finished_ = true;
     // Collective: wait for every rank of the job.
@@ -181,7 +195,7 @@ class ClientImpl : public Client {
     MEMENTO_ASSIGN_OR_RETURN(proto::Reply er, Call(await));
     incarnation_ = er.await_epoch().incarnation();
     for (const auto& s : er.await_epoch().refused()) {
-      MEMENTO_LOG(kWarning) << "rank " << opts_.rank << ": " << s;
+      MEMENTO_LOG(kDebug) << "rank " << opts_.rank << ": " << s;  // Restore() returns them too
     }
     return Status::Ok();
   }
@@ -189,6 +203,7 @@ class ClientImpl : public Client {
   Status Snapshot(int64_t step) override {
     auto t0 = Clock::now();
     MEMENTO_RETURN_IF_ERROR(FinishRegistration());
+    MEMENTO_RETURN_IF_ERROR(AwaitPinning());
     if (inflight_.valid()) MEMENTO_RETURN_IF_ERROR(WaitUntilSafeToUpdate());
     MEMENTO_RETURN_IF_ERROR(TakeReportError());
     // Blobs are small and the caller may change them right after this call: stage them now.
@@ -222,6 +237,7 @@ class ClientImpl : public Client {
 
   Result<RestoreResult> Restore(int64_t step) override {
     MEMENTO_RETURN_IF_ERROR(FinishRegistration());
+    MEMENTO_RETURN_IF_ERROR(AwaitPinning());
     if (inflight_.valid()) MEMENTO_RETURN_IF_ERROR(WaitUntilSafeToUpdate());
     Drain();
     proto::Request req;
@@ -323,6 +339,12 @@ class ClientImpl : public Client {
     return Status::Ok();
   }
 
+  // The CUDA copiers exist once the background pinning finished.
+  Status AwaitPinning() {
+    if (pinning_.valid()) pin_status_ = pinning_.get();
+    return pin_status_;
+  }
+
   void Drain() {
     std::promise<void> p;
     auto f = p.get_future();
@@ -422,7 +444,9 @@ class ClientImpl : public Client {
   std::vector<TensorEntry> tensors_;
   std::vector<BlobEntry> blobs_;
   std::vector<std::unique_ptr<SharedMemory>> slots_;
-  std::map<int, std::unique_ptr<CudaCopier>> copiers_;
+  std::map<int, std::unique_ptr<CudaCopier>> copiers_;  // written by pinning_ until it is done
+  std::future<Status> pinning_;
+  Status pin_status_;
   std::unique_ptr<ThreadPool> copy_pool_;
   std::unique_ptr<ThreadPool> worker_;
   std::future<Status> inflight_;

@@ -33,6 +33,18 @@ class AgentInputTest : public ::testing::Test {
     ASSERT_TRUE(r.ok()) << r.status().ToString();
     EXPECT_TRUE(s.Matches(0, step_));
   }
+  // A plain socket to the agent, for messages the client library would never send; -1 on failure.
+  int RawConnect() {
+    int fd = ::socket(AF_UNIX, SOCK_STREAM, 0);
+    sockaddr_un addr{};
+    addr.sun_family = AF_UNIX;
+    std::strncpy(addr.sun_path, cluster_->Socket(0).c_str(), sizeof(addr.sun_path) - 1);
+    if (::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) {
+      ::close(fd);
+      return -1;
+    }
+    return fd;
+  }
   Status RegisterOne(const std::string& name, void* data, size_t bytes, DType dt, const ShardSpec& spec) {
     auto c = cluster_->Connect(0, 1, 0, 0, "s3cret");
     if (!c.ok()) return c.status();
@@ -72,11 +84,8 @@ TEST_F(AgentInputTest, WrongTokenIsRefused) {
 }
 
 TEST_F(AgentInputTest, OtherProtocolVersionNamesBoth) {
-  int fd = ::socket(AF_UNIX, SOCK_STREAM, 0);
-  sockaddr_un addr{};
-  addr.sun_family = AF_UNIX;
-  std::strncpy(addr.sun_path, cluster_->Socket(0).c_str(), sizeof(addr.sun_path) - 1);
-  ASSERT_EQ(::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0);
+  int fd = RawConnect();
+  ASSERT_GE(fd, 0);
   proto::Request req;
   req.mutable_hello()->set_protocol_version(99);
   req.mutable_hello()->set_job_id(cluster_->job());
@@ -94,11 +103,8 @@ TEST_F(AgentInputTest, OtherProtocolVersionNamesBoth) {
 }
 
 TEST_F(AgentInputTest, MalformedFrameClosesOnlyThatConnection) {
-  int fd = ::socket(AF_UNIX, SOCK_STREAM, 0);
-  sockaddr_un addr{};
-  addr.sun_family = AF_UNIX;
-  std::strncpy(addr.sun_path, cluster_->Socket(0).c_str(), sizeof(addr.sun_path) - 1);
-  ASSERT_EQ(::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0);
+  int fd = RawConnect();
+  ASSERT_GE(fd, 0);
   const unsigned char garbage[] = {0xff, 0xff, 0xff, 0x7f, 1, 2, 3};
   ASSERT_EQ(::send(fd, garbage, sizeof garbage, 0), static_cast<ssize_t>(sizeof garbage));
   char b;

@@ -1,0 +1,1 @@
+// Native checkpoint reader and writer: being implemented (see native_checkpoint.h).

@@ -7,6 +7,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -23,6 +24,9 @@ inline constexpr uint32_t kNativeFormatVersion = 1;
 std::string JobDir(const std::string& root, const std::string& job);
 // <root>/<job>/step-<N>
 std::string CheckpointDir(const std::string& root, const std::string& job, int64_t step);
+// rank-<r>.data and rank-<r>.meta: names inside a checkpoint directory.
+std::string DataFileName(int32_t rank);
+std::string MetaFileName(int32_t rank);
 
 // One rank's bytes of one version, as its agent holds them: the slot and its layout.
 struct RankImage {
@@ -45,6 +49,11 @@ struct PersistOptions {
 Result<proto::ManifestRank> WriteRankFiles(FileSystem* fs, const std::string& dir, const std::string& job_id,
                                            int64_t step, const RankImage& image, const PersistOptions& options);
 
+// The manifest of a checkpoint whose ranks were written by WriteRankFiles: format and library
+// version, created_unix_ms = now, ranks sorted by rank, total_bytes = the sum of their data_bytes.
+proto::Manifest BuildManifest(const std::string& job_id, int64_t step, int32_t world_size,
+                              std::vector<proto::ManifestRank> ranks);
+
 // The commit point: writes `dir`/manifest atomically.
 Status CommitManifest(FileSystem* fs, const std::string& dir, const proto::Manifest& manifest);
 
@@ -60,6 +69,8 @@ struct CheckpointInfo {
   bool committed = false;     // has a valid manifest
   uint64_t bytes = 0;         // data bytes (from the manifest, or on disk when uncommitted)
   int32_t ranks = 0;
+  // Why the directory is not a checkpoint (ReadManifest's message); empty when committed.
+  std::string uncommitted_reason;
 };
 // The step-<N> directories under <root>/<job>, oldest first. NotFound when the job dir is missing.
 Result<std::vector<CheckpointInfo>> ListCheckpoints(FileSystem* fs, const std::string& job_dir);
@@ -69,11 +80,29 @@ struct VerifyProblem {
   std::string tensor;         // tensor or blob name; empty for file-level problems
   uint64_t begin = 0;         // byte range in the tensor's persisted bytes
   uint64_t end = 0;
-  std::string what;           // "CRC mismatch", "missing", "truncated", ...
+  std::string what;           // "CRC mismatch", "missing file", "truncated", ...
+  // The fragment index (in the rank's spec) when the tensor has several persisted runs on the
+  // rank, -1 otherwise; begin/end are then relative to that fragment's run.
+  int32_t fragment = -1;
+  bool blob = false;          // `tensor` names a blob
+  // "<file>: tensor '<t>' bytes <b>..<e>: <what>", "<file>: blob '<b>' bytes ...", "<file>: <what>".
   std::string ToString() const;
 };
 // Re-reads every byte of the checkpoint and checks every CRC. An empty vector means intact.
+// Errors: NotFound/DataLoss/FailedPrecondition from ReadManifest, IOError when a read fails.
 Result<std::vector<VerifyProblem>> VerifyCheckpoint(FileSystem* fs, const std::string& dir);
+
+// What a verification covered.
+struct VerifyStats {
+  int64_t tensors = 0;        // distinct tensor names across ranks
+  int64_t blobs = 0;          // blobs across ranks
+  uint64_t bytes = 0;         // bytes read and CRC-checked (runs only, not padding)
+};
+// Called after each chunk with the bytes checked so far and the total to check.
+using VerifyProgress = std::function<void(uint64_t bytes_done, uint64_t bytes_total)>;
+// As above; fills `stats` (may be null) and reports progress (may be empty).
+Result<std::vector<VerifyProblem>> VerifyCheckpoint(FileSystem* fs, const std::string& dir, VerifyStats* stats,
+                                                    const VerifyProgress& progress = {});
 
 // Fills `slot` (laid out as `layout`, the registered layout of rank layout.rank()) from the
 // checkpoint: each fragment from the persisted replica-0 fragments of any rank that overlap it

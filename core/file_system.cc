@@ -1,0 +1,384 @@
+// The POSIX FileSystem (aligned buffered writes, O_DIRECT where allowed, fdatasync/fsync of files
+// and directories) and FaultInjectionFileSystem, which fails, splits or drops writes for tests.
+#include "core/file_system.h"
+
+#include <dirent.h>
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cerrno>
+#include <charconv>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <map>
+#include <mutex>
+#include <string_view>
+#include <utility>
+
+#include "core/posix_error.h"
+
+namespace memento {
+namespace {
+
+// O_DIRECT needs buffer address, file offset and length aligned to the logical block size; 4 KiB
+// covers every device we run on.
+constexpr size_t kDirectAlign = 4096;
+
+size_t RoundUp(size_t n, size_t align) { return (n + align - 1) / align * align; }
+
+// Closes `fd`, retrying nothing: after EINTR the descriptor is already released on Linux.
+Status CloseFd(int fd, const std::string& path) {
+  if (::close(fd) != 0 && errno != EINTR) return PosixError("close(" + path + ")");
+  return Status::Ok();
+}
+
+// Writes through a 4 KiB-aligned buffer of WriteOptions::buffer_bytes with pwrite at explicit
+// offsets. Invariant: the logical content is the file's first `written_` bytes followed by
+// buf_[0, buffered_). With O_DIRECT, `written_` stays a multiple of 4 KiB: Sync writes a tail that
+// is not a whole block zero-padded, keeps it in the buffer (the next write rewrites that block),
+// and ftruncates the file to its logical size.
+// After an error the state stays consistent (size() counts the bytes taken) and nothing already
+// taken is lost from the buffer, but callers normally abandon the file and write it again.
+// Destroying the file without Close abandons the bytes not yet written out, like a crash.
+class PosixWritableFile final : public WritableFile {
+ public:
+  PosixWritableFile(std::string path, int fd, bool direct, char* buf, size_t capacity)
+      : path_(std::move(path)), fd_(fd), direct_(direct), buf_(buf), capacity_(capacity) {}
+  ~PosixWritableFile() override {
+    if (fd_ >= 0) ::close(fd_);
+    std::free(buf_);
+  }
+  PosixWritableFile(const PosixWritableFile&) = delete;
+  PosixWritableFile& operator=(const PosixWritableFile&) = delete;
+
+  Status Append(const void* data, size_t n) override {
+    if (fd_ < 0) return FailedPrecondition("append to " + path_ + " after Close");
+    const char* p = static_cast<const char*>(data);
+    while (n > 0) {
+      if (buffered_ == capacity_) MEMENTO_RETURN_IF_ERROR(WriteBuffer());
+      const size_t take = std::min(n, capacity_ - buffered_);
+      std::memcpy(buf_ + buffered_, p, take);
+      buffered_ += take;
+      size_ += take;
+      p += take;
+      n -= take;
+    }
+    return Status::Ok();
+  }
+
+  Status Sync() override {
+    if (fd_ < 0) return FailedPrecondition("sync of " + path_ + " after Close");
+    if (buffered_ > 0) MEMENTO_RETURN_IF_ERROR(WriteBuffer());
+    if (file_end_ > size_) {
+      // A zero-padded O_DIRECT tail (or a failed write) left bytes past the logical end.
+      if (::ftruncate(fd_, static_cast<off_t>(size_)) != 0) return PosixError("ftruncate(" + path_ + ")");
+      file_end_ = size_;
+    }
+    if (::fdatasync(fd_) != 0) return PosixError("fdatasync(" + path_ + ")");
+    return Status::Ok();
+  }
+
+  Status Close() override {
+    if (fd_ < 0) return FailedPrecondition("close of " + path_ + " twice");
+    Status synced = Sync();
+    const int fd = std::exchange(fd_, -1);
+    Status closed = CloseFd(fd, path_);
+    return synced.ok() ? closed : synced;
+  }
+
+  uint64_t size() const override { return size_; }
+
+ private:
+  // Writes the buffer at `written_`. Without O_DIRECT everything goes and the buffer empties; with
+  // it, the whole blocks go with the partial last block zero-padded, and that partial block stays
+  // buffered.
+  Status WriteBuffer() {
+    size_t len = buffered_;
+    if (direct_) {
+      const size_t padded = RoundUp(buffered_, kDirectAlign);
+      std::memset(buf_ + buffered_, 0, padded - buffered_);
+      len = padded;
+    }
+    MEMENTO_RETURN_IF_ERROR(WriteAll(buf_, len, written_));
+    const size_t done = direct_ ? buffered_ / kDirectAlign * kDirectAlign : buffered_;
+    if (done < buffered_) std::memmove(buf_, buf_ + done, buffered_ - done);
+    buffered_ -= done;
+    written_ += done;
+    return Status::Ok();
+  }
+
+  // pwrite of exactly `n` bytes at `offset`, looping over short writes and EINTR.
+  Status WriteAll(const char* p, size_t n, uint64_t offset) {
+    while (n > 0) {
+      const ssize_t w = ::pwrite(fd_, p, n, static_cast<off_t>(offset));
+      if (w < 0) {
+        if (errno == EINTR) continue;
+        // Some file systems accept O_DIRECT at open and refuse it at write: go buffered.
+        if (errno == EINVAL && direct_ && DropDirect()) continue;
+        return PosixError("write(" + path_ + ")");
+      }
+      if (w == 0) return IOError("write(" + path_ + "): wrote 0 of " + std::to_string(n) + " bytes");
+      const size_t wrote = static_cast<size_t>(w);
+      p += wrote;
+      n -= wrote;
+      offset += wrote;
+      file_end_ = std::max(file_end_, offset);
+      // A short O_DIRECT write that ends mid-block leaves the rest unaligned.
+      if (n > 0 && direct_ && (wrote % kDirectAlign) != 0 && !DropDirect()) {
+        return PosixError("fcntl(" + path_ + ", clear O_DIRECT)");
+      }
+    }
+    return Status::Ok();
+  }
+
+  // Clears O_DIRECT on the descriptor; later writes go through the page cache.
+  bool DropDirect() {
+    const int flags = ::fcntl(fd_, F_GETFL);
+    if (flags < 0 || ::fcntl(fd_, F_SETFL, flags & ~O_DIRECT) != 0) return false;
+    direct_ = false;
+    return true;
+  }
+
+  const std::string path_;
+  int fd_;
+  bool direct_;
+  char* buf_;               // capacity_ bytes, 4 KiB-aligned, owned (posix_memalign)
+  const size_t capacity_;   // multiple of 4 KiB
+  size_t buffered_ = 0;     // bytes in buf_
+  uint64_t written_ = 0;    // bytes of the logical content already in the file
+  uint64_t file_end_ = 0;   // highest byte offset written, padding included
+  uint64_t size_ = 0;       // bytes appended
+};
+
+class PosixReadableFile final : public ReadableFile {
+ public:
+  PosixReadableFile(std::string path, int fd, uint64_t size) : path_(std::move(path)), fd_(fd), size_(size) {}
+  ~PosixReadableFile() override { ::close(fd_); }
+  PosixReadableFile(const PosixReadableFile&) = delete;
+  PosixReadableFile& operator=(const PosixReadableFile&) = delete;
+
+  Status ReadAt(uint64_t offset, void* dst, size_t n) override {
+    char* p = static_cast<char*>(dst);
+    uint64_t at = offset;
+    size_t left = n;
+    while (left > 0) {
+      const ssize_t r = ::pread(fd_, p, left, static_cast<off_t>(at));
+      if (r < 0) {
+        if (errno == EINTR) continue;
+        return PosixError("read(" + path_ + ")");
+      }
+      if (r == 0) {
+        struct stat st {};
+        const uint64_t file_size = ::fstat(fd_, &st) == 0 ? static_cast<uint64_t>(st.st_size) : at;
+        return DataLoss(path_ + ": wanted " + std::to_string(n) + " bytes at offset " + std::to_string(offset) +
+                        ", file has " + std::to_string(file_size));
+      }
+      p += r;
+      at += static_cast<uint64_t>(r);
+      left -= static_cast<size_t>(r);
+    }
+    return Status::Ok();
+  }
+
+  uint64_t size() const override { return size_; }
+
+ private:
+  const std::string path_;
+  const int fd_;
+  const uint64_t size_;  // at open
+};
+
+Status RemoveTree(const std::string& path) {
+  struct stat st {};
+  if (::lstat(path.c_str(), &st) != 0) {
+    if (errno == ENOENT) return Status::Ok();
+    return PosixError("lstat(" + path + ")");
+  }
+  if (!S_ISDIR(st.st_mode)) {
+    if (::unlink(path.c_str()) != 0 && errno != ENOENT) return PosixError("unlink(" + path + ")");
+    return Status::Ok();
+  }
+  DIR* dir = ::opendir(path.c_str());
+  if (dir == nullptr) return PosixError("opendir(" + path + ")");
+  std::vector<std::string> names;
+  errno = 0;
+  while (const dirent* e = ::readdir(dir)) {
+    const std::string_view name = e->d_name;
+    if (name != "." && name != "..") names.emplace_back(name);
+    errno = 0;
+  }
+  const int read_errno = errno;
+  ::closedir(dir);
+  if (read_errno != 0) return PosixError("readdir(" + path + ")", read_errno);
+  for (const std::string& name : names) MEMENTO_RETURN_IF_ERROR(RemoveTree(path + "/" + name));
+  if (::rmdir(path.c_str()) != 0 && errno != ENOENT) return PosixError("rmdir(" + path + ")");
+  return Status::Ok();
+}
+
+class PosixFileSystemImpl final : public FileSystem {
+ public:
+  Result<std::unique_ptr<WritableFile>> NewWritableFile(const std::string& path,
+                                                        const WriteOptions& options) override {
+    const int flags = O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC;
+    const mode_t mode = static_cast<mode_t>(options.mode);
+    bool direct = options.direct_io;
+    int fd = direct ? ::open(path.c_str(), flags | O_DIRECT, mode) : -1;
+    if (fd < 0 && direct) {
+      if (errno != EINVAL) return PosixError("open(" + path + ")");
+      direct = false;  // e.g. tmpfs on older kernels
+    }
+    if (fd < 0) fd = ::open(path.c_str(), flags, mode);
+    if (fd < 0) return PosixError("open(" + path + ")");
+    // open() honours the umask; make the mode exact.
+    if (::fchmod(fd, mode) != 0) {
+      Status st = PosixError("fchmod(" + path + ")");
+      ::close(fd);
+      return st;
+    }
+    const size_t capacity = RoundUp(std::max<size_t>(options.buffer_bytes, 1), kDirectAlign);
+    void* buf = nullptr;
+    if (const int err = ::posix_memalign(&buf, kDirectAlign, capacity); err != 0) {
+      ::close(fd);
+      return PosixError("allocating a " + std::to_string(capacity) + "-byte write buffer for " + path, err);
+    }
+    return std::unique_ptr<WritableFile>(
+        new PosixWritableFile(path, fd, direct, static_cast<char*>(buf), capacity));
+  }
+
+  Result<std::unique_ptr<ReadableFile>> NewReadableFile(const std::string& path) override {
+    const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return PosixError("open(" + path + ")");
+    struct stat st {};
+    if (::fstat(fd, &st) != 0) {
+      Status s = PosixError("fstat(" + path + ")");
+      ::close(fd);
+      return s;
+    }
+    return std::unique_ptr<ReadableFile>(new PosixReadableFile(path, fd, static_cast<uint64_t>(st.st_size)));
+  }
+
+  Status CreateDirs(const std::string& path) override {
+    if (path.empty()) return InvalidArgument("CreateDirs: empty path");
+    // Every prefix ending before a '/', then the whole path.
+    for (size_t end = path.find('/', 1);; end = path.find('/', end + 1)) {
+      const std::string prefix = path.substr(0, end);
+      if (!prefix.empty() && prefix.back() != '/') MEMENTO_RETURN_IF_ERROR(MakeDir(prefix));
+      if (end == std::string::npos) break;
+    }
+    return Status::Ok();
+  }
+
+  Status SyncDir(const std::string& path) override {
+    const int fd = ::open(path.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (fd < 0) return PosixError("open(" + path + ")");
+    if (::fsync(fd) != 0) {
+      Status st = PosixError("fsync(" + path + ")");
+      ::close(fd);
+      return st;
+    }
+    return CloseFd(fd, path);
+  }
+
+  Status Rename(const std::string& from, const std::string& to) override {
+    if (::rename(from.c_str(), to.c_str()) != 0) return PosixError("rename(" + from + ", " + to + ")");
+    return Status::Ok();
+  }
+
+  Status RemoveFile(const std::string& path) override {
+    if (::unlink(path.c_str()) != 0) return PosixError("unlink(" + path + ")");
+    return Status::Ok();
+  }
+
+  Status RemoveAll(const std::string& path) override { return RemoveTree(path); }
+
+  Result<std::vector<std::string>> ListDir(const std::string& path) override {
+    DIR* dir = ::opendir(path.c_str());
+    if (dir == nullptr) return PosixError("opendir(" + path + ")");
+    std::vector<std::string> names;
+    errno = 0;
+    while (const dirent* e = ::readdir(dir)) {
+      const std::string_view name = e->d_name;
+      if (name != "." && name != "..") names.emplace_back(name);
+      errno = 0;
+    }
+    const int read_errno = errno;
+    ::closedir(dir);
+    if (read_errno != 0) return PosixError("readdir(" + path + ")", read_errno);
+    std::sort(names.begin(), names.end());
+    return names;
+  }
+
+  bool Exists(const std::string& path) override {
+    struct stat st {};
+    return ::stat(path.c_str(), &st) == 0;
+  }
+
+  Result<uint64_t> FileSize(const std::string& path) override {
+    struct stat st {};
+    if (::stat(path.c_str(), &st) != 0) return PosixError("stat(" + path + ")");
+    if (!S_ISREG(st.st_mode)) return FailedPrecondition(path + " is not a regular file");
+    return static_cast<uint64_t>(st.st_size);
+  }
+
+ private:
+  static Status MakeDir(const std::string& dir) {
+    if (::mkdir(dir.c_str(), 0700) == 0) {
+      // mkdir honours the umask; make the mode exact.
+      if (::chmod(dir.c_str(), 0700) != 0) return PosixError("chmod(" + dir + ")");
+      return Status::Ok();
+    }
+    const int err = errno;
+    struct stat st {};
+    if (err == EEXIST && ::stat(dir.c_str(), &st) == 0) {
+      if (S_ISDIR(st.st_mode)) return Status::Ok();
+      return PosixError("mkdir(" + dir + ")", ENOTDIR);
+    }
+    return PosixError("mkdir(" + dir + ")", err);
+  }
+};
+
+// Directory part of `path` for SyncDir: "." for a bare name, "/" for a file in the root.
+std::string ParentDir(const std::string& path) {
+  const size_t slash = path.find_last_of('/');
+  if (slash == std::string::npos) return ".";
+  if (slash == 0) return "/";
+  return path.substr(0, slash);
+}
+
+}  // namespace
+
+FileSystem* PosixFileSystem() {
+  static PosixFileSystemImpl* const fs = new PosixFileSystemImpl();  // never destroyed: usable at exit
+  return fs;
+}
+
+Result<std::string> ReadFileToString(FileSystem* fs, const std::string& path) {
+  MEMENTO_ASSIGN_OR_RETURN(std::unique_ptr<ReadableFile> file, fs->NewReadableFile(path));
+  std::string data(file->size(), '\0');
+  MEMENTO_RETURN_IF_ERROR(file->ReadAt(0, data.data(), data.size()));
+  return data;
+}
+
+Status WriteFileAtomically(FileSystem* fs, const std::string& path, const std::string& data) {
+  static std::atomic<uint64_t> counter{0};
+  const std::string tmp = path + ".tmp." + std::to_string(::getpid()) + "." + std::to_string(counter++);
+  WriteOptions options;
+  options.direct_io = false;  // small metadata files: the page cache is fine
+  options.buffer_bytes = std::clamp<size_t>(data.size(), 1, options.buffer_bytes);
+  Status st = [&]() -> Status {
+    MEMENTO_ASSIGN_OR_RETURN(std::unique_ptr<WritableFile> file, fs->NewWritableFile(tmp, options));
+    MEMENTO_RETURN_IF_ERROR(file->Append(data.data(), data.size()));
+    return file->Close();  // Close syncs
+  }();
+  if (st.ok()) st = fs->Rename(tmp, path);
+  if (!st.ok()) {
+    if (fs->Exists(tmp)) fs->RemoveFile(tmp).IgnoreError();  // the original error is the one to report
+    return st;
+  }
+  return fs->SyncDir(ParentDir(path));
+}
+

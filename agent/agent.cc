@@ -11,6 +11,8 @@
 #include <vector>
 
 #include "agent/catalog.h"
+#include "agent/flusher.h"
+#include "core/file_system.h"
 #include "agent/node_state.h"
 #include "agent/server.h"
 #include "core/env.h"
@@ -25,6 +27,8 @@ Status RunAgent(AgentOptions options, Communicator* comm, const std::atomic<bool
       return InvalidArgument("job id '" + options.job_id + "' may hold only letters, digits, '-', '_' and '.'");
     }
   }
+  if (options.slots_per_rank == 0) options.slots_per_rank = options.storage_root.empty() ? 2 : 3;
+  if (options.inject_fs.empty()) options.inject_fs = Env().fault_fs;
   if (options.slots_per_rank < 2) {
     return InvalidArgument("--slots must be at least 2 (one for the newest restorable version, one to capture into)");
   }
@@ -40,7 +44,22 @@ Status RunAgent(AgentOptions options, Communicator* comm, const std::atomic<bool
   if (ec) return IOError("creating catalog directory " + catalog_dir + ": " + ec.message());
   ::chmod(catalog_dir.c_str(), 0700);
   MEMENTO_ASSIGN_OR_RETURN(auto catalog, Catalog::Open(catalog_dir));
-  NodeState state(options, node_id, catalog.get());
+  FileSystem* fs = PosixFileSystem();
+  std::unique_ptr<FaultInjectionFileSystem> faulty;
+  if (!options.inject_fs.empty()) {
+    MEMENTO_ASSIGN_OR_RETURN(faulty, FaultInjectionFileSystem::FromSpec(fs, options.inject_fs));
+    fs = faulty.get();
+    MEMENTO_LOG(kWarning) << "storage I/O goes through a fault-injecting file system: " << options.inject_fs;
+  }
+  std::unique_ptr<Flusher> flusher;
+  if (!options.storage_root.empty()) {
+    flusher = std::make_unique<Flusher>(options, fs, node_id);
+    if (options.slots_per_rank < 3) {
+      MEMENTO_LOG(kWarning) << "flushing with " << options.slots_per_rank
+                            << " slots per rank: a capture may wait for a flush to release its slot";
+    }
+  }
+  NodeState state(options, node_id, catalog.get(), flusher.get(), comm->rank() == 0);
   MEMENTO_RETURN_IF_ERROR(state.Recover());
   SocketServer server(socket_path, &state);
   MEMENTO_RETURN_IF_ERROR(server.Start());
@@ -61,6 +80,7 @@ Status RunAgent(AgentOptions options, Communicator* comm, const std::atomic<bool
   }
   MEMENTO_LOG(kInfo) << "stopping";
   server.Stop();
+  flusher.reset();  // joins a flush in progress
   return result;
 }
 

@@ -25,8 +25,9 @@ struct AgentOptions {
   // Catalog directory (node-local disk); "%n" becomes the node id.
   // Default "" = /tmp/memento-<job>-node%n.catalog.
   std::string catalog_dir;
-  // Versions kept per rank (R slots each). Default 2.
-  int slots_per_rank = 2;
+  // Versions kept per rank (R slots each). 0 = 2, or 3 when flushing (one slot may be held by
+  // a flush while the newest restorable version and the next capture use the others).
+  int slots_per_rank = 0;
   // Most bytes of slots this agent may create; 0 = no budget beyond what /dev/shm holds.
   uint64_t memory_budget_bytes = 0;
   // Threads computing and verifying CRC-64 (default 4).
@@ -35,6 +36,22 @@ struct AgentOptions {
   uint64_t crc_chunk_bytes = uint64_t{64} << 20;
   // Interval between agreement rounds with the other agents, milliseconds (default 2).
   int tick_ms = 2;
+
+  // ---- lazy flush to storage (DESIGN §2 step 6) ----
+  // Root of persisted checkpoints (<root>/<job>/step-<N>/); "" = no flushing, no restore from storage.
+  std::string storage_root;
+  // Flush only versions whose step is a multiple of this; 0 or 1 = any (default 0).
+  int flush_every = 0;
+  // Minimum seconds between the starts of two flushes (default 0).
+  double flush_interval_s = 0;
+  // Write-rate cap per agent, MB/s (10^6 bytes); 0 = unlimited (default).
+  double flush_bandwidth_mbps = 0;
+  // Committed checkpoints kept; older ones are removed after each commit (default 3).
+  int keep_persisted = 3;
+  // Seconds before retrying a failed flush (doubles up to 60; default 1).
+  double flush_retry_s = 1;
+  // Test hook: a FaultInjectionFileSystem spec (core/file_system.h) for all storage I/O.
+  std::string inject_fs;
 };
 
 // Runs the agent until `stop` becomes true in any agent of the job (all agents stop in the same

@@ -28,6 +28,13 @@ void Usage() {
                "  --memory-budget B     bytes of slots at most, with K/M/G suffix (default: /dev/shm)\n"
                "  --crc-threads N       checksum threads (default 4)\n"
                "  --tick-ms MS          agreement interval (default 2)\n"
+               "  --storage DIR         flush checkpoints to DIR/<job>/step-<N>/ and restore from them\n"
+               "  --flush-every N       flush only steps that are multiples of N (default: any)\n"
+               "  --flush-interval S    at least S seconds between flushes (default 0)\n"
+               "  --flush-bandwidth M   write-rate cap per agent, MB/s (default: none)\n"
+               "  --keep K              committed checkpoints kept (default 3)\n"
+               "  --flush-retry S       first retry delay after a failed flush, seconds (default 1)\n"
+               "  --inject-fs SPEC      tests only: fault-injecting storage (see core/file_system.h)\n"
                "  --log-level L         debug|info|warning|error\n");
 }
 
@@ -77,6 +84,21 @@ int main(int argc, char** argv) {
     else if (a == "--slots") opts.slots_per_rank = next_int();
     else if (a == "--crc-threads") opts.crc_threads = next_int();
     else if (a == "--tick-ms") opts.tick_ms = next_int();
+    else if (a == "--storage") opts.storage_root = next();
+    else if (a == "--flush-every") opts.flush_every = next_int();
+    else if (a == "--keep") opts.keep_persisted = next_int();
+    else if (a == "--inject-fs") opts.inject_fs = next();
+    else if (a == "--flush-interval" || a == "--flush-bandwidth" || a == "--flush-retry") {
+      const char* v = next();
+      char* end = nullptr;
+      double x = std::strtod(v, &end);
+      if (*end != '\0' || x < 0) {
+        std::fprintf(stderr, "memento-agent: %s expects a non-negative number, got '%s'\n", a.c_str(), v);
+        return 2;
+      }
+      (a == "--flush-interval" ? opts.flush_interval_s : a == "--flush-bandwidth" ? opts.flush_bandwidth_mbps
+                                                                                 : opts.flush_retry_s) = x;
+    }
     else if (a == "--memory-budget") {
       const char* v = next();
       if (!ParseBytes(v, &opts.memory_budget_bytes)) {

@@ -81,8 +81,8 @@ std::string ShmPrefix(const std::string& job_id, int node_id) {
   return "/memento-" + job_id + "-n" + std::to_string(node_id);
 }
 
-NodeState::NodeState(const AgentOptions& options, int node_id, Catalog* catalog)
-    : options_(options), node_id_(node_id), catalog_(catalog),
+NodeState::NodeState(const AgentOptions& options, int node_id, Catalog* catalog, Flusher* flusher, bool coordinator)
+    : options_(options), node_id_(node_id), catalog_(catalog), flusher_(flusher), coordinator_(coordinator),
       crc_pool_(std::make_unique<ThreadPool>(std::max(1, options.crc_threads), /*nice_increment=*/10)),
       verify_pool_(std::make_unique<ThreadPool>(std::max(1, options.crc_threads))) {}
 
@@ -183,6 +183,11 @@ Status NodeState::Recover() {
     }
     versions_.emplace(v.step(), v);
     ++kept;
+  }
+  if (flusher_ != nullptr) {
+    if (coordinator_) MEMENTO_RETURN_IF_ERROR(flusher_->RemovePartial());
+    auto committed = flusher_->CommittedSteps(1);
+    if (!committed.empty()) last_committed_ = committed[0];
   }
   MEMENTO_LOG(kInfo) << "catalog " << catalog_->dir() << ": " << ranks_.size() << " ranks, " << kept
                      << " complete versions re-attached (incarnation " << incarnation_ << ")";
@@ -399,11 +404,13 @@ Result<int> NodeState::ChooseSlot(int64_t step, std::string* why_none) {
   for (int k = 0; k < options_.slots_per_rank; ++k) {
     const proto::VersionRecord* v = by_slot[k];
     if (v == nullptr) return k;
-    bool usable = v->state() == proto::VERSION_GLOBALLY_COMPLETE && v->step() != newest_global;
+    bool usable = v->state() == proto::VERSION_GLOBALLY_COMPLETE && v->step() != newest_global &&
+                  v->step() != flush_current_;
     if (!usable) {
       *why_none += (why_none->empty() ? "" : ", ") + std::string("slot ") + std::to_string(k) + " holds step " +
                    std::to_string(v->step()) + " (" + StateName(v->state()) +
-                   (v->step() == newest_global ? ", newest restorable" : "") + ")";
+                   (v->step() == newest_global ? ", newest restorable" : "") +
+                   (v->step() == flush_current_ ? ", being flushed" : "") + ")";
       continue;
     }
     if (v->step() < best_step) {
@@ -590,6 +597,7 @@ Result<proto::RestoreReply> NodeState::Restore(Session* session, int64_t step) {
   proto::RestoreReply reply;
   reply.set_step(chosen);
   reply.set_slot_index(it->second.slot_index());
+  reply.set_source(it->second.source().empty() ? "memory" : it->second.source());
   for (const auto& r : refused_) reply.add_refused(r);
   return reply;
 }
@@ -603,6 +611,10 @@ proto::ListVersionsReply NodeState::ListVersions() {
     p->set_state(StateName(v.state()));
     p->set_captured_ranks(v.captured_size());
     p->set_local_ranks(static_cast<int32_t>(epoch_open_ ? epoch_ranks_.size() : pending_ranks_.size()));
+    p->set_persisted(v.persisted());
+    p->set_source(v.source());
+    auto e = flush_errors_.find(step);
+    if (e != flush_errors_.end()) p->set_flush_error(e->second);
   }
   return reply;
 }
@@ -695,12 +707,26 @@ void NodeState::VerifyForEpoch() {
     MEMENTO_LOG(kInfo) << "dropping torn version " << s;
     DropVersion(s).IgnoreError();
   }
+  if (flusher_ != nullptr) {
+    persisted_ = flusher_->CommittedSteps(TickPayload::kMaxListed);
+    if (!persisted_.empty()) last_committed_ = std::max(last_committed_, persisted_[0]);
+    if (load_target_ >= 0 && std::find(valid_steps_.begin(), valid_steps_.end(), load_target_) == valid_steps_.end()) {
+      Status st = LoadFromStorage(load_target_);
+      if (st.ok()) {
+        valid_steps_.push_back(load_target_);
+      } else {
+        MEMENTO_LOG(kWarning) << "checkpoint " << flusher_->StepDir(load_target_) << " refused: " << st.message();
+        failed_loads_[load_target_] = st.message();
+      }
+    }
+  }
   std::sort(valid_steps_.rbegin(), valid_steps_.rend());
   if (valid_steps_.size() > TickPayload::kMaxListed) valid_steps_.resize(TickPayload::kMaxListed);
   if (!refusal_reasons_.empty()) first_reason_ = refusal_reasons_.rbegin()->second;
 }
 
 void NodeState::OpenEpoch(const std::vector<TickPayload>& all) {
+  refused_.clear();
   // Versions every agent holds intact; the newest is the restore point.
   std::map<int64_t, int> count;
   uint64_t max_incarnation = incarnation_;
@@ -712,8 +738,34 @@ void NodeState::OpenEpoch(const std::vector<TickPayload>& all) {
   for (const auto& [s, c] : count) {
     if (c == static_cast<int>(all.size())) common.insert(s);
   }
-  restore_point_ = common.empty() ? -1 : *common.rbegin();
-  refused_.clear();
+  const int64_t memory_point = common.empty() ? -1 : *common.rbegin();
+  // A committed checkpoint newer than what memory holds everywhere, visible to every agent and not
+  // refused by any: all agents load it, and the round is repeated.
+  if (flusher_ != nullptr) {
+    std::map<int64_t, int> seen_everywhere;
+    std::set<int64_t> failed;
+    for (const TickPayload& p : all) {
+      for (int i = 0; i < p.n_persisted && i < TickPayload::kMaxListed; ++i) ++seen_everywhere[p.persisted[i]];
+      for (int i = 0; i < p.n_failed_load && i < TickPayload::kMaxListed; ++i) failed.insert(p.failed_load[i]);
+    }
+    int64_t candidate = -1;
+    for (const auto& [s, c] : seen_everywhere) {
+      if (c == static_cast<int>(all.size()) && s > memory_point && !failed.count(s)) candidate = std::max(candidate, s);
+    }
+    if (candidate >= 0) {
+      MEMENTO_LOG(kInfo) << "restoring step " << candidate << " from storage (" << flusher_->StepDir(candidate) << ")";
+      load_target_ = candidate;
+      phase_ = 1;  // verify again, loading the checkpoint, in the next round
+      return;
+    }
+    for (int64_t s : failed) {
+      if (s <= memory_point) continue;
+      auto it = failed_loads_.find(s);
+      refused_.push_back("checkpoint " + flusher_->StepDir(s) + " refused: " +
+                         (it != failed_loads_.end() ? it->second : "another node could not load it"));
+    }
+  }
+  restore_point_ = memory_point;
   std::vector<int64_t> drop;
   for (auto& [step, v] : versions_) {
     if (common.count(step)) {
@@ -751,6 +803,8 @@ void NodeState::OpenEpoch(const std::vector<TickPayload>& all) {
     refused_.push_back("version " + std::to_string(s) + " refused: " + why);
   }
   for (int64_t s : drop) DropVersion(s).IgnoreError();
+  load_target_ = -1;
+  failed_loads_.clear();
   incarnation_ = max_incarnation + 1;
   epoch_ranks_ = pending_ranks_;
   pending_ranks_.clear();
@@ -783,6 +837,18 @@ TickPayload NodeState::MakeTick(bool stop) {
   if (phase_ == 2) {
     for (int64_t s : valid_steps_) p.valid[p.n_valid++] = s;
     std::strncpy(p.reason, first_reason_.c_str(), TickPayload::kReasonBytes - 1);
+    for (int64_t s : persisted_) {
+      if (p.n_persisted < TickPayload::kMaxListed) p.persisted[p.n_persisted++] = s;
+    }
+    for (const auto& [s, why] : failed_loads_) {
+      if (p.n_failed_load < TickPayload::kMaxListed) p.failed_load[p.n_failed_load++] = s;
+    }
+  }
+  if (flusher_ != nullptr) {
+    p.flush_order = coordinator_ ? flush_order_ : -1;
+    Flusher::Progress fp = flusher_->progress();
+    p.flush_step = fp.step;
+    p.flush_state = static_cast<int32_t>(fp.state);
   }
   return p;
 }
@@ -821,6 +887,7 @@ bool NodeState::ApplyTick(const std::vector<TickPayload>& all) {
       }
     }
     if (changed) cv_.notify_all();
+    FlushRound(all);
   } else if (all_waiting && world > 0 && registered == world) {
     VerifyForEpoch();
     phase_ = 2;
@@ -828,6 +895,169 @@ bool NodeState::ApplyTick(const std::vector<TickPayload>& all) {
     OpenEpoch(all);
   }
   return false;
+}
+
+
+// ---- storage --------------------------------------------------------------------------------
+
+std::vector<proto::RegionCrc> NodeState::RegionCrcs(const proto::RankRecord& layout, const uint8_t* base) {
+  const uint64_t chunk = std::max<uint64_t>(options_.crc_chunk_bytes, 4096);
+  std::vector<proto::RegionCrc> regions;
+  auto add = [&](const std::string& name, uint64_t off, uint64_t bytes) {
+    proto::RegionCrc r;
+    r.set_name(name);
+    r.set_offset(off);
+    r.set_bytes(bytes);
+    r.set_chunk_bytes(chunk);
+    const uint64_t n = bytes == 0 ? 1 : (bytes + chunk - 1) / chunk;
+    for (uint64_t i = 0; i < n; ++i) r.add_chunk_crcs(0);
+    regions.push_back(std::move(r));
+  };
+  for (const auto& t : layout.tensors()) add(t.name(), t.slot_offset(), t.bytes());
+  for (const auto& b : layout.blobs()) add(b.name(), b.slot_offset(), 8 + b.capacity());
+  TaskGroup group;
+  for (auto& r : regions) {
+    for (int c = 0; c < r.chunk_crcs_size(); ++c) {
+      group.Add();
+      verify_pool_->Submit([&, c, rp = &r] {
+        const uint64_t begin = rp->offset() + static_cast<uint64_t>(c) * chunk;
+        const uint64_t len = std::min<uint64_t>(chunk, rp->offset() + rp->bytes() - begin);
+        rp->set_chunk_crcs(c, Crc64(base + begin, len));
+        group.Done();
+      });
+    }
+  }
+  group.Wait();
+  return regions;
+}
+
+Status NodeState::LoadFromStorage(int64_t step) {
+  std::set<int> used;
+  for (const auto& [s, v] : versions_) used.insert(v.slot_index());
+  int slot = -1;
+  for (int k = 0; k < options_.slots_per_rank && slot < 0; ++k) {
+    if (!used.count(k)) slot = k;
+  }
+  if (slot < 0) {
+    return ResourceExhausted("no free slot on node " + std::to_string(node_id_) + " to load step " +
+                             std::to_string(step) + " into: every slot holds a version");
+  }
+  proto::VersionRecord v;
+  v.set_step(step);
+  v.set_slot_index(slot);
+  v.set_state(proto::VERSION_LOCALLY_COMPLETE);
+  v.set_incarnation(incarnation_);
+  v.set_created_unix_ms(NowUnixMs());
+  v.set_persisted(true);
+  v.set_source(flusher_->StepDir(step));
+  for (int32_t r : pending_ranks_) {
+    auto it = ranks_.find(r);
+    if (it == ranks_.end()) return Internal("rank " + std::to_string(r) + " has no slots");
+    uint8_t* base = it->second.slots.at(slot)->data();
+    MEMENTO_RETURN_IF_ERROR(flusher_->Load(step, it->second.record, base));
+    proto::RankCapture* cap = v.add_captured();
+    cap->set_rank(r);
+    for (auto& region : RegionCrcs(it->second.record, base)) *cap->add_crcs() = std::move(region);
+  }
+  MEMENTO_RETURN_IF_ERROR(catalog_->PutVersion(v));
+  versions_[step] = v;
+  MEMENTO_LOG(kInfo) << "step " << step << " loaded from " << v.source() << " for " << pending_ranks_.size()
+                     << " ranks";
+  return Status::Ok();
+}
+
+void NodeState::FlushRound(const std::vector<TickPayload>& all) {
+  if (flusher_ == nullptr || all.empty()) return;
+  using S = Flusher::State;
+  const TickPayload& c = all[0];  // the coordinator's published order and progress
+  const double now =
+      std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+
+  // Outcome of the current flush, as the coordinator published it.
+  if (flush_current_ >= 0 && c.flush_step == flush_current_ && c.flush_state == static_cast<int32_t>(S::kCommitted)) {
+    auto it = versions_.find(flush_current_);
+    if (it != versions_.end()) {
+      it->second.set_persisted(true);
+      catalog_->PutVersion(it->second).IgnoreError();
+    }
+    last_committed_ = std::max(last_committed_, flush_current_);
+    flush_errors_.erase(flush_current_);
+    if (flusher_->Reset()) flush_current_ = -1;
+    cv_.notify_all();
+  } else if (flush_current_ >= 0 && c.flush_order != flush_current_) {
+    // Aborted: release the version once this node's writer has stopped.
+    if (flusher_->Reset()) {
+      flush_current_ = -1;
+      cv_.notify_all();
+    }
+  }
+  Flusher::Progress mine = flusher_->progress();
+  if ((mine.state == S::kFailed || mine.state == S::kCommitFailed) && mine.step >= 0) {
+    flush_errors_[mine.step] = mine.error;
+  }
+  // Follow the order.
+  if (c.flush_order >= 0 && flush_current_ < 0 && c.flush_order > last_committed_ && mine.state == S::kIdle) {
+    auto it = versions_.find(c.flush_order);
+    if (it != versions_.end() && it->second.state() == proto::VERSION_GLOBALLY_COMPLETE) {
+      std::vector<Flusher::RankJob> jobs;
+      int32_t world = 0;
+      for (int32_t r : epoch_ranks_) {
+        auto rit = ranks_.find(r);
+        if (rit == ranks_.end()) continue;
+        jobs.push_back({rit->second.record, rit->second.slots.at(it->second.slot_index())});
+        world = rit->second.record.world_size();
+      }
+      flush_current_ = c.flush_order;
+      flusher_->StartWrite(flush_current_, world, std::move(jobs));
+    }
+  }
+  if (!coordinator_) return;
+
+  // Coordinator: judge the round, commit, abort, or order the next flush.
+  if (flush_order_ >= 0) {
+    bool all_written = true;
+    int failed_node = -1;
+    for (const TickPayload& p : all) {
+      if (p.flush_step != flush_order_) {
+        all_written = false;
+        continue;
+      }
+      if (p.flush_state == static_cast<int32_t>(S::kFailed)) failed_node = p.node_id;
+      if (p.flush_state != static_cast<int32_t>(S::kWritten)) all_written = false;
+    }
+    const bool committed = c.flush_step == flush_order_ && c.flush_state == static_cast<int32_t>(S::kCommitted);
+    const bool commit_failed = c.flush_step == flush_order_ && c.flush_state == static_cast<int32_t>(S::kCommitFailed);
+    if (committed) {
+      flush_order_ = -1;
+      retry_backoff_ = 0;
+    } else if (failed_node >= 0 || commit_failed) {
+      retry_backoff_ = retry_backoff_ == 0 ? options_.flush_retry_s : std::min(60.0, retry_backoff_ * 2);
+      retry_after_ = now + retry_backoff_;
+      MEMENTO_LOG(kError) << "flush of step " << flush_order_ << " failed "
+                          << (commit_failed ? std::string("committing the manifest")
+                                            : "on node " + std::to_string(failed_node))
+                          << "; the version stays in memory; retrying in " << retry_backoff_ << " s";
+      flush_order_ = -1;
+    } else if (all_written && mine.step == flush_order_ && mine.state == S::kWritten) {
+      int32_t world = 0;
+      for (const auto& [r, rs] : ranks_) world = std::max(world, rs.record.world_size());
+      flusher_->StartCommit(flush_order_, world);
+    }
+    return;
+  }
+  if (now < retry_after_ || flush_current_ >= 0 || mine.state != S::kIdle) return;
+  if (now - last_flush_start_ < options_.flush_interval_s) return;
+  // Newest first: the newest globally complete version the policy admits.
+  for (auto it = versions_.rbegin(); it != versions_.rend(); ++it) {
+    const int64_t step = it->first;
+    if (step <= last_committed_) break;
+    if (it->second.state() != proto::VERSION_GLOBALLY_COMPLETE || it->second.persisted()) continue;
+    if (options_.flush_every > 1 && step % options_.flush_every != 0) continue;
+    flush_order_ = step;
+    last_flush_start_ = now;
+    MEMENTO_LOG(kInfo) << "flushing step " << step;
+    break;
+  }
 }
 
 }  // namespace memento

@@ -15,6 +15,7 @@
 
 #include "agent/agent.h"
 #include "agent/catalog.h"
+#include "agent/flusher.h"
 #include "core/shared_memory.h"
 #include "core/status.h"
 #include "core/thread_pool.h"
@@ -47,11 +48,22 @@ struct TickPayload {
   int32_t n_valid = 0;
   int64_t valid[kMaxListed] = {};           // phase 2: steps this node holds intact for every rank
   char reason[kReasonBytes] = {};           // phase 2: why the newest refused step was refused
+  // Storage (phase 2): committed checkpoints this node sees, and those it failed to load.
+  int32_t n_persisted = 0;
+  int64_t persisted[kMaxListed] = {};
+  int32_t n_failed_load = 0;
+  int64_t failed_load[kMaxListed] = {};
+  // Flush (epoch open): the coordinator's order, and this node's progress on its current flush.
+  int64_t flush_order = -1;   // coordinator only: the step every agent flushes now
+  int64_t flush_step = -1;    // the step flush_state refers to
+  int32_t flush_state = 0;    // Flusher::State
 };
 
 class NodeState {
  public:
-  NodeState(const AgentOptions& options, int node_id, Catalog* catalog);
+  // `flusher` is null when the agent has no storage. The agent at index 0 of the agreement rounds
+  // (`coordinator`) orders flushes and commits manifests.
+  NodeState(const AgentOptions& options, int node_id, Catalog* catalog, Flusher* flusher, bool coordinator);
   ~NodeState();
 
   // Loads the catalog and re-attaches to surviving slots. Versions left capturing are dropped;
@@ -89,6 +101,10 @@ class NodeState {
   void VerifyForEpoch();                               // REQUIRES(mu_)
   void OpenEpoch(const std::vector<TickPayload>& all); // REQUIRES(mu_)
   void OnCrcDone(int64_t step, uint64_t incarnation, int32_t slot, proto::RankCapture capture);
+  // Loads committed checkpoint `step` into a free slot for every pending rank.
+  Status LoadFromStorage(int64_t step);                // REQUIRES(mu_)
+  void FlushRound(const std::vector<TickPayload>& all); // REQUIRES(mu_)
+  std::vector<proto::RegionCrc> RegionCrcs(const proto::RankRecord& layout, const uint8_t* base);
   void MaybeLocallyComplete(proto::VersionRecord* v);  // REQUIRES(mu_)
   Status CreateSlots(RankSlots* rs);
   void ReleaseSlots(RankSlots* rs);
@@ -96,6 +112,8 @@ class NodeState {
   const AgentOptions options_;
   const int node_id_;
   Catalog* catalog_;
+  Flusher* flusher_;
+  const bool coordinator_;
   std::unique_ptr<ThreadPool> crc_pool_;     // checksums of new captures (tasks take mu_ when done)
   std::unique_ptr<ThreadPool> verify_pool_;  // re-verification under mu_: its tasks never take mu_
 
@@ -118,6 +136,18 @@ class NodeState {
   int64_t restore_point_ = -1;                          // GUARDED_BY(mu_)
   std::vector<std::string> refused_;                    // GUARDED_BY(mu_) reported to restoring ranks
   int32_t job_registered_ = 0;                          // GUARDED_BY(mu_) job-wide, last round
+  // Restore from storage (epoch start).
+  int64_t load_target_ = -1;                            // GUARDED_BY(mu_) agreed checkpoint to load
+  std::vector<int64_t> persisted_;                      // GUARDED_BY(mu_) committed steps seen, newest first
+  std::map<int64_t, std::string> failed_loads_;         // GUARDED_BY(mu_) this epoch start
+  // Flush.
+  int64_t flush_current_ = -1;                          // GUARDED_BY(mu_) the version this node writes (pinned)
+  int64_t flush_order_ = -1;                            // GUARDED_BY(mu_) coordinator: step ordered
+  int64_t last_committed_ = -1;                         // GUARDED_BY(mu_) newest committed step
+  double last_flush_start_ = -1e18;                     // GUARDED_BY(mu_) coordinator, seconds
+  double retry_after_ = 0;                              // GUARDED_BY(mu_) coordinator, seconds
+  double retry_backoff_ = 0;                            // GUARDED_BY(mu_) coordinator, seconds
+  std::map<int64_t, std::string> flush_errors_;         // GUARDED_BY(mu_) this node's last error per step
 };
 
 }  // namespace memento

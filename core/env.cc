@@ -36,6 +36,7 @@ EnvSettings Read() {
   e.ranks_per_node = GetInt("MEMENTO_RANKS_PER_NODE", 0);
   e.log_level = ParseLevel(Get("MEMENTO_LOG_LEVEL", "info"));
   e.copy_threads = GetInt("MEMENTO_COPY_THREADS", 0);
+  e.fault_fs = Get("MEMENTO_FAULT_FS");
   return e;
 }
 

@@ -26,6 +26,8 @@ struct EnvSettings {
   LogLevel log_level = LogLevel::kInfo;
   // MEMENTO_COPY_THREADS: host-path copy threads per rank; 0 = choose (default 0).
   int copy_threads = 0;
+  // MEMENTO_FAULT_FS: tests only — a FaultInjectionFileSystem spec for the agent's storage I/O.
+  std::string fault_fs;
 };
 
 const EnvSettings& Env();

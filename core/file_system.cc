@@ -13,7 +13,6 @@
 #include <charconv>
 #include <cstdlib>
 #include <cstring>
-#include <limits>
 #include <map>
 #include <mutex>
 #include <string_view>
@@ -64,6 +63,7 @@ class PosixWritableFile final : public WritableFile {
       std::memcpy(buf_ + buffered_, p, take);
       buffered_ += take;
       size_ += take;
+      tail_on_disk_ = false;
       p += take;
       n -= take;
     }
@@ -72,7 +72,8 @@ class PosixWritableFile final : public WritableFile {
 
   Status Sync() override {
     if (fd_ < 0) return FailedPrecondition("sync of " + path_ + " after Close");
-    if (buffered_ > 0) MEMENTO_RETURN_IF_ERROR(WriteBuffer());
+    if (buffered_ > 0 && !tail_on_disk_) MEMENTO_RETURN_IF_ERROR(WriteBuffer());
+    tail_on_disk_ = true;
     if (file_end_ > size_) {
       // A zero-padded O_DIRECT tail (or a failed write) left bytes past the logical end.
       if (::ftruncate(fd_, static_cast<off_t>(size_)) != 0) return PosixError("ftruncate(" + path_ + ")");
@@ -144,14 +145,15 @@ class PosixWritableFile final : public WritableFile {
   }
 
   const std::string path_;
-  int fd_;
-  bool direct_;
-  char* buf_;               // capacity_ bytes, 4 KiB-aligned, owned (posix_memalign)
-  const size_t capacity_;   // multiple of 4 KiB
-  size_t buffered_ = 0;     // bytes in buf_
-  uint64_t written_ = 0;    // bytes of the logical content already in the file
-  uint64_t file_end_ = 0;   // highest byte offset written, padding included
-  uint64_t size_ = 0;       // bytes appended
+  int fd_;                     // -1 after Close
+  bool direct_;                // O_DIRECT is set on fd_
+  char* buf_;                  // capacity_ bytes, 4 KiB-aligned, owned (posix_memalign)
+  const size_t capacity_;      // multiple of 4 KiB
+  size_t buffered_ = 0;        // bytes in buf_
+  uint64_t written_ = 0;       // bytes of the logical content already in the file
+  uint64_t file_end_ = 0;      // highest byte offset written, padding included
+  uint64_t size_ = 0;          // bytes appended
+  bool tail_on_disk_ = false;  // buf_ (a partial O_DIRECT block) is already in the file
 };
 
 class PosixReadableFile final : public ReadableFile {
@@ -382,3 +384,316 @@ Status WriteFileAtomically(FileSystem* fs, const std::string& path, const std::s
   return fs->SyncDir(ParentDir(path));
 }
 
+
+// ---- FaultInjectionFileSystem ----
+
+namespace {
+
+// What a FaultInjectionFileSystem and the files it opened share; files may outlive the wrapper.
+struct FaultState {
+  // What DropUnsyncedData needs to know about a file written through the wrapper.
+  struct FileRecord {
+    uint64_t synced_size = 0;  // bytes at the last successful Sync or Close
+    bool ever_synced = false;  // false: created but never synced, so a crash loses it
+  };
+
+  explicit FaultState(FileSystem* base_fs) : base(base_fs) {}
+
+  // The error an Append of `n` bytes to `path` fails with, or OK, in which case the bytes count as
+  // written. Thresholds are on bytes appended through all files: an Append that would cross one
+  // fails whole, so exactly the threshold gets written.
+  Status ChargeAppend(const std::string& path, uint64_t n) {
+    const bool space_gone = SpaceGone();
+    std::lock_guard<std::mutex> lock(mu);
+    int err = space_gone ? ENOSPC : 0;
+    for (const auto& [error, after] : fail_after) {
+      if (err == 0 && bytes_written + n > after) err = error;
+    }
+    if (err != 0) {
+      ++injected_faults;
+      return PosixError("write(" + path + ")", err);
+    }
+    bytes_written += n;
+    return Status::Ok();
+  }
+
+  // Sync and Close write out buffered bytes, so they fail too while enospc_while's path exists.
+  Status ChargeSync(const std::string& path) {
+    if (!SpaceGone()) return Status::Ok();
+    std::lock_guard<std::mutex> lock(mu);
+    ++injected_faults;
+    return PosixError("write(" + path + ")", ENOSPC);
+  }
+
+  Status ChargeRead(const std::string& path) {
+    std::lock_guard<std::mutex> lock(mu);
+    if (eio_read.empty() || path.find(eio_read) == std::string::npos) return Status::Ok();
+    ++injected_faults;
+    return PosixError("read(" + path + ")", EIO);
+  }
+
+  // Whether an Append of `n` bytes is split; counts the split as a fault.
+  bool SplitAppend(size_t n) {
+    std::lock_guard<std::mutex> lock(mu);
+    if (!short_writes || n < 2) return false;
+    ++injected_faults;
+    return true;
+  }
+
+  void RecordSync(const std::string& path, uint64_t size) {
+    std::lock_guard<std::mutex> lock(mu);
+    FileRecord& r = files[path];
+    r.synced_size = size;
+    r.ever_synced = true;
+  }
+
+  FileSystem* const base;
+  mutable std::mutex mu;
+  uint64_t bytes_written = 0;               // GUARDED_BY(mu) appended through every file, in bytes
+  std::map<int, uint64_t> fail_after;       // GUARDED_BY(mu) errno -> bytes after which appends fail
+  std::string enospc_while;                 // GUARDED_BY(mu) a path; empty: off
+  std::string eio_read;                     // GUARDED_BY(mu) a path substring; empty: off
+  bool short_writes = false;                // GUARDED_BY(mu)
+  uint64_t injected_faults = 0;             // GUARDED_BY(mu)
+  std::map<std::string, FileRecord> files;  // GUARDED_BY(mu) by path
+
+ private:
+  bool SpaceGone() {
+    std::string path;
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      path = enospc_while;
+    }
+    // Outside the lock: the base file system may be slow.
+    return !path.empty() && base->Exists(path);
+  }
+};
+
+class FaultInjectionWritableFile final : public WritableFile {
+ public:
+  FaultInjectionWritableFile(std::string path, std::unique_ptr<WritableFile> base, std::shared_ptr<FaultState> state)
+      : path_(std::move(path)), base_(std::move(base)), state_(std::move(state)) {}
+
+  // An injected failure writes nothing. Short writes hand the base at most half of what is left
+  // each time, as a write(2) that must be retried would.
+  Status Append(const void* data, size_t n) override {
+    MEMENTO_RETURN_IF_ERROR(state_->ChargeAppend(path_, n));
+    const char* p = static_cast<const char*>(data);
+    while (n > 0) {
+      const size_t piece = state_->SplitAppend(n) ? n / 2 : n;
+      MEMENTO_RETURN_IF_ERROR(base_->Append(p, piece));
+      p += piece;
+      n -= piece;
+    }
+    return Status::Ok();
+  }
+
+  Status Sync() override {
+    MEMENTO_RETURN_IF_ERROR(state_->ChargeSync(path_));
+    MEMENTO_RETURN_IF_ERROR(base_->Sync());
+    state_->RecordSync(path_, base_->size());
+    return Status::Ok();
+  }
+
+  Status Close() override {
+    MEMENTO_RETURN_IF_ERROR(state_->ChargeSync(path_));
+    const uint64_t size = base_->size();
+    MEMENTO_RETURN_IF_ERROR(base_->Close());
+    state_->RecordSync(path_, size);
+    return Status::Ok();
+  }
+
+  uint64_t size() const override { return base_->size(); }
+
+ private:
+  const std::string path_;
+  const std::unique_ptr<WritableFile> base_;
+  const std::shared_ptr<FaultState> state_;
+};
+
+class FaultInjectionReadableFile final : public ReadableFile {
+ public:
+  FaultInjectionReadableFile(std::string path, std::unique_ptr<ReadableFile> base, std::shared_ptr<FaultState> state)
+      : path_(std::move(path)), base_(std::move(base)), state_(std::move(state)) {}
+
+  Status ReadAt(uint64_t offset, void* dst, size_t n) override {
+    MEMENTO_RETURN_IF_ERROR(state_->ChargeRead(path_));
+    return base_->ReadAt(offset, dst, n);
+  }
+
+  uint64_t size() const override { return base_->size(); }
+
+ private:
+  const std::string path_;
+  const std::unique_ptr<ReadableFile> base_;
+  const std::shared_ptr<FaultState> state_;
+};
+
+// Parses a whole decimal uint64 for the fault spec's `key`.
+Result<uint64_t> ParseSpecCount(const std::string& key, const std::string& value) {
+  uint64_t n = 0;
+  const char* end = value.data() + value.size();
+  const auto [ptr, ec] = std::from_chars(value.data(), end, n);
+  if (value.empty() || ec != std::errc() || ptr != end) {
+    return InvalidArgument("fault spec: " + key + " wants a byte count, got '" + value + "'");
+  }
+  return n;
+}
+
+}  // namespace
+
+struct FaultInjectionFileSystem::State : FaultState {
+  using FaultState::FaultState;
+};
+
+Result<std::unique_ptr<FaultInjectionFileSystem>> FaultInjectionFileSystem::FromSpec(FileSystem* base,
+                                                                                     const std::string& spec) {
+  auto fs = std::make_unique<FaultInjectionFileSystem>(base);
+  for (size_t start = 0; start <= spec.size();) {
+    size_t end = spec.find(',', start);
+    if (end == std::string::npos) end = spec.size();
+    const std::string item = spec.substr(start, end - start);
+    start = end + 1;
+    if (item.empty()) continue;
+    const size_t eq = item.find('=');
+    if (eq == std::string::npos) return InvalidArgument("fault spec: '" + item + "' is not key=value");
+    const std::string key = item.substr(0, eq);
+    const std::string value = item.substr(eq + 1);
+    if (key == "enospc_after" || key == "eio_after") {
+      MEMENTO_ASSIGN_OR_RETURN(const uint64_t bytes, ParseSpecCount(key, value));
+      fs->FailWritesAfter(bytes, key == "enospc_after" ? ENOSPC : EIO);
+    } else if (key == "enospc_while" || key == "eio_read") {
+      if (value.empty()) return InvalidArgument("fault spec: " + key + " wants a non-empty value");
+      if (key == "enospc_while") {
+        fs->FailWritesWhileExists(value);
+      } else {
+        fs->FailReadsOf(value);
+      }
+    } else if (key == "short_writes") {
+      if (value != "0" && value != "1") {
+        return InvalidArgument("fault spec: short_writes wants 0 or 1, got '" + value + "'");
+      }
+      fs->SetShortWrites(value == "1");
+    } else {
+      return InvalidArgument("fault spec: unknown key '" + key + "'");
+    }
+  }
+  return fs;
+}
+
+FaultInjectionFileSystem::FaultInjectionFileSystem(FileSystem* base)
+    : state_(std::make_shared<State>(base)), base_(base) {}
+
+FaultInjectionFileSystem::~FaultInjectionFileSystem() = default;
+
+void FaultInjectionFileSystem::FailWritesAfter(uint64_t bytes, int error) {
+  std::lock_guard<std::mutex> lock(state_->mu);
+  state_->fail_after[error] = bytes;
+}
+
+void FaultInjectionFileSystem::FailWritesWhileExists(const std::string& path) {
+  std::lock_guard<std::mutex> lock(state_->mu);
+  state_->enospc_while = path;
+}
+
+void FaultInjectionFileSystem::FailReadsOf(const std::string& substring) {
+  std::lock_guard<std::mutex> lock(state_->mu);
+  state_->eio_read = substring;
+}
+
+void FaultInjectionFileSystem::SetShortWrites(bool on) {
+  std::lock_guard<std::mutex> lock(state_->mu);
+  state_->short_writes = on;
+}
+
+uint64_t FaultInjectionFileSystem::injected_faults() const {
+  std::lock_guard<std::mutex> lock(state_->mu);
+  return state_->injected_faults;
+}
+
+// Cuts files with truncate(2) directly, so the base must be POSIX-backed.
+Status FaultInjectionFileSystem::DropUnsyncedData() {
+  std::map<std::string, State::FileRecord> files;
+  {
+    std::lock_guard<std::mutex> lock(state_->mu);
+    files = state_->files;
+  }
+  Status first_error;
+  std::vector<std::string> gone;  // records to forget: the file no longer exists
+  for (const auto& [path, record] : files) {
+    Status st;
+    if (!record.ever_synced) {
+      st = base_->RemoveFile(path);
+      if (st.ok() || st.code() == StatusCode::kNotFound) gone.push_back(path);
+    } else if (::truncate(path.c_str(), static_cast<off_t>(record.synced_size)) != 0) {
+      if (errno == ENOENT) {
+        gone.push_back(path);
+      } else {
+        st = PosixError("truncate(" + path + ")");
+      }
+    }
+    if (!st.ok() && st.code() != StatusCode::kNotFound && first_error.ok()) first_error = st;
+  }
+  std::lock_guard<std::mutex> lock(state_->mu);
+  for (const std::string& path : gone) state_->files.erase(path);
+  return first_error;
+}
+
+Result<std::unique_ptr<WritableFile>> FaultInjectionFileSystem::NewWritableFile(const std::string& path,
+                                                                                const WriteOptions& options) {
+  MEMENTO_ASSIGN_OR_RETURN(std::unique_ptr<WritableFile> file, base_->NewWritableFile(path, options));
+  {
+    std::lock_guard<std::mutex> lock(state_->mu);
+    state_->files[path] = State::FileRecord{};  // created or truncated: nothing durable yet
+  }
+  return std::unique_ptr<WritableFile>(new FaultInjectionWritableFile(path, std::move(file), state_));
+}
+
+Result<std::unique_ptr<ReadableFile>> FaultInjectionFileSystem::NewReadableFile(const std::string& path) {
+  MEMENTO_ASSIGN_OR_RETURN(std::unique_ptr<ReadableFile> file, base_->NewReadableFile(path));
+  return std::unique_ptr<ReadableFile>(new FaultInjectionReadableFile(path, std::move(file), state_));
+}
+
+Status FaultInjectionFileSystem::CreateDirs(const std::string& path) { return base_->CreateDirs(path); }
+
+Status FaultInjectionFileSystem::SyncDir(const std::string& path) { return base_->SyncDir(path); }
+
+// Rename and removal also move or forget the file's record, so DropUnsyncedData acts on the file
+// under its current name.
+Status FaultInjectionFileSystem::Rename(const std::string& from, const std::string& to) {
+  MEMENTO_RETURN_IF_ERROR(base_->Rename(from, to));
+  std::lock_guard<std::mutex> lock(state_->mu);
+  state_->files.erase(to);
+  if (auto it = state_->files.find(from); it != state_->files.end()) {
+    state_->files[to] = it->second;
+    state_->files.erase(it);
+  }
+  return Status::Ok();
+}
+
+Status FaultInjectionFileSystem::RemoveFile(const std::string& path) {
+  MEMENTO_RETURN_IF_ERROR(base_->RemoveFile(path));
+  std::lock_guard<std::mutex> lock(state_->mu);
+  state_->files.erase(path);
+  return Status::Ok();
+}
+
+Status FaultInjectionFileSystem::RemoveAll(const std::string& path) {
+  MEMENTO_RETURN_IF_ERROR(base_->RemoveAll(path));
+  const std::string dir = path + "/";
+  std::lock_guard<std::mutex> lock(state_->mu);
+  std::erase_if(state_->files, [&](const auto& entry) {
+    return entry.first == path || entry.first.compare(0, dir.size(), dir) == 0;
+  });
+  return Status::Ok();
+}
+
+Result<std::vector<std::string>> FaultInjectionFileSystem::ListDir(const std::string& path) {
+  return base_->ListDir(path);
+}
+
+bool FaultInjectionFileSystem::Exists(const std::string& path) { return base_->Exists(path); }
+
+Result<uint64_t> FaultInjectionFileSystem::FileSize(const std::string& path) { return base_->FileSize(path); }
+
+}  // namespace memento

@@ -289,6 +289,7 @@ class ClientImpl : public Client {
     RestoreResult result;
     result.step = rr.step();
     result.refused.assign(rr.refused().begin(), rr.refused().end());
+    result.source = rr.source();
     return result;
   }
 
@@ -298,7 +299,7 @@ class ClientImpl : public Client {
     MEMENTO_ASSIGN_OR_RETURN(proto::Reply reply, Call(req));
     std::vector<VersionInfo> out;
     for (const auto& v : reply.list_versions().versions()) {
-      out.push_back({v.step(), v.state(), v.captured_ranks(), v.local_ranks()});
+      out.push_back({v.step(), v.state(), v.captured_ranks(), v.local_ranks(), v.persisted(), v.flush_error()});
     }
     return out;
   }

@@ -70,11 +70,14 @@ struct VersionInfo {
   std::string state;  // "capturing", "locally_complete", "globally_complete"
   int32_t captured_ranks = 0;  // local ranks of this node that captured it
   int32_t local_ranks = 0;     // local ranks of this node
+  bool persisted = false;      // a committed checkpoint of it is in storage
+  std::string flush_error;     // why its last flush failed, if it did
 };
 
 struct RestoreResult {
   int64_t step = -1;                  // the version restored
   std::vector<std::string> refused;   // newer versions refused, each with the reason (CRC mismatch…)
+  std::string source;                 // "memory", or the checkpoint directory it came from
 };
 
 // Statistics of the last completed capture, for benchmarks and logs.

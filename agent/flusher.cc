@@ -1,0 +1,178 @@
+// Flusher: one job at a time on a worker thread; the native format in ucp_format/.
+#include "agent/flusher.h"
+
+#include <algorithm>
+#include <chrono>
+
+#include "core/crc.h"
+#include "core/kill_point.h"
+#include "core/log.h"
+#include "proto/version.h"
+#include "ucp_format/native_checkpoint.h"
+
+namespace memento {
+
+Flusher::Flusher(const AgentOptions& options, FileSystem* fs, int node_id)
+    : options_(options), fs_(fs), node_id_(node_id) {}
+
+Flusher::~Flusher() {
+  if (worker_.joinable()) worker_.join();
+}
+
+std::string Flusher::JobDir() const { return memento::JobDir(options_.storage_root, options_.job_id); }
+std::string Flusher::StepDir(int64_t step) const {
+  return CheckpointDir(options_.storage_root, options_.job_id, step);
+}
+
+void Flusher::Run(int64_t step, std::function<Status()> job, State done, State failed) {
+  if (worker_.joinable()) worker_.join();
+  worker_ = std::thread([this, step, job = std::move(job), done, failed] {
+    Status st = job();
+    std::lock_guard<std::mutex> lock(mu_);
+    progress_.step = step;
+    progress_.state = st.ok() ? done : failed;
+    progress_.error = st.ok() ? "" : st.message();
+  });
+}
+
+void Flusher::StartWrite(int64_t step, int32_t world_size, std::vector<RankJob> ranks) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    progress_ = {step, State::kWriting, ""};
+  }
+  Run(step, [this, step, world_size, ranks = std::move(ranks)] { return WriteRanks(step, world_size, ranks); },
+      State::kWritten, State::kFailed);
+}
+
+void Flusher::StartCommit(int64_t step, int32_t world_size) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    progress_ = {step, State::kCommitting, ""};
+  }
+  Run(step, [this, step, world_size] { return Commit(step, world_size); }, State::kCommitted, State::kCommitFailed);
+}
+
+Flusher::Progress Flusher::progress() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return progress_;
+}
+
+bool Flusher::Reset() {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (progress_.state == State::kWriting || progress_.state == State::kCommitting) return false;
+  progress_ = Progress{};
+  return true;
+}
+
+Status Flusher::WriteRanks(int64_t step, int32_t world_size, const std::vector<RankJob>& ranks) {
+  const std::string dir = StepDir(step);
+  MEMENTO_RETURN_IF_ERROR(fs_->CreateDirs(dir));
+  PersistOptions po;
+  if (options_.flush_bandwidth_mbps > 0) po.bandwidth_bytes_per_s = options_.flush_bandwidth_mbps * 1e6;
+  auto t0 = std::chrono::steady_clock::now();
+  uint64_t bytes = 0;
+  for (size_t i = 0; i < ranks.size(); ++i) {
+    const RankJob& job = ranks[i];
+    RankImage image;
+    image.rank = job.layout.rank();
+    image.world_size = world_size;
+    image.layout = &job.layout;
+    image.slot = job.slot->data();
+    auto entry = WriteRankFiles(fs_, dir, options_.job_id, step, image, po);
+    if (!entry.ok()) {
+      Status st = entry.status().WithContext("flushing step " + std::to_string(step) + " of rank " +
+                                             std::to_string(image.rank));
+      MEMENTO_LOG(kError) << st.message();
+      return st;
+    }
+    bytes += entry->data_bytes();
+    if (i == 0) KillPoint("agent.flush_mid_write", node_id_, step);
+  }
+  MEMENTO_RETURN_IF_ERROR(fs_->SyncDir(dir));
+  const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  MEMENTO_LOG(kInfo) << "step " << step << ": " << ranks.size() << " ranks written to " << dir << " ("
+                     << FormatBytes(bytes) << " in " << s << " s)";
+  return Status::Ok();
+}
+
+Status Flusher::Commit(int64_t step, int32_t world_size) {
+  const std::string dir = StepDir(step);
+  proto::Manifest m;
+  m.set_format_version(kNativeFormatVersion);
+  m.set_job_id(options_.job_id);
+  m.set_step(step);
+  m.set_world_size(world_size);
+  m.set_created_unix_ms(std::chrono::duration_cast<std::chrono::milliseconds>(
+                            std::chrono::system_clock::now().time_since_epoch())
+                            .count());
+  m.set_library_version(kLibraryVersion);
+  uint64_t total = 0;
+  for (int32_t r = 0; r < world_size; ++r) {
+    const std::string meta_name = "rank-" + std::to_string(r) + ".meta";
+    auto meta = ReadFileToString(fs_, dir + "/" + meta_name);
+    if (!meta.ok()) return meta.status().WithContext("committing step " + std::to_string(step));
+    proto::RankMetadata md;
+    if (!md.ParseFromString(*meta)) return DataLoss(dir + "/" + meta_name + ": malformed rank metadata");
+    proto::ManifestRank* e = m.add_ranks();
+    e->set_rank(r);
+    e->set_meta_file(meta_name);
+    e->set_data_file(md.data_file());
+    e->set_data_bytes(md.data_bytes());
+    e->set_meta_crc(Crc64(meta->data(), meta->size()));
+    total += md.data_bytes();
+  }
+  m.set_total_bytes(total);
+  MEMENTO_RETURN_IF_ERROR(CommitManifest(fs_, dir, m));
+  MEMENTO_LOG(kInfo) << "step " << step << " committed: " << dir << " (" << FormatBytes(total) << ", " << world_size
+                     << " ranks)";
+  // Retention: keep the newest keep_persisted committed checkpoints; drop stale partial ones below.
+  auto list = ListCheckpoints(fs_, JobDir());
+  if (!list.ok()) return Status::Ok();
+  std::vector<int64_t> committed;
+  for (const auto& c : *list) {
+    if (c.committed) committed.push_back(c.step);
+  }
+  std::sort(committed.rbegin(), committed.rend());
+  const size_t keep = static_cast<size_t>(std::max(1, options_.keep_persisted));
+  for (size_t i = keep; i < committed.size(); ++i) {
+    if (committed[i] >= step) continue;
+    MEMENTO_LOG(kInfo) << "retention: removing step " << committed[i];
+    fs_->RemoveAll(StepDir(committed[i])).IgnoreError();
+  }
+  for (const auto& c : *list) {
+    if (!c.committed && c.step < step) {
+      MEMENTO_LOG(kInfo) << "removing partial checkpoint " << c.dir;
+      fs_->RemoveAll(c.dir).IgnoreError();
+    }
+  }
+  return Status::Ok();
+}
+
+Status Flusher::RemovePartial() {
+  auto list = ListCheckpoints(fs_, JobDir());
+  if (!list.ok()) return list.status().code() == StatusCode::kNotFound ? Status::Ok() : list.status();
+  for (const auto& c : *list) {
+    if (c.committed) continue;
+    MEMENTO_LOG(kInfo) << "removing partial checkpoint " << c.dir << " (no manifest: never committed)";
+    MEMENTO_RETURN_IF_ERROR(fs_->RemoveAll(c.dir));
+  }
+  return Status::Ok();
+}
+
+std::vector<int64_t> Flusher::CommittedSteps(int n) {
+  std::vector<int64_t> out;
+  auto list = ListCheckpoints(fs_, JobDir());
+  if (!list.ok()) return out;
+  for (auto it = list->rbegin(); it != list->rend() && static_cast<int>(out.size()) < n; ++it) {
+    if (it->committed) out.push_back(it->step);
+  }
+  return out;
+}
+
+Status Flusher::Load(int64_t step, const proto::RankRecord& layout, uint8_t* slot) {
+  const std::string dir = StepDir(step);
+  MEMENTO_ASSIGN_OR_RETURN(proto::Manifest m, ReadManifest(fs_, dir));
+  return LoadRank(fs_, dir, m, layout, slot);
+}
+
+}  // namespace memento

@@ -1,0 +1,492 @@
+// Tests of the native persisted checkpoint: write two ranks (a TP split, a DP-replicated tensor,
+// ZeRO flat partitions, a blob), commit, list, verify, restore exactly, restore into other layouts
+// through the resharding engine, and the failures: flipped bytes, truncation, no manifest, EIO.
+#include "ucp_format/native_checkpoint.h"
+
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "core/crc.h"
+#include "core/dtype.h"
+#include "core/shard.h"
+#include "proto/shard_convert.h"
+
+namespace memento {
+namespace {
+
+constexpr int kWorld = 2;
+constexpr int64_t kStep = 100;
+const std::vector<int64_t> kW = {64, 33};
+const std::vector<int64_t> kLn = {2048};
+const std::vector<std::vector<int64_t>> kZero = {{10, 7}, {5}};
+
+ShardSpec Must(Result<ShardSpec> r) {
+  EXPECT_TRUE(r.ok()) << r.status().ToString();
+  return r.ok() ? std::move(r).value() : ShardSpec{};
+}
+
+struct TensorDef {
+  std::string name;
+  DType dtype;
+  ShardSpec spec;
+};
+struct BlobDef {
+  std::string name;
+  uint64_t capacity;
+};
+
+uint64_t Align(uint64_t n) { return (n + 4095) / 4096 * 4096; }
+
+proto::RankRecord MakeLayout(int rank, int world, const std::vector<TensorDef>& tensors,
+                             const std::vector<BlobDef>& blobs) {
+  proto::RankRecord r;
+  r.set_rank(rank);
+  r.set_world_size(world);
+  uint64_t offset = 0;
+  for (const TensorDef& t : tensors) {
+    proto::TensorRecord* tr = r.add_tensors();
+    tr->set_name(t.name);
+    tr->set_dtype(static_cast<int32_t>(t.dtype));
+    ToProto(t.spec, tr->mutable_spec());
+    tr->set_slot_offset(offset);
+    tr->set_bytes(static_cast<uint64_t>(t.spec.local_numel) * DTypeSize(t.dtype));
+    offset += Align(std::max<uint64_t>(tr->bytes(), 1));
+  }
+  for (const BlobDef& b : blobs) {
+    proto::BlobRecord* br = r.add_blobs();
+    br->set_name(b.name);
+    br->set_capacity(b.capacity);
+    br->set_slot_offset(offset);
+    offset += Align(8 + b.capacity);
+  }
+  r.set_slot_bytes(offset);
+  return r;
+}
+
+// The layout of rank `r` of the 2-rank job: w split along dim 0, ln replicated (rank r holds
+// replica r), z.a and z.b ZeRO-partitioned, blob rng.
+proto::RankRecord JobLayout(int r) {
+  auto zero = ZeroFlatPartition(kZero, kWorld, r);
+  EXPECT_TRUE(zero.ok());
+  return MakeLayout(r, kWorld,
+                    {{"w", DType::kF32, Must(SplitEvenly(kW, 0, kWorld, r))},
+                     {"ln", DType::kF32, WholeTensor(kLn, r)},
+                     {"z.a", DType::kF16, (*zero)[0].spec},
+                     {"z.b", DType::kF16, (*zero)[1].spec}},
+                    {{"rng", 100}});
+}
+
+const proto::TensorRecord& Tensor(const proto::RankRecord& layout, const std::string& name) {
+  for (const proto::TensorRecord& t : layout.tensors()) {
+    if (t.name() == name) return t;
+  }
+  ADD_FAILURE() << "no tensor " << name;
+  return layout.tensors(0);
+}
+
+// The bytes of tensor `name` in a slot laid out as `layout`.
+std::vector<uint8_t> Region(const proto::RankRecord& layout, const std::vector<uint8_t>& slot, const std::string& name) {
+  const proto::TensorRecord& t = Tensor(layout, name);
+  return std::vector<uint8_t>(slot.begin() + static_cast<std::ptrdiff_t>(t.slot_offset()),
+                              slot.begin() + static_cast<std::ptrdiff_t>(t.slot_offset() + t.bytes()));
+}
+
+std::string TestRoot() {
+  const char* tmp = std::getenv("MEMENTO_TEST_TMP");
+  std::string base = tmp != nullptr ? tmp : ::testing::TempDir();
+  const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
+  std::string root = base + "/" + info->test_suite_name() + "." + info->name();
+  std::filesystem::remove_all(root);
+  std::filesystem::create_directories(root);
+  return root;
+}
+
+void FlipByte(const std::string& path, uint64_t offset) {
+  std::fstream f(path, std::ios::in | std::ios::out | std::ios::binary);
+  ASSERT_TRUE(f.good()) << path;
+  f.seekg(static_cast<std::streamoff>(offset));
+  char c = 0;
+  f.read(&c, 1);
+  c = static_cast<char>(c ^ 0x40);
+  f.seekp(static_cast<std::streamoff>(offset));
+  f.write(&c, 1);
+}
+
+std::vector<std::string> Strings(const std::vector<VerifyProblem>& problems) {
+  std::vector<std::string> out;
+  for (const VerifyProblem& p : problems) out.push_back(p.ToString());
+  return out;
+}
+
+class NativeCheckpointTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    fs_ = PosixFileSystem();
+    root_ = TestRoot();
+    dir_ = CheckpointDir(root_, "job", kStep);
+    options_.crc_chunk_bytes = 1024;
+    std::mt19937_64 rng(42);
+    for (int r = 0; r < kWorld; ++r) {
+      layouts_[r] = JobLayout(r);
+      slots_[r].assign(layouts_[r].slot_bytes(), 0);
+      for (const proto::TensorRecord& t : layouts_[r].tensors()) {
+        for (uint64_t i = 0; i < t.bytes(); ++i) slots_[r][t.slot_offset() + i] = static_cast<uint8_t>(rng());
+      }
+      const proto::BlobRecord& b = layouts_[r].blobs(0);
+      const uint64_t length = 20 + 7 * static_cast<uint64_t>(r);
+      for (int i = 0; i < 8; ++i) slots_[r][b.slot_offset() + i] = static_cast<uint8_t>(length >> (8 * i));
+      for (uint64_t i = 0; i < length; ++i) slots_[r][b.slot_offset() + 8 + i] = static_cast<uint8_t>(rng());
+    }
+    // Data-parallel replicas hold the same bytes.
+    const proto::TensorRecord& ln0 = Tensor(layouts_[0], "ln");
+    const proto::TensorRecord& ln1 = Tensor(layouts_[1], "ln");
+    std::memcpy(&slots_[1][ln1.slot_offset()], &slots_[0][ln0.slot_offset()], ln0.bytes());
+    ASSERT_TRUE(WriteCheckpoint(dir_, kStep, kWorld).ok());
+  }
+
+  // Writes ranks 0..ranks-1 of the job into `dir` and commits it.
+  Status WriteCheckpoint(const std::string& dir, int64_t step, int ranks, bool commit = true) {
+    std::vector<proto::ManifestRank> entries;
+    for (int r = 0; r < ranks; ++r) {
+      RankImage image{r, ranks, &layouts_[r], slots_[r].data()};
+      Result<proto::ManifestRank> e = WriteRankFiles(fs_, dir, "job", step, image, options_);
+      if (!e.ok()) return e.status();
+      entries.push_back(*e);
+    }
+    if (!commit) return Status::Ok();
+    return CommitManifest(fs_, dir, BuildManifest("job", step, ranks, entries));
+  }
+
+  proto::Manifest Manifest() {
+    Result<proto::Manifest> m = ReadManifest(fs_, dir_);
+    EXPECT_TRUE(m.ok()) << m.status().ToString();
+    return m.ok() ? *m : proto::Manifest{};
+  }
+
+  FileSystem* fs_ = nullptr;
+  std::string root_, dir_;
+  PersistOptions options_;
+  proto::RankRecord layouts_[kWorld];
+  std::vector<uint8_t> slots_[kWorld];
+};
+
+TEST_F(NativeCheckpointTest, PathsAreTheDocumentedOnes) {
+  EXPECT_EQ(JobDir("/ckpt", "llama"), "/ckpt/llama");
+  EXPECT_EQ(CheckpointDir("/ckpt", "llama", 1200), "/ckpt/llama/step-1200");
+  EXPECT_EQ(CheckpointDir("/ckpt/", "llama", 0), "/ckpt/llama/step-0");
+  EXPECT_EQ(DataFileName(3), "rank-3.data");
+  EXPECT_EQ(MetaFileName(3), "rank-3.meta");
+}
+
+TEST_F(NativeCheckpointTest, ListsVerifiesAndRestoresEveryRankExactly) {
+  Result<std::vector<CheckpointInfo>> list = ListCheckpoints(fs_, JobDir(root_, "job"));
+  ASSERT_TRUE(list.ok()) << list.status().ToString();
+  ASSERT_EQ(list->size(), 1u);
+  EXPECT_EQ((*list)[0].step, kStep);
+  EXPECT_EQ((*list)[0].dir, dir_);
+  EXPECT_TRUE((*list)[0].committed);
+  EXPECT_EQ((*list)[0].bytes, 20500u + 16411u);
+  EXPECT_EQ((*list)[0].ranks, 2);
+  EXPECT_EQ((*list)[0].uncommitted_reason, "");
+
+  const proto::Manifest m = Manifest();
+  EXPECT_EQ(m.format_version(), kNativeFormatVersion);
+  EXPECT_EQ(m.job_id(), "job");
+  EXPECT_EQ(m.step(), kStep);
+  EXPECT_EQ(m.world_size(), 2);
+  ASSERT_EQ(m.ranks_size(), 2);
+  EXPECT_EQ(m.ranks(1).data_file(), "rank-1.data");
+  EXPECT_EQ(m.ranks(1).meta_file(), "rank-1.meta");
+  EXPECT_EQ(m.total_bytes(), 20500u + 16411u);
+
+  VerifyStats stats;
+  uint64_t last_done = 0, last_total = 0;
+  Result<std::vector<VerifyProblem>> problems =
+      VerifyCheckpoint(fs_, dir_, &stats, [&](uint64_t done, uint64_t total) {
+        last_done = done;
+        last_total = total;
+      });
+  ASSERT_TRUE(problems.ok()) << problems.status().ToString();
+  EXPECT_EQ(Strings(*problems), std::vector<std::string>{});
+  EXPECT_EQ(stats.tensors, 4);
+  EXPECT_EQ(stats.blobs, 2);
+  // w 2 x 4224, ln 8192 once, z.a 76 + 64, z.b 10, blobs 20 + 27.
+  EXPECT_EQ(stats.bytes, 2u * 4224 + 8192 + 76 + 64 + 10 + 20 + 27);
+  EXPECT_EQ(last_done, stats.bytes);
+  EXPECT_EQ(last_total, stats.bytes);
+
+  for (int r = 0; r < kWorld; ++r) {
+    std::vector<uint8_t> slot(layouts_[r].slot_bytes(), 0);
+    Status st = LoadRank(fs_, dir_, m, layouts_[r], slot.data());
+    ASSERT_TRUE(st.ok()) << st.ToString();
+    EXPECT_TRUE(slot == slots_[r]) << "rank " << r;
+  }
+}
+
+TEST_F(NativeCheckpointTest, OnlyReplicaZeroIsWritten) {
+  const proto::Manifest m = Manifest();
+  Result<proto::RankMetadata> meta0 = ReadRankMetadata(fs_, dir_, m, 0);
+  Result<proto::RankMetadata> meta1 = ReadRankMetadata(fs_, dir_, m, 1);
+  ASSERT_TRUE(meta0.ok() && meta1.ok());
+  ASSERT_EQ(meta1->tensors_size(), 4);
+  EXPECT_EQ(meta1->tensors(1).name(), "ln");
+  EXPECT_EQ(meta1->tensors(1).runs_size(), 0);        // rank 1 holds replica 1 only
+  EXPECT_EQ(meta1->tensors(1).spec().fragments(0).replica_id(), 1);
+  EXPECT_EQ(meta0->tensors(1).runs_size(), 1);
+  EXPECT_EQ(meta0->tensors(3).runs_size(), 0);        // rank 0 holds none of z.b
+  // rank 0: w [0,4224) ln [8192,16384) z.a [16384,16460) rng [20480,20500)
+  // rank 1: w [0,4224) z.a [8192,8256) z.b [12288,12298) rng [16384,16411)
+  EXPECT_EQ(meta0->tensors(1).runs(0).file_offset(), 8192u);
+  EXPECT_EQ(meta0->blobs(0).run().file_offset(), 20480u);
+  EXPECT_EQ(meta1->tensors(3).runs(0).file_offset(), 12288u);
+  EXPECT_EQ(meta0->tensors(0).runs(0).chunk_crcs_size(), 5);  // 4224 bytes in chunks of 1024
+  EXPECT_EQ(meta0->tensors(0).runs(0).chunk_crcs(0), Crc64(&slots_[0][0], 1024));
+  EXPECT_EQ(*fs_->FileSize(dir_ + "/rank-0.data"), 20500u);
+  EXPECT_EQ(*fs_->FileSize(dir_ + "/rank-1.data"), 16411u);
+  EXPECT_EQ(m.ranks(1).data_bytes(), 16411u);
+}
+
+TEST_F(NativeCheckpointTest, FlippedByteIsNamedByVerifyAndRefusedByLoad) {
+  // Byte 2148 of rank 1's w run: chunk 2, bytes 2048..3072.
+  FlipByte(dir_ + "/rank-1.data", 2148);
+  const std::string expected = dir_ + "/rank-1.data: tensor 'w' bytes 2048..3072: CRC mismatch";
+  Result<std::vector<VerifyProblem>> problems = VerifyCheckpoint(fs_, dir_);
+  ASSERT_TRUE(problems.ok());
+  EXPECT_EQ(Strings(*problems), std::vector<std::string>{expected});
+  EXPECT_EQ((*problems)[0].file, dir_ + "/rank-1.data");
+  EXPECT_EQ((*problems)[0].tensor, "w");
+  EXPECT_EQ((*problems)[0].begin, 2048u);
+  EXPECT_EQ((*problems)[0].end, 3072u);
+  EXPECT_EQ((*problems)[0].what, "CRC mismatch");
+
+  const proto::Manifest m = Manifest();
+  std::vector<uint8_t> slot(layouts_[1].slot_bytes(), 0);
+  Status st = LoadRank(fs_, dir_, m, layouts_[1], slot.data());
+  EXPECT_EQ(st.code(), StatusCode::kDataLoss);
+  EXPECT_EQ(st.message(), expected);
+  // Rank 0 reads nothing of rank 1's w.
+  std::vector<uint8_t> slot0(layouts_[0].slot_bytes(), 0);
+  EXPECT_TRUE(LoadRank(fs_, dir_, m, layouts_[0], slot0.data()).ok());
+  EXPECT_TRUE(slot0 == slots_[0]);
+}
+
+TEST_F(NativeCheckpointTest, FlippedBlobByteAndMetadataByte) {
+  FlipByte(dir_ + "/rank-0.data", 20480 + 3);
+  FlipByte(dir_ + "/rank-1.meta", 10);
+  Result<std::vector<VerifyProblem>> problems = VerifyCheckpoint(fs_, dir_);
+  ASSERT_TRUE(problems.ok());
+  EXPECT_EQ(Strings(*problems), (std::vector<std::string>{dir_ + "/rank-1.meta: metadata CRC mismatch",
+                                                          dir_ + "/rank-0.data: blob 'rng' bytes 0..20: CRC mismatch"}));
+  const proto::Manifest m = Manifest();
+  Result<proto::RankMetadata> meta = ReadRankMetadata(fs_, dir_, m, 1);
+  EXPECT_EQ(meta.status().code(), StatusCode::kDataLoss);
+  EXPECT_EQ(meta.status().message(), dir_ + "/rank-1.meta: metadata CRC mismatch");
+}
+
+TEST_F(NativeCheckpointTest, TruncatedDataFile) {
+  std::filesystem::resize_file(dir_ + "/rank-0.data", 10000);  // inside ln's run [8192,16384)
+  Result<std::vector<VerifyProblem>> problems = VerifyCheckpoint(fs_, dir_);
+  ASSERT_TRUE(problems.ok());
+  const std::string f = dir_ + "/rank-0.data: ";
+  EXPECT_EQ(Strings(*problems), (std::vector<std::string>{f + "tensor 'ln' bytes 1808..8192: truncated",
+                                                          f + "tensor 'z.a' bytes 0..76: truncated",
+                                                          f + "blob 'rng' bytes 0..20: truncated"}));
+  std::vector<uint8_t> slot(layouts_[1].slot_bytes(), 0);
+  Status st = LoadRank(fs_, dir_, Manifest(), layouts_[1], slot.data());  // needs ln from rank 0
+  EXPECT_EQ(st.code(), StatusCode::kDataLoss);
+  EXPECT_EQ(st.message(), f + "tensor 'ln' bytes 1808..8192: truncated");
+}
+
+TEST_F(NativeCheckpointTest, MissingFiles) {
+  std::filesystem::remove(dir_ + "/rank-1.data");
+  std::filesystem::remove(dir_ + "/rank-0.meta");
+  Result<std::vector<VerifyProblem>> problems = VerifyCheckpoint(fs_, dir_);
+  ASSERT_TRUE(problems.ok());
+  EXPECT_EQ(Strings(*problems), (std::vector<std::string>{dir_ + "/rank-0.meta: missing file",
+                                                          dir_ + "/rank-1.data: missing file"}));
+}
+
+TEST_F(NativeCheckpointTest, DirectoryWithoutManifestIsNotACheckpoint) {
+  const std::string partial = CheckpointDir(root_, "job", 200);
+  ASSERT_TRUE(WriteCheckpoint(partial, 200, kWorld, /*commit=*/false).ok());
+  ASSERT_TRUE(WriteCheckpoint(CheckpointDir(root_, "job", 7), 7, kWorld).ok());
+  std::filesystem::create_directories(JobDir(root_, "job") + "/step-x");   // not a step
+  std::filesystem::create_directories(JobDir(root_, "job") + "/step-007"); // not a name we write
+
+  const std::string message = partial + " has no manifest: not a committed checkpoint";
+  Result<proto::Manifest> m = ReadManifest(fs_, partial);
+  EXPECT_EQ(m.status().code(), StatusCode::kNotFound);
+  EXPECT_EQ(m.status().message(), message);
+  Result<std::vector<VerifyProblem>> v = VerifyCheckpoint(fs_, partial);
+  EXPECT_EQ(v.status().code(), StatusCode::kNotFound);
+
+  Result<std::vector<CheckpointInfo>> list = ListCheckpoints(fs_, JobDir(root_, "job"));
+  ASSERT_TRUE(list.ok());
+  ASSERT_EQ(list->size(), 3u);
+  EXPECT_EQ((*list)[0].step, 7);
+  EXPECT_EQ((*list)[1].step, 100);
+  EXPECT_EQ((*list)[2].step, 200);
+  EXPECT_TRUE((*list)[0].committed);
+  EXPECT_FALSE((*list)[2].committed);
+  EXPECT_EQ((*list)[2].bytes, 20500u + 16411u);
+  EXPECT_EQ((*list)[2].ranks, 2);
+  EXPECT_EQ((*list)[2].uncommitted_reason, message);
+
+  Result<std::vector<CheckpointInfo>> none = ListCheckpoints(fs_, JobDir(root_, "nojob"));
+  EXPECT_EQ(none.status().code(), StatusCode::kNotFound);
+}
+
+TEST_F(NativeCheckpointTest, MalformedAndForeignManifests) {
+  ASSERT_TRUE(WriteFileAtomically(fs_, dir_ + "/manifest", "not a manifest").ok());
+  Result<proto::Manifest> m = ReadManifest(fs_, dir_);
+  EXPECT_EQ(m.status().code(), StatusCode::kDataLoss);
+  EXPECT_EQ(m.status().message(), dir_ + "/manifest: malformed manifest (not a Manifest record)");
+
+  proto::Manifest future = BuildManifest("job", kStep, 0, {});
+  future.set_format_version(7);
+  ASSERT_TRUE(CommitManifest(fs_, dir_, future).ok());
+  m = ReadManifest(fs_, dir_);
+  EXPECT_EQ(m.status().code(), StatusCode::kFailedPrecondition);
+  EXPECT_EQ(m.status().message(), dir_ + "/manifest: format version 7, this build reads version 1");
+}
+
+TEST_F(NativeCheckpointTest, RestoresIntoOneRankHoldingEverything) {
+  const proto::RankRecord whole = MakeLayout(0, 1,
+                                             {{"w", DType::kF32, WholeTensor(kW)},
+                                              {"ln", DType::kF32, WholeTensor(kLn)},
+                                              {"z.a", DType::kF16, WholeTensor(kZero[0])},
+                                              {"z.b", DType::kF16, WholeTensor(kZero[1])}},
+                                             {{"rng", 50}});
+  std::vector<uint8_t> slot(whole.slot_bytes(), 0xee);
+  Status st = LoadRank(fs_, dir_, Manifest(), whole, slot.data());
+  ASSERT_TRUE(st.ok()) << st.ToString();
+
+  auto concat = [&](const std::string& name) {
+    std::vector<uint8_t> a = Region(layouts_[0], slots_[0], name);
+    std::vector<uint8_t> b = Region(layouts_[1], slots_[1], name);
+    a.insert(a.end(), b.begin(), b.end());
+    return a;
+  };
+  EXPECT_TRUE(Region(whole, slot, "w") == concat("w"));
+  EXPECT_TRUE(Region(whole, slot, "ln") == Region(layouts_[0], slots_[0], "ln"));
+  EXPECT_TRUE(Region(whole, slot, "z.a") == concat("z.a"));
+  EXPECT_TRUE(Region(whole, slot, "z.b") == Region(layouts_[1], slots_[1], "z.b"));
+  // The blob of rank 0, zero-filled past its length.
+  const uint64_t off = whole.blobs(0).slot_offset();
+  std::vector<uint8_t> expected_blob(8 + 50, 0);
+  std::memcpy(expected_blob.data(), &slots_[0][layouts_[0].blobs(0).slot_offset()], 8 + 20);
+  EXPECT_TRUE(std::vector<uint8_t>(slot.begin() + static_cast<std::ptrdiff_t>(off),
+                                   slot.begin() + static_cast<std::ptrdiff_t>(off + 58)) == expected_blob);
+}
+
+TEST_F(NativeCheckpointTest, RestoresIntoThreeColumnParallelRanks) {
+  // The saved w, row-major [64,33]: rows 0..31 from rank 0, 32..63 from rank 1.
+  std::vector<uint8_t> global = Region(layouts_[0], slots_[0], "w");
+  std::vector<uint8_t> tail = Region(layouts_[1], slots_[1], "w");
+  global.insert(global.end(), tail.begin(), tail.end());
+  for (int k = 0; k < 3; ++k) {
+    const proto::RankRecord layout = MakeLayout(k, 3, {{"w", DType::kF32, Must(SplitEvenly(kW, 1, 3, k))}}, {});
+    std::vector<uint8_t> slot(layout.slot_bytes(), 0);
+    Status st = LoadRank(fs_, dir_, Manifest(), layout, slot.data());
+    ASSERT_TRUE(st.ok()) << st.ToString();
+    std::vector<uint8_t> expected;
+    for (int64_t i = 0; i < 64; ++i) {
+      const auto* row = &global[static_cast<size_t>((i * 33 + 11 * k) * 4)];
+      expected.insert(expected.end(), row, row + 11 * 4);
+    }
+    EXPECT_TRUE(Region(layout, slot, "w") == expected) << "rank " << k;
+  }
+}
+
+TEST_F(NativeCheckpointTest, LoadRefusesWhatTheCheckpointCannotServe) {
+  const proto::Manifest m = Manifest();
+  auto load = [&](const proto::RankRecord& layout) {
+    std::vector<uint8_t> slot(layout.slot_bytes(), 0);
+    return LoadRank(fs_, dir_, m, layout, slot.data());
+  };
+  Status st = load(MakeLayout(0, 1, {{"w", DType::kF16, WholeTensor(kW)}}, {}));
+  EXPECT_EQ(st.code(), StatusCode::kFailedPrecondition);
+  EXPECT_EQ(st.message(), "tensor 'w': the checkpoint holds F32 (" + dir_ + "/rank-0.data), rank 0 registered F16");
+
+  st = load(MakeLayout(0, 1, {{"w", DType::kF32, WholeTensor({64, 34})}}, {}));
+  EXPECT_EQ(st.code(), StatusCode::kFailedPrecondition);
+  EXPECT_EQ(st.message(), "tensor 'w': the checkpoint's global shape [64,33] (" + dir_ +
+                              "/rank-0.data) differs from rank 0's [64,34]");
+
+  st = load(MakeLayout(0, 1, {{"bias", DType::kF32, WholeTensor({4})}}, {}));
+  EXPECT_EQ(st.code(), StatusCode::kNotFound);
+  EXPECT_EQ(st.message(), "tensor 'bias' of rank 0 is not in the checkpoint " + dir_);
+
+  st = load(MakeLayout(1, 2, {}, {{"state", 10}}));
+  EXPECT_EQ(st.code(), StatusCode::kNotFound);
+  EXPECT_EQ(st.message(), "blob 'state' of rank 1 is not in the checkpoint " + dir_);
+
+  st = load(MakeLayout(1, 2, {}, {{"rng", 26}}));  // rank 1 saved 27 bytes
+  EXPECT_EQ(st.code(), StatusCode::kFailedPrecondition);
+  EXPECT_EQ(st.message(), "blob 'rng': the checkpoint holds 27 bytes, rank 1 registered a capacity of 26");
+
+  st = load(MakeLayout(2, 3, {}, {{"rng", 100}}));
+  EXPECT_EQ(st.code(), StatusCode::kNotFound);
+  EXPECT_EQ(st.message(), "blob 'rng' of rank 2: the checkpoint " + dir_ + " has no rank 2 (world size 2)");
+
+  // A checkpoint of rank 0 alone holds half of w.
+  const std::string half = CheckpointDir(root_, "job", 300);
+  ASSERT_TRUE(WriteCheckpoint(half, 300, 1).ok());
+  Result<proto::Manifest> hm = ReadManifest(fs_, half);
+  ASSERT_TRUE(hm.ok());
+  const proto::RankRecord layout = MakeLayout(0, 1, {{"w", DType::kF32, WholeTensor(kW)}}, {});
+  std::vector<uint8_t> slot(layout.slot_bytes(), 0);
+  st = LoadRank(fs_, half, *hm, layout, slot.data());
+  EXPECT_EQ(st.code(), StatusCode::kFailedPrecondition);
+  EXPECT_EQ(st.message(), "tensor 'w': the checkpoint covers 1056 of 2112 elements of rank 0's shard");
+}
+
+TEST_F(NativeCheckpointTest, BlobLongerThanItsCapacityIsNotWritten) {
+  const proto::BlobRecord& b = layouts_[0].blobs(0);
+  slots_[0][b.slot_offset()] = 200;
+  RankImage image{0, 1, &layouts_[0], slots_[0].data()};
+  Result<proto::ManifestRank> e = WriteRankFiles(fs_, root_ + "/bad", "job", 1, image, options_);
+  EXPECT_EQ(e.status().code(), StatusCode::kDataLoss);
+  EXPECT_EQ(e.status().message(), "rank 0 blob 'rng': saved length 200 exceeds its capacity 100");
+}
+
+TEST_F(NativeCheckpointTest, ReadErrorsNameThePath) {
+  FaultInjectionFileSystem faulty(PosixFileSystem());
+  faulty.FailReadsOf("rank-1.data");
+  const std::string path = dir_ + "/rank-1.data";
+  std::vector<uint8_t> slot(layouts_[1].slot_bytes(), 0);
+  Status st = LoadRank(&faulty, dir_, Manifest(), layouts_[1], slot.data());
+  EXPECT_EQ(st.code(), StatusCode::kIOError);
+  EXPECT_NE(st.message().find(path), std::string::npos) << st.ToString();
+  EXPECT_EQ(st.message(), "read(" + path + "): Input/output error");
+
+  Result<std::vector<VerifyProblem>> v = VerifyCheckpoint(&faulty, dir_);
+  EXPECT_EQ(v.status().code(), StatusCode::kIOError);
+  EXPECT_NE(v.status().message().find(path), std::string::npos);
+  EXPECT_GT(faulty.injected_faults(), 0u);
+}
+
+TEST_F(NativeCheckpointTest, BandwidthCapSlowsTheWrite) {
+  PersistOptions slow = options_;
+  slow.bandwidth_bytes_per_s = 200000;  // 20500 bytes: at least ~0.1 s
+  RankImage image{0, 2, &layouts_[0], slots_[0].data()};
+  const auto start = std::chrono::steady_clock::now();
+  Result<proto::ManifestRank> e = WriteRankFiles(fs_, root_ + "/slow", "job", 1, image, slow);
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  ASSERT_TRUE(e.ok()) << e.status().ToString();
+  EXPECT_EQ(e->data_bytes(), 20500u);
+  EXPECT_GE(seconds, 0.1);
+}
+
+}  // namespace
+}  // namespace memento

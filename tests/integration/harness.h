@@ -77,6 +77,13 @@ class AgentCluster {
   }
 
   const std::string& job() const { return job_; }
+  const std::string& Dir() const { return dir_; }
+  // A node loss while the agents are down: its shared memory and catalog are deleted.
+  void WipeNode(int n) const {
+    std::string cmd = "rm -rf '" + CatalogDir(n) + "'; rm -f /dev/shm/memento-" + job_ + "-n" + std::to_string(n) + "-*";
+    (void)std::system(cmd.c_str());
+  }
+  void SetExtraArgs(std::vector<std::string> extra) { extra_ = std::move(extra); }
   std::string SocketPattern() const { return dir_ + "/agent-%n.sock"; }
   std::string Socket(int n) const { return dir_ + "/agent-" + std::to_string(n) + ".sock"; }
   std::string CatalogDir(int n) const { return dir_ + "/catalog-" + std::to_string(n); }
@@ -126,6 +133,19 @@ class AgentCluster {
     }
   }
 
+  // Waits up to `ms` for the agents' job to end by itself (an agent died); true when it did.
+  bool WaitExit(int ms) {
+    for (int i = 0; i < ms / 10 && pid_ > 0; ++i) {
+      int status = 0;
+      if (::waitpid(pid_, &status, WNOHANG) == pid_) {
+        pid_ = -1;
+        return true;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    return pid_ <= 0;
+  }
+
   // Graceful stop (SIGTERM: every agent stops in the same round).
   void Stop() {
     if (pid_ <= 0) return;
@@ -171,18 +191,29 @@ class AgentCluster {
   pid_t pid_ = -1;
 };
 
-// A rank's registered state: `n` float tensors of `elems` elements plus one blob.
+// A rank's registered state: `n` float tensors of `elems` elements plus one blob. With `world` > 0
+// each tensor is this rank's row block of a global [world * elems] tensor (what storage restores
+// by global position); with 0 each rank's tensors are its own (memory restores by rank).
 struct RankState {
   std::vector<std::vector<float>> tensors;
   std::string blob;
   size_t blob_size = 0;
+  int world = 0;
+  int rank = 0;
 
-  RankState(int n, size_t elems) : tensors(n, std::vector<float>(elems)), blob(256, '\0') {}
+  RankState(int n, size_t elems, int world_size = 0, int my_rank = 0)
+      : tensors(n, std::vector<float>(elems)), blob(256, '\0'), world(world_size), rank(my_rank) {}
 
   Status Register(Client* c) {
     for (size_t i = 0; i < tensors.size(); ++i) {
-      Status st = c->RegisterTensor("t" + std::to_string(i), tensors[i].data(), DType::kF32,
-                                    WholeTensor({static_cast<int64_t>(tensors[i].size())}));
+      const int64_t n = static_cast<int64_t>(tensors[i].size());
+      ShardSpec spec = WholeTensor({n});
+      if (world > 0) {
+        auto split = SplitEvenly({n * world}, 0, world, rank);
+        if (!split.ok()) return split.status();
+        spec = *split;
+      }
+      Status st = c->RegisterTensor("t" + std::to_string(i), tensors[i].data(), DType::kF32, spec);
       if (!st.ok()) return st;
     }
     return c->RegisterBlob("cursor", blob.data(), blob.size(), &blob_size);
@@ -202,7 +233,7 @@ struct RankState {
   }
   // True when the buffers hold exactly what Fill(rank, step) wrote.
   bool Matches(int rank, int64_t step) const {
-    RankState expect(static_cast<int>(tensors.size()), tensors.empty() ? 0 : tensors[0].size());
+    RankState expect(static_cast<int>(tensors.size()), tensors.empty() ? 0 : tensors[0].size(), world, this->rank);
     expect.Fill(rank, step);
     for (size_t i = 0; i < tensors.size(); ++i) {
       if (std::memcmp(tensors[i].data(), expect.tensors[i].data(), tensors[i].size() * 4) != 0) return false;
@@ -226,6 +257,34 @@ inline int RunInChild(const std::function<int()>& fn) {
   int status = 0;
   ::waitpid(pid, &status, 0);
   return status;
+}
+
+// Polls until version `step` is persisted (its checkpoint committed), up to 60 s.
+inline bool WaitPersisted(Client* c, int64_t step) {
+  for (int i = 0; i < 6000; ++i) {
+    auto v = c->ListVersions();
+    if (v.ok()) {
+      for (const auto& x : *v) {
+        if (x.step == step && x.persisted) return true;
+      }
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  return false;
+}
+
+// Polls until version `step` shows a flush error on the client's node; returns it ("" on timeout).
+inline std::string WaitFlushError(Client* c, int64_t step) {
+  for (int i = 0; i < 6000; ++i) {
+    auto v = c->ListVersions();
+    if (v.ok()) {
+      for (const auto& x : *v) {
+        if (x.step == step && !x.flush_error.empty()) return x.flush_error;
+      }
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  return "";
 }
 
 // Polls until version `step` is globally complete on the client's node, up to 30 s.

@@ -18,11 +18,24 @@ Status FromMpi(int rc, const char* what) {
   return Unavailable(std::string(what) + ": " + std::string(msg, len));
 }
 
+// Polls a request with short sleeps, so an idle agent does not spin a core.
+Status Wait(MPI_Request* req, const char* what) {
+  for (;;) {
+    int done = 0;
+    MEMENTO_RETURN_IF_ERROR(FromMpi(MPI_Test(req, &done, MPI_STATUS_IGNORE), what));
+    if (done) return Status::Ok();
+    std::this_thread::sleep_for(std::chrono::microseconds(200));
+  }
+}
+
 class MpiCommunicator : public Communicator {
  public:
-  MpiCommunicator() {
-    MPI_Comm_rank(MPI_COMM_WORLD, &rank_);
-    MPI_Comm_size(MPI_COMM_WORLD, &size_);
+  explicit MpiCommunicator(MPI_Comm comm, bool owned) : comm_(comm), owned_(owned) {
+    MPI_Comm_rank(comm_, &rank_);
+    MPI_Comm_size(comm_, &size_);
+  }
+  ~MpiCommunicator() override {
+    if (owned_) MPI_Comm_free(&comm_);
   }
   int rank() const override { return rank_; }
   int size() const override { return size_; }
@@ -30,17 +43,56 @@ class MpiCommunicator : public Communicator {
   Status Allgather(const void* in, size_t bytes, void* out) override {
     MPI_Request req;
     MEMENTO_RETURN_IF_ERROR(FromMpi(MPI_Iallgather(in, static_cast<int>(bytes), MPI_BYTE, out,
-                                                   static_cast<int>(bytes), MPI_BYTE, MPI_COMM_WORLD, &req),
+                                                   static_cast<int>(bytes), MPI_BYTE, comm_, &req),
                                     "MPI_Iallgather"));
-    for (;;) {
-      int done = 0;
-      MEMENTO_RETURN_IF_ERROR(FromMpi(MPI_Test(&req, &done, MPI_STATUS_IGNORE), "MPI_Test"));
-      if (done) return Status::Ok();
-      std::this_thread::sleep_for(std::chrono::microseconds(200));
+    return Wait(&req, "MPI_Iallgather");
+  }
+
+  Result<std::unique_ptr<Communicator>> Duplicate() override {
+    MPI_Comm dup;
+    MEMENTO_RETURN_IF_ERROR(FromMpi(MPI_Comm_dup(comm_, &dup), "MPI_Comm_dup"));
+    MPI_Comm_set_errhandler(dup, MPI_ERRORS_RETURN);
+    return std::unique_ptr<Communicator>(new MpiCommunicator(dup, true));
+  }
+
+  Result<std::unique_ptr<Communicator>> Split(int color, int key) override {
+    MPI_Comm part;
+    MEMENTO_RETURN_IF_ERROR(FromMpi(MPI_Comm_split(comm_, color, key, &part), "MPI_Comm_split"));
+    MPI_Comm_set_errhandler(part, MPI_ERRORS_RETURN);
+    return std::unique_ptr<Communicator>(new MpiCommunicator(part, true));
+  }
+
+  Status ReduceScatterXor(const void* in, void* out, size_t block_bytes) override {
+    if (block_bytes % 8 != 0) return InvalidArgument("ReduceScatterXor needs blocks of a multiple of 8 bytes");
+    MPI_Request req;
+    MEMENTO_RETURN_IF_ERROR(FromMpi(MPI_Ireduce_scatter_block(in, out, static_cast<int>(block_bytes / 8),
+                                                              MPI_UINT64_T, MPI_BXOR, comm_, &req),
+                                    "MPI_Ireduce_scatter_block"));
+    return Wait(&req, "MPI_Ireduce_scatter_block");
+  }
+
+  Status Exchange(const std::vector<Message>& sends, const std::vector<Message>& recvs) override {
+    std::vector<MPI_Request> reqs;
+    reqs.reserve(sends.size() + recvs.size());
+    for (const Message& r : recvs) {
+      reqs.emplace_back();
+      MEMENTO_RETURN_IF_ERROR(FromMpi(MPI_Irecv(r.data, static_cast<int>(r.bytes), MPI_BYTE, r.peer, r.tag, comm_,
+                                                &reqs.back()),
+                                      "MPI_Irecv"));
     }
+    for (const Message& s : sends) {
+      reqs.emplace_back();
+      MEMENTO_RETURN_IF_ERROR(FromMpi(MPI_Isend(s.data, static_cast<int>(s.bytes), MPI_BYTE, s.peer, s.tag, comm_,
+                                                &reqs.back()),
+                                      "MPI_Isend"));
+    }
+    for (MPI_Request& r : reqs) MEMENTO_RETURN_IF_ERROR(Wait(&r, "point-to-point exchange"));
+    return Status::Ok();
   }
 
  private:
+  MPI_Comm comm_;
+  bool owned_;
   int rank_ = 0;
   int size_ = 1;
 };
@@ -49,8 +101,13 @@ class MpiCommunicator : public Communicator {
 
 Status InitMpi(int* argc, char*** argv) {
   int provided = 0;
-  MEMENTO_RETURN_IF_ERROR(FromMpi(MPI_Init_thread(argc, argv, MPI_THREAD_FUNNELED, &provided), "MPI_Init_thread"));
+  // Agreement rounds, erasure encoding and rebuilds run on different threads, each on its own
+  // communicator.
+  MEMENTO_RETURN_IF_ERROR(FromMpi(MPI_Init_thread(argc, argv, MPI_THREAD_MULTIPLE, &provided), "MPI_Init_thread"));
   MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN);
+  if (provided < MPI_THREAD_MULTIPLE) {
+    return FailedPrecondition("this MPI library does not provide MPI_THREAD_MULTIPLE, which the agent needs");
+  }
   return Status::Ok();
 }
 
@@ -60,6 +117,8 @@ void FinalizeMpi() {
   if (!finalized) MPI_Finalize();
 }
 
-std::unique_ptr<Communicator> MakeMpiCommunicator() { return std::make_unique<MpiCommunicator>(); }
+std::unique_ptr<Communicator> MakeMpiCommunicator() {
+  return std::make_unique<MpiCommunicator>(MPI_COMM_WORLD, false);
+}
 
 }  // namespace memento

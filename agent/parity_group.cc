@@ -1,0 +1,219 @@
+// ParityGroup: windows of segments move through the communicator; erasure/ does the arithmetic.
+#include "agent/parity_group.h"
+
+#include <algorithm>
+#include <cstring>
+#include <map>
+#include <string>
+
+#include "erasure/group.h"
+
+namespace memento {
+namespace {
+
+// Segment bytes handled per round trip: bounds the memory of encoding and rebuilding.
+constexpr size_t kWindow = size_t{8} << 20;
+
+}  // namespace
+
+void NodeData::Add(uint8_t* data, size_t bytes) {
+  regions_.push_back({data, bytes});
+  size_ += bytes;
+}
+
+void NodeData::Read(size_t offset, size_t len, uint8_t* dst) const {
+  size_t base = 0;
+  for (const Region& r : regions_) {
+    if (len == 0) break;
+    if (offset < base + r.bytes) {
+      const size_t in = offset - base;
+      const size_t n = std::min(len, r.bytes - in);
+      std::memcpy(dst, r.data + in, n);
+      dst += n;
+      offset += n;
+      len -= n;
+    }
+    base += r.bytes;
+  }
+  if (len > 0) std::memset(dst, 0, len);  // padding
+}
+
+void NodeData::Write(size_t offset, size_t len, const uint8_t* src) {
+  size_t base = 0;
+  for (const Region& r : regions_) {
+    if (len == 0) break;
+    if (offset < base + r.bytes) {
+      const size_t in = offset - base;
+      const size_t n = std::min(len, r.bytes - in);
+      std::memcpy(r.data + in, src, n);
+      src += n;
+      offset += n;
+      len -= n;
+    }
+    base += r.bytes;
+  }
+}
+
+Result<std::unique_ptr<ParityGroup>> ParityGroup::Create(const Scheme& scheme, int group_size, Communicator* world,
+                                                         const std::vector<std::string>& domains) {
+  const int n = world->size();
+  if (group_size <= 0 || group_size > n) group_size = n;
+  std::vector<NodeInfo> nodes(n);
+  for (int p = 0; p < n; ++p) {
+    nodes[p].node_id = p;
+    nodes[p].host = "position-" + std::to_string(p);  // one agent per node: positions are hosts
+    if (!domains.empty()) nodes[p].domain = domains.at(p);
+  }
+  MEMENTO_ASSIGN_OR_RETURN(auto groups, MakeGroups(nodes, group_size));
+  int group_id = -1, index = -1;
+  std::vector<int> members;
+  for (size_t g = 0; g < groups.size(); ++g) {
+    for (size_t i = 0; i < groups[g].size(); ++i) {
+      if (groups[g][i] == world->rank()) {
+        group_id = static_cast<int>(g);
+        index = static_cast<int>(i);
+        members = groups[g];
+      }
+    }
+  }
+  if (group_id < 0) return Internal("position " + std::to_string(world->rank()) + " is in no parity group");
+  MEMENTO_ASSIGN_OR_RETURN(StripeLayout layout, StripeLayout::Create(scheme, static_cast<int>(members.size())));
+  MEMENTO_ASSIGN_OR_RETURN(auto codec, Codec::Create(scheme, layout.k()));
+  // Both communicators order members by their index in the group.
+  MEMENTO_ASSIGN_OR_RETURN(auto encode_comm, world->Split(group_id, index));
+  MEMENTO_ASSIGN_OR_RETURN(auto rebuild_comm, encode_comm->Duplicate());
+  return std::unique_ptr<ParityGroup>(new ParityGroup(std::move(layout), std::move(codec), std::move(members), index,
+                                                      group_id, std::move(encode_comm), std::move(rebuild_comm)));
+}
+
+Status ParityGroup::Encode(const NodeData& data, size_t padded, uint8_t* parity) {
+  const int n = layout_.group_size();
+  const int m = layout_.m();
+  const size_t seg = layout_.SegmentLength(padded);
+  std::vector<uint8_t> window;
+  std::vector<uint8_t> send;
+  std::vector<uint8_t> recv;
+  for (size_t off = 0; off < seg; off += kWindow) {
+    const size_t len = std::min(kWindow, seg - off);
+    const size_t block = static_cast<size_t>(m) * len;
+    send.assign(static_cast<size_t>(n) * block, 0);
+    recv.resize(block);
+    window.resize(len);
+    for (int s = 0; s < n; ++s) {
+      const int t = layout_.SegmentOf(index_, s);
+      if (t < 0) continue;
+      data.Read(static_cast<size_t>(t) * seg + off, len, window.data());
+      std::vector<uint8_t*> out(m);
+      for (int j = 0; j < m; ++j) out[j] = send.data() + layout_.HolderIndex(s, j) * block + j * len;
+      codec_->EncodeUpdate(t, window.data(), out.data(), len);
+    }
+    // Block sizes must be multiples of 8 for the XOR reduction: windows are (segments are 64-aligned).
+    MEMENTO_RETURN_IF_ERROR(encode_comm_->ReduceScatterXor(send.data(), recv.data(), block));
+    for (int j = 0; j < m; ++j) std::memcpy(parity + j * seg + off, recv.data() + j * len, len);
+  }
+  return Status::Ok();
+}
+
+Status ParityGroup::Rebuild(const std::vector<int>& lost, NodeData* data, uint8_t* parity, size_t padded) {
+  MEMENTO_RETURN_IF_ERROR(layout_.CheckRecoverable(lost));
+  if (lost.empty()) return Status::Ok();
+  const int n = layout_.group_size();
+  const int k = layout_.k();
+  const int m = layout_.m();
+  const size_t seg = layout_.SegmentLength(padded);
+  auto is_lost = [&](int member) { return std::find(lost.begin(), lost.end(), member) != lost.end(); };
+  // The member behind codec index c of stripe s.
+  auto member_of = [&](int s, int c) { return c < k ? layout_.ContributorsOf(s)[c] : layout_.HolderIndex(s, c - k); };
+  // Per stripe touching a lost member: what is erased, and which k sources rebuild it.
+  struct StripePlan {
+    int stripe;
+    std::vector<int> erased;
+    DecodePlan plan;
+  };
+  std::vector<StripePlan> plans;
+  for (int s = 0; s < n; ++s) {
+    std::vector<int> erased;
+    for (int c = 0; c < k + m; ++c) {
+      if (is_lost(member_of(s, c))) erased.push_back(c);
+    }
+    if (erased.empty()) continue;
+    MEMENTO_ASSIGN_OR_RETURN(DecodePlan plan, codec_->PlanDecode(erased));
+    plans.push_back({s, erased, std::move(plan)});
+  }
+  const bool me_lost = is_lost(index_);
+  std::vector<std::vector<uint8_t>> inbox;   // receive buffers of this window
+  std::vector<std::vector<uint8_t>> outbox;  // send buffers of this window
+  for (size_t off = 0; off < seg; off += kWindow) {
+    const size_t len = std::min(kWindow, seg - off);
+    std::vector<Communicator::Message> sends, recvs;
+    inbox.clear();
+    outbox.clear();
+    // Reserve first so that pointers into the vectors stay valid.
+    size_t n_in = 0, n_out = 0;
+    for (const StripePlan& p : plans) {
+      for (int c : p.plan.sources()) {
+        const int owner = member_of(p.stripe, c);
+        for (int x : lost) {
+          if (!(owner == index_ && x != index_) && !(x == index_ && owner != index_)) continue;
+          (owner == index_ ? n_out : n_in)++;
+        }
+      }
+    }
+    inbox.reserve(n_in);
+    outbox.reserve(n_out);
+    // Inputs of each plan at this member, by source position.
+    std::map<std::pair<int, int>, const uint8_t*> local_sources;  // (plan, source pos) -> bytes
+    for (size_t pi = 0; pi < plans.size(); ++pi) {
+      const StripePlan& p = plans[pi];
+      const auto& sources = p.plan.sources();
+      for (size_t si = 0; si < sources.size(); ++si) {
+        const int c = sources[si];
+        const int owner = member_of(p.stripe, c);
+        const int tag = static_cast<int>(pi * 64 + si);
+        for (int x : lost) {
+          if (owner == index_ && x != index_) {
+            // A survivor sends its segment (data) or parity slot of this stripe to lost member x.
+            outbox.emplace_back(len);
+            if (c < k) {
+              data->Read(static_cast<size_t>(c) * seg + off, len, outbox.back().data());
+            } else {
+              std::memcpy(outbox.back().data(), parity + (c - k) * seg + off, len);
+            }
+            sends.push_back({x, tag, outbox.back().data(), len});
+          } else if (x == index_ && owner != index_) {
+            inbox.emplace_back(len);
+            recvs.push_back({owner, tag, inbox.back().data(), len});
+            local_sources[{static_cast<int>(pi), static_cast<int>(si)}] = inbox.back().data();
+          }
+        }
+      }
+    }
+    MEMENTO_RETURN_IF_ERROR(rebuild_comm_->Exchange(sends, recvs));
+    if (!me_lost) continue;
+    for (size_t pi = 0; pi < plans.size(); ++pi) {
+      const StripePlan& p = plans[pi];
+      bool mine = false;
+      for (int c : p.erased) mine |= member_of(p.stripe, c) == index_;
+      if (!mine) continue;
+      const auto& sources = p.plan.sources();
+      std::vector<const uint8_t*> in(sources.size());
+      for (size_t si = 0; si < sources.size(); ++si) in[si] = local_sources.at({static_cast<int>(pi), static_cast<int>(si)});
+      std::vector<std::vector<uint8_t>> outputs(p.erased.size(), std::vector<uint8_t>(len));
+      std::vector<uint8_t*> out(p.erased.size());
+      for (size_t e = 0; e < p.erased.size(); ++e) out[e] = outputs[e].data();
+      p.plan.Apply(in.data(), out.data(), len);
+      for (size_t e = 0; e < p.erased.size(); ++e) {
+        const int c = p.erased[e];
+        if (member_of(p.stripe, c) != index_) continue;
+        if (c < k) {
+          data->Write(static_cast<size_t>(c) * seg + off, len, outputs[e].data());
+        } else {
+          std::memcpy(parity + (c - k) * seg + off, outputs[e].data(), len);
+        }
+      }
+    }
+  }
+  return Status::Ok();
+}
+
+}  // namespace memento

@@ -1,0 +1,77 @@
+// Erasure coding of this node's snapshots across its parity group (DESIGN §5), over the agents'
+// communicator: encoding by partial parities combined with an XOR reduce-scatter, and rebuilding
+// lost members' data and parity from the survivors. Byte layout: erasure/stripe.h.
+// Thread-compatible: Encode is called from one thread (the encoder), Rebuild from another (the
+// agreement thread, at job start); each uses its own communicator.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "core/communicator.h"
+#include "core/status.h"
+#include "erasure/codec.h"
+#include "erasure/scheme.h"
+#include "erasure/stripe.h"
+
+namespace memento {
+
+// One version's bytes on this node: its local ranks' slots concatenated in rank order, read and
+// written as one virtual buffer (zeros past its end, as the stripe layout pads it).
+class NodeData {
+ public:
+  void Add(uint8_t* data, size_t bytes);
+  size_t size() const { return size_; }
+  void Read(size_t offset, size_t len, uint8_t* dst) const;
+  void Write(size_t offset, size_t len, const uint8_t* src);
+
+ private:
+  struct Region {
+    uint8_t* data;
+    size_t bytes;
+  };
+  std::vector<Region> regions_;
+  size_t size_ = 0;
+};
+
+class ParityGroup {
+ public:
+  // Forms the groups (collective over `world`): consecutive positions of `group_size` agents,
+  // spread over failure domains when `domains` (position -> domain) is not empty.
+  static Result<std::unique_ptr<ParityGroup>> Create(const Scheme& scheme, int group_size, Communicator* world,
+                                                     const std::vector<std::string>& domains);
+
+  const Scheme& scheme() const { return layout_.scheme(); }
+  int index() const { return index_; }                   // this node's index in its group
+  const std::vector<int>& members() const { return members_; }  // world positions, by index
+  int group_id() const { return group_id_; }
+  size_t PaddedLength(size_t bytes) const { return layout_.PaddedLength(bytes); }
+  size_t ParityLength(size_t padded) const { return layout_.ParityLength(padded); }
+  const StripeLayout& layout() const { return layout_; }
+
+  // Collective over the group: computes this node's parity (ParityLength(padded) bytes) of the
+  // version whose bytes are `data`, padded to `padded` (equal on every member).
+  Status Encode(const NodeData& data, size_t padded, uint8_t* parity);
+  // Collective over the group: the members whose indices are in `lost` rebuild their data and
+  // parity of one version from the survivors; survivors send what is needed. With more than m
+  // lost, FailedPrecondition and nothing is written.
+  Status Rebuild(const std::vector<int>& lost, NodeData* data, uint8_t* parity, size_t padded);
+
+ private:
+  ParityGroup(StripeLayout layout, std::unique_ptr<Codec> codec, std::vector<int> members, int index, int group_id,
+              std::unique_ptr<Communicator> encode_comm, std::unique_ptr<Communicator> rebuild_comm)
+      : layout_(std::move(layout)), codec_(std::move(codec)), members_(std::move(members)), index_(index),
+        group_id_(group_id), encode_comm_(std::move(encode_comm)), rebuild_comm_(std::move(rebuild_comm)) {}
+
+  StripeLayout layout_;
+  std::unique_ptr<Codec> codec_;
+  std::vector<int> members_;
+  int index_;
+  int group_id_;
+  std::unique_ptr<Communicator> encode_comm_;
+  std::unique_ptr<Communicator> rebuild_comm_;
+};
+
+}  // namespace memento

@@ -12,6 +12,9 @@
 
 #include "agent/catalog.h"
 #include "agent/flusher.h"
+#include "agent/parity_group.h"
+#include "erasure/group.h"
+#include "erasure/scheme.h"
 #include "core/file_system.h"
 #include "agent/node_state.h"
 #include "agent/server.h"
@@ -32,7 +35,13 @@ Status RunAgent(AgentOptions options, Communicator* comm, const std::atomic<bool
   if (options.slots_per_rank < 2) {
     return InvalidArgument("--slots must be at least 2 (one for the newest restorable version, one to capture into)");
   }
-  const int node_id = options.node_id >= 0 ? options.node_id : comm->rank();
+  if (!options.node_ids.empty() && static_cast<int>(options.node_ids.size()) != comm->size()) {
+    return InvalidArgument("--node-ids lists " + std::to_string(options.node_ids.size()) + " ids for " +
+                           std::to_string(comm->size()) + " agents");
+  }
+  const int node_id = !options.node_ids.empty() ? options.node_ids[comm->rank()]
+                      : options.node_id >= 0    ? options.node_id
+                                                : comm->rank();
   if (options.socket_path.empty()) options.socket_path = "/tmp/memento-" + options.job_id + "-node%n.sock";
   if (options.catalog_dir.empty()) options.catalog_dir = "/tmp/memento-" + options.job_id + "-node%n.catalog";
   const std::string socket_path = ExpandNodePattern(options.socket_path, node_id);
@@ -59,7 +68,30 @@ Status RunAgent(AgentOptions options, Communicator* comm, const std::atomic<bool
                             << " slots per rank: a capture may wait for a flush to release its slot";
     }
   }
-  NodeState state(options, node_id, catalog.get(), flusher.get(), comm->rank() == 0);
+  // Erasure coding: every agent forms the groups (collective), spread over the topology's domains.
+  std::unique_ptr<ParityGroup> group;
+  MEMENTO_ASSIGN_OR_RETURN(Scheme scheme, Scheme::Parse(options.ec));
+  if (scheme.kind != Scheme::Kind::kNone) {
+    std::vector<int32_t> ids(comm->size());
+    int32_t mine = node_id;
+    MEMENTO_RETURN_IF_ERROR(comm->Allgather(&mine, sizeof mine, ids.data()));
+    std::vector<std::string> domains;
+    if (!options.topology.empty()) {
+      MEMENTO_ASSIGN_OR_RETURN(auto topo, ReadTopology(options.topology));
+      for (int32_t id : ids) {
+        auto it = topo.find(id);
+        if (it == topo.end()) {
+          return InvalidArgument("topology " + options.topology + " has no line for node " + std::to_string(id));
+        }
+        domains.push_back(it->second);
+      }
+    }
+    MEMENTO_ASSIGN_OR_RETURN(group, ParityGroup::Create(scheme, options.group_size, comm, domains));
+    MEMENTO_LOG(kInfo) << "erasure coding " << scheme.ToString() << ": group " << group->group_id() << " of "
+                       << group->all_groups().size() << ", " << group->members().size() << " nodes, index "
+                       << group->index();
+  }
+  NodeState state(options, node_id, catalog.get(), flusher.get(), comm->rank() == 0, group.get());
   MEMENTO_RETURN_IF_ERROR(state.Recover());
   SocketServer server(socket_path, &state);
   MEMENTO_RETURN_IF_ERROR(server.Start());

@@ -7,6 +7,7 @@
 #include <atomic>
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "core/communicator.h"
 #include "core/status.h"
@@ -52,6 +53,17 @@ struct AgentOptions {
   double flush_retry_s = 1;
   // Test hook: a FaultInjectionFileSystem spec (core/file_system.h) for all storage I/O.
   std::string inject_fs;
+
+  // ---- erasure coding across nodes (DESIGN §5) ----
+  // "none", "replicate:R", "xor" or "rs:M" (default none).
+  std::string ec = "none";
+  // Agents per parity group; 0 = all agents of the job form one group (default 0).
+  int group_size = 0;
+  // Optional file of "<node_id> <domain>" lines: groups spread over domains (racks, switches).
+  std::string topology;
+  // Node id per agent position (MPI rank), e.g. a replacement node taking a lost node's place;
+  // empty = node_id, or the position.
+  std::vector<int> node_ids;
 };
 
 // Runs the agent until `stop` becomes true in any agent of the job (all agents stop in the same

@@ -35,6 +35,10 @@ void Usage() {
                "  --keep K              committed checkpoints kept (default 3)\n"
                "  --flush-retry S       first retry delay after a failed flush, seconds (default 1)\n"
                "  --inject-fs SPEC      tests only: fault-injecting storage (see core/file_system.h)\n"
+               "  --ec SCHEME           none | replicate:R | xor | rs:M (default none)\n"
+               "  --group-size N        agents per parity group (default: all)\n"
+               "  --topology FILE       '<node_id> <domain>' lines: groups spread over domains\n"
+               "  --node-ids A,B,...    node id of each agent by MPI rank (replacement nodes)\n"
                "  --log-level L         debug|info|warning|error\n");
 }
 
@@ -88,6 +92,26 @@ int main(int argc, char** argv) {
     else if (a == "--flush-every") opts.flush_every = next_int();
     else if (a == "--keep") opts.keep_persisted = next_int();
     else if (a == "--inject-fs") opts.inject_fs = next();
+    else if (a == "--ec") opts.ec = next();
+    else if (a == "--group-size") opts.group_size = next_int();
+    else if (a == "--topology") opts.topology = next();
+    else if (a == "--node-ids") {
+      std::string list = next();
+      size_t pos = 0;
+      while (pos <= list.size()) {
+        size_t comma = list.find(',', pos);
+        std::string item = list.substr(pos, comma == std::string::npos ? std::string::npos : comma - pos);
+        char* end = nullptr;
+        long v = std::strtol(item.c_str(), &end, 10);
+        if (item.empty() || *end != '\0' || v < 0) {
+          std::fprintf(stderr, "memento-agent: --node-ids expects non-negative integers, got '%s'\n", item.c_str());
+          return 2;
+        }
+        opts.node_ids.push_back(static_cast<int>(v));
+        if (comma == std::string::npos) break;
+        pos = comma + 1;
+      }
+    }
     else if (a == "--flush-interval" || a == "--flush-bandwidth" || a == "--flush-retry") {
       const char* v = next();
       char* end = nullptr;

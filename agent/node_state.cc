@@ -81,12 +81,14 @@ std::string ShmPrefix(const std::string& job_id, int node_id) {
   return "/memento-" + job_id + "-n" + std::to_string(node_id);
 }
 
-NodeState::NodeState(const AgentOptions& options, int node_id, Catalog* catalog, Flusher* flusher, bool coordinator)
-    : options_(options), node_id_(node_id), catalog_(catalog), flusher_(flusher), coordinator_(coordinator),
+NodeState::NodeState(const AgentOptions& options, int node_id, Catalog* catalog, Flusher* flusher, bool coordinator,
+                     ParityGroup* group)
+    : options_(options), node_id_(node_id), catalog_(catalog), flusher_(flusher), coordinator_(coordinator), group_(group),
       crc_pool_(std::make_unique<ThreadPool>(std::max(1, options.crc_threads), /*nice_increment=*/10)),
       verify_pool_(std::make_unique<ThreadPool>(std::max(1, options.crc_threads))) {}
 
 NodeState::~NodeState() {
+  if (encoder_.joinable()) encoder_.join();
   crc_pool_.reset();
   verify_pool_.reset();
 }
@@ -134,6 +136,19 @@ Status NodeState::Recover() {
                                 std::to_string(options_.slots_per_rank));
     }
     incarnation_ = node->incarnation();
+    if (group_ != nullptr && node->padded_length() > 0) {
+      const uint64_t bytes = group_->ParityLength(node->padded_length());
+      for (int k = 0; k < options_.slots_per_rank; ++k) {
+        auto seg = SharedMemory::Open(ShmPrefix(options_.job_id, node_id_) + "-q" + std::to_string(k), bytes, true);
+        if (!seg.ok()) {
+          MEMENTO_LOG(kWarning) << "parity slot " << k << " did not survive: " << seg.status().message();
+          parity_.clear();
+          break;
+        }
+        parity_.push_back(std::move(seg).value());
+      }
+      if (!parity_.empty()) padded_ = node->padded_length();
+    }
   } else if (node.status().code() != StatusCode::kNotFound) {
     return node.status();
   }
@@ -144,6 +159,7 @@ Status NodeState::Recover() {
   rec.set_shm_prefix(ShmPrefix(options_.job_id, node_id_));
   rec.set_slots_per_rank(options_.slots_per_rank);
   rec.set_incarnation(incarnation_);
+  rec.set_padded_length(padded_);
   MEMENTO_RETURN_IF_ERROR(catalog_->PutNode(rec));
 
   MEMENTO_ASSIGN_OR_RETURN(auto ranks, catalog_->ListRanks());
@@ -405,12 +421,13 @@ Result<int> NodeState::ChooseSlot(int64_t step, std::string* why_none) {
     const proto::VersionRecord* v = by_slot[k];
     if (v == nullptr) return k;
     bool usable = v->state() == proto::VERSION_GLOBALLY_COMPLETE && v->step() != newest_global &&
-                  v->step() != flush_current_;
+                  v->step() != flush_current_ && v->step() != encode_current_;
     if (!usable) {
       *why_none += (why_none->empty() ? "" : ", ") + std::string("slot ") + std::to_string(k) + " holds step " +
                    std::to_string(v->step()) + " (" + StateName(v->state()) +
                    (v->step() == newest_global ? ", newest restorable" : "") +
-                   (v->step() == flush_current_ ? ", being flushed" : "") + ")";
+                   (v->step() == flush_current_ ? ", being flushed" : "") +
+                   (v->step() == encode_current_ ? ", being erasure-coded" : "") + ")";
       continue;
     }
     if (v->step() < best_step) {
@@ -707,6 +724,13 @@ void NodeState::VerifyForEpoch() {
     MEMENTO_LOG(kInfo) << "dropping torn version " << s;
     DropVersion(s).IgnoreError();
   }
+  protected_here_.clear();
+  if (group_ != nullptr) {
+    for (int64_t step : valid_steps_) {
+      const proto::VersionRecord& v = versions_.at(step);
+      if (v.is_protected() && VerifyParity(v)) protected_here_.insert(step);
+    }
+  }
   if (flusher_ != nullptr) {
     persisted_ = flusher_->CommittedSteps(TickPayload::kMaxListed);
     if (!persisted_.empty()) last_committed_ = std::max(last_committed_, persisted_[0]);
@@ -739,6 +763,8 @@ void NodeState::OpenEpoch(const std::vector<TickPayload>& all) {
     if (c == static_cast<int>(all.size())) common.insert(s);
   }
   const int64_t memory_point = common.empty() ? -1 : *common.rbegin();
+  // A newer version the parity groups can rebuild comes first: memory is faster than storage.
+  if (group_ != nullptr && PlanRebuild(all, memory_point)) return;
   // A committed checkpoint newer than what memory holds everywhere, visible to every agent and not
   // refused by any: all agents load it, and the round is repeated.
   if (flusher_ != nullptr) {
@@ -766,6 +792,10 @@ void NodeState::OpenEpoch(const std::vector<TickPayload>& all) {
     }
   }
   restore_point_ = memory_point;
+  if (group_ != nullptr) {
+    Status st = EnsureParitySlots(GroupPadded(all));
+    if (!st.ok()) MEMENTO_LOG(kError) << "parity slots: " << st.ToString();
+  }
   std::vector<int64_t> drop;
   for (auto& [step, v] : versions_) {
     if (common.count(step)) {
@@ -803,6 +833,18 @@ void NodeState::OpenEpoch(const std::vector<TickPayload>& all) {
     refused_.push_back("version " + std::to_string(s) + " refused: " + why);
   }
   for (int64_t s : drop) DropVersion(s).IgnoreError();
+  if (!ec_refusals_.empty()) {
+    std::string fallback = "nothing: no version is left in memory or storage";
+    auto it = versions_.find(restore_point_);
+    if (it != versions_.end()) {
+      fallback = "version " + std::to_string(restore_point_) +
+                 (it->second.source().empty() ? " held in memory" : " from " + it->second.source());
+    }
+    for (const auto& r : ec_refusals_) refused_.push_back(r + "; falling back to " + fallback);
+  }
+  ec_refusals_.clear();
+  rebuild_attempted_.clear();
+  rebuild_target_ = -1;
   load_target_ = -1;
   failed_loads_.clear();
   incarnation_ = max_incarnation + 1;
@@ -844,6 +886,21 @@ TickPayload NodeState::MakeTick(bool stop) {
       if (p.n_failed_load < TickPayload::kMaxListed) p.failed_load[p.n_failed_load++] = s;
     }
   }
+  if (group_ != nullptr) {
+    for (int32_t r : epoch_open_ ? epoch_ranks_ : pending_ranks_) {
+      auto it = ranks_.find(r);
+      if (it != ranks_.end()) p.data_bytes += it->second.record.slot_bytes();
+    }
+    if (phase_ == 2) {
+      for (auto it = protected_here_.rbegin(); it != protected_here_.rend() && p.n_protected < TickPayload::kMaxListed; ++it) {
+        p.protected_valid[p.n_protected++] = *it;
+      }
+    }
+    p.encode_order = coordinator_ ? encode_order_ : -1;
+    p.protected_step = coordinator_ ? protected_announce_ : -1;
+    p.encode_step = encode_current_;
+    p.encode_state = encode_state_.load();
+  }
   if (flusher_ != nullptr) {
     p.flush_order = coordinator_ ? flush_order_ : -1;
     Flusher::Progress fp = flusher_->progress();
@@ -856,13 +913,14 @@ TickPayload NodeState::MakeTick(bool stop) {
 bool NodeState::ApplyTick(const std::vector<TickPayload>& all) {
   std::lock_guard<std::mutex> lock(mu_);
   bool stop = false;
-  bool all_open = true, all_waiting = true, all_verified = true;
+  bool all_open = true, all_waiting = true, all_verified = true, all_rebuilding = true;
   int32_t registered = 0, world = 0;
   for (const TickPayload& p : all) {
     stop |= p.stop != 0;
     all_open &= p.phase == 0;
     all_waiting &= p.phase == 1;
     all_verified &= p.phase == 2;
+    all_rebuilding &= p.phase == 3;
     registered += p.registered;
     world = std::max(world, p.world_size);
   }
@@ -887,12 +945,15 @@ bool NodeState::ApplyTick(const std::vector<TickPayload>& all) {
       }
     }
     if (changed) cv_.notify_all();
+    EncodeRound(all);
     FlushRound(all);
   } else if (all_waiting && world > 0 && registered == world) {
     VerifyForEpoch();
     phase_ = 2;
   } else if (all_verified) {
     OpenEpoch(all);
+  } else if (all_rebuilding) {
+    RebuildRound(all);
   }
   return false;
 }
@@ -1058,6 +1119,313 @@ void NodeState::FlushRound(const std::vector<TickPayload>& all) {
     MEMENTO_LOG(kInfo) << "flushing step " << step;
     break;
   }
+}
+
+
+// ---- erasure coding ---------------------------------------------------------------------------
+
+uint64_t NodeState::GroupPadded(const std::vector<TickPayload>& all) const {
+  uint64_t largest = 0;
+  for (int pos : group_->members()) largest = std::max(largest, all.at(pos).data_bytes);
+  return largest == 0 ? 0 : group_->PaddedLength(largest);
+}
+
+NodeData NodeState::DataOf(int slot, const std::set<int32_t>& ranks) {
+  NodeData data;
+  for (int32_t r : ranks) {  // rank order: identical layout before and after a rebuild
+    auto it = ranks_.find(r);
+    if (it != ranks_.end()) data.Add(it->second.slots.at(slot)->data(), it->second.record.slot_bytes());
+  }
+  return data;
+}
+
+Status NodeState::EnsureParitySlots(uint64_t padded) {
+  if (group_ == nullptr || padded == 0) return Status::Ok();
+  if (padded == padded_ && static_cast<int>(parity_.size()) == options_.slots_per_rank) return Status::Ok();
+  const uint64_t bytes = group_->ParityLength(padded);
+  parity_.clear();
+  padded_ = 0;
+  for (int k = 0; k < options_.slots_per_rank; ++k) {
+    const std::string name = ShmPrefix(options_.job_id, node_id_) + "-q" + std::to_string(k);
+    if (SharedMemory::Exists(name)) SharedMemory::Unlink(name).IgnoreError();
+    auto seg = SharedMemory::Create(name, bytes);
+    if (!seg.ok()) {
+      parity_.clear();
+      return seg.status().WithContext("creating parity slot " + std::to_string(k));
+    }
+    parity_.push_back(std::move(seg).value());
+  }
+  padded_ = padded;
+  auto node = catalog_->GetNode();
+  if (node.ok()) {
+    node->set_padded_length(padded_);
+    MEMENTO_RETURN_IF_ERROR(catalog_->PutNode(*node));
+  }
+  MEMENTO_LOG(kInfo) << "parity slots: " << options_.slots_per_rank << " x " << FormatBytes(bytes) << " (group "
+                     << group_->group_id() << ", " << group_->scheme().ToString() << ", padded data "
+                     << FormatBytes(padded) << ")";
+  return Status::Ok();
+}
+
+bool NodeState::VerifyParity(const proto::VersionRecord& v) {
+  if (v.padded_length() == 0 || v.padded_length() != padded_ || v.slot_index() < 0 ||
+      v.slot_index() >= static_cast<int>(parity_.size())) {
+    return false;
+  }
+  const uint8_t* base = parity_[v.slot_index()]->data();
+  for (const auto& r : v.parity_crcs()) {
+    for (int c = 0; c < r.chunk_crcs_size(); ++c) {
+      const uint64_t begin = r.offset() + static_cast<uint64_t>(c) * r.chunk_bytes();
+      const uint64_t len = std::min<uint64_t>(r.chunk_bytes(), r.offset() + r.bytes() - begin);
+      if (begin + len > parity_[v.slot_index()]->size() || Crc64(base + begin, len) != r.chunk_crcs(c)) {
+        MEMENTO_LOG(kWarning) << "parity of step " << v.step() << " on node " << node_id_ << " fails its CRC";
+        return false;
+      }
+    }
+  }
+  return !v.parity_crcs().empty();
+}
+
+namespace {
+
+std::vector<proto::RegionCrc> ParityCrcs(const uint8_t* parity, uint64_t bytes, uint64_t chunk) {
+  proto::RegionCrc r;
+  r.set_name("parity");
+  r.set_offset(0);
+  r.set_bytes(bytes);
+  r.set_chunk_bytes(chunk);
+  for (uint64_t off = 0; off < bytes || (bytes == 0 && off == 0); off += chunk) {
+    r.add_chunk_crcs(Crc64(parity + off, std::min<uint64_t>(chunk, bytes - off)));
+    if (bytes == 0) break;
+  }
+  return {r};
+}
+
+}  // namespace
+
+void NodeState::StartEncode(int64_t step) {
+  auto it = versions_.find(step);
+  const bool have = it != versions_.end() && it->second.state() == proto::VERSION_GLOBALLY_COMPLETE && padded_ > 0 &&
+                    it->second.slot_index() < static_cast<int>(parity_.size());
+  const uint64_t padded = padded_;
+  NodeData data;
+  std::shared_ptr<SharedMemory> parity_seg;
+  std::vector<std::shared_ptr<SharedMemory>> keep;  // slots stay mapped while the encoder reads them
+  if (have) {
+    const int slot = it->second.slot_index();
+    data = DataOf(slot, epoch_ranks_);
+    for (int32_t r : epoch_ranks_) {
+      auto rit = ranks_.find(r);
+      if (rit != ranks_.end()) keep.push_back(rit->second.slots.at(slot));
+    }
+    parity_seg = parity_[slot];
+  }
+  encode_current_ = step;
+  encode_state_ = 1;
+  if (encoder_.joinable()) encoder_.join();
+  const uint64_t chunk = std::max<uint64_t>(options_.crc_chunk_bytes, 4096);
+  encoder_ = std::thread([this, step, have, padded, data, parity_seg, keep, chunk]() mutable {
+    // Every member takes part in the collective, even one that lost the version (zeros, failed).
+    const uint64_t bytes = padded > 0 ? group_->ParityLength(padded) : 0;
+    std::vector<uint8_t> scratch;
+    uint8_t* parity = parity_seg ? parity_seg->data() : nullptr;
+    if (parity == nullptr) {
+      scratch.resize(bytes);
+      parity = scratch.data();
+    }
+    Status st = padded > 0 ? group_->Encode(data, padded, parity) : FailedPrecondition("no parity slots");
+    std::vector<proto::RegionCrc> crcs;
+    if (st.ok() && have) crcs = ParityCrcs(parity, bytes, chunk);
+    std::lock_guard<std::mutex> lock(mu_);
+    encode_crcs_ = std::move(crcs);
+    encode_error_ = st.ok() ? (have ? "" : "version not held on this node") : st.message();
+    if (!encode_error_.empty()) {
+      MEMENTO_LOG(kError) << "erasure coding of step " << step << " failed on node " << node_id_ << ": "
+                          << encode_error_;
+    }
+    encode_state_ = st.ok() && have ? 2 : 3;
+  });
+}
+
+void NodeState::EncodeRound(const std::vector<TickPayload>& all) {
+  if (group_ == nullptr || all.empty()) return;
+  const TickPayload& c = all[0];
+  // Outcome, as the coordinator published it.
+  if (encode_current_ >= 0 && c.protected_step == encode_current_) {
+    if (encode_state_ == 2) {
+      auto it = versions_.find(encode_current_);
+      if (it != versions_.end()) {
+        it->second.set_is_protected(true);
+        it->second.set_padded_length(padded_);
+        it->second.clear_parity_crcs();
+        for (const auto& r : encode_crcs_) *it->second.add_parity_crcs() = r;
+        catalog_->PutVersion(it->second).IgnoreError();
+        MEMENTO_LOG(kDebug) << "step " << encode_current_ << " protected";
+      }
+      last_protected_ = std::max(last_protected_, encode_current_);
+    }
+    if (encode_state_ != 1) {
+      encode_current_ = -1;
+      encode_state_ = 0;
+      cv_.notify_all();
+    }
+  } else if (encode_current_ >= 0 && c.encode_order != encode_current_ && encode_state_ != 1) {
+    encode_current_ = -1;  // aborted
+    encode_state_ = 0;
+    cv_.notify_all();
+  }
+  // Follow the order.
+  if (c.encode_order >= 0 && encode_current_ < 0 && encode_state_ == 0 && c.encode_order > last_protected_) {
+    StartEncode(c.encode_order);
+  }
+  if (!coordinator_) return;
+  if (protected_announce_ >= 0 && c.protected_step == protected_announce_) protected_announce_ = -1;  // delivered
+  if (encode_order_ >= 0) {
+    bool finished = true, failed = false;
+    for (const TickPayload& p : all) {
+      if (p.encode_step != encode_order_ || (p.encode_state != 2 && p.encode_state != 3)) finished = false;
+      if (p.encode_step == encode_order_ && p.encode_state == 3) failed = true;
+    }
+    if (finished && failed) {
+      MEMENTO_LOG(kError) << "erasure coding of step " << encode_order_ << " failed on some node; it stays unprotected";
+      encode_order_ = -1;
+    } else if (finished) {
+      protected_announce_ = encode_order_;
+      encode_order_ = -1;
+    }
+    return;
+  }
+  if (protected_announce_ >= 0 || encode_current_ >= 0 || padded_ == 0) return;
+  for (auto it = versions_.rbegin(); it != versions_.rend(); ++it) {  // newest first
+    if (it->first <= last_protected_) break;
+    if (it->second.state() == proto::VERSION_GLOBALLY_COMPLETE && !it->second.is_protected()) {
+      encode_order_ = it->first;
+      break;
+    }
+  }
+}
+
+bool NodeState::PlanRebuild(const std::vector<TickPayload>& all, int64_t memory_point) {
+  std::set<int64_t> candidates;
+  for (const TickPayload& p : all) {
+    for (int i = 0; i < p.n_protected && i < TickPayload::kMaxListed; ++i) {
+      if (p.protected_valid[i] > memory_point && !rebuild_attempted_.count(p.protected_valid[i])) {
+        candidates.insert(p.protected_valid[i]);
+      }
+    }
+  }
+  auto has = [&](const TickPayload& p, int64_t step) {
+    for (int i = 0; i < p.n_protected && i < TickPayload::kMaxListed; ++i) {
+      if (p.protected_valid[i] == step) return true;
+    }
+    return false;
+  };
+  for (auto it = candidates.rbegin(); it != candidates.rend(); ++it) {
+    const int64_t step = *it;
+    std::string why;
+    std::string rebuilding;
+    for (size_t g = 0; g < group_->all_groups().size() && why.empty(); ++g) {
+      const auto& members = group_->all_groups()[g];
+      std::vector<int> lost;
+      std::string nodes;
+      for (size_t i = 0; i < members.size(); ++i) {
+        if (has(all.at(members[i]), step)) continue;
+        lost.push_back(static_cast<int>(i));
+        nodes += (nodes.empty() ? "" : ", ") + std::to_string(all.at(members[i]).node_id);
+      }
+      if (lost.empty()) continue;
+      auto layout = StripeLayout::Create(group_->scheme(), static_cast<int>(members.size()));
+      Status st = layout.ok() ? layout->CheckRecoverable(lost) : layout.status();
+      if (!st.ok()) {
+        why = "group " + std::to_string(g) + " (lost nodes " + nodes + "): " + st.message();
+      } else {
+        rebuilding += (rebuilding.empty() ? "" : "; ") + std::string("group ") + std::to_string(g) + " rebuilds nodes " + nodes;
+      }
+    }
+    if (!why.empty()) {
+      const std::string msg = "version " + std::to_string(step) + " is not recoverable from memory: " + why;
+      MEMENTO_LOG(kWarning) << msg;
+      ec_refusals_.push_back(msg);
+      rebuild_attempted_.insert(step);
+      continue;
+    }
+    MEMENTO_LOG(kInfo) << "rebuilding step " << step << " from parity: " << rebuilding;
+    rebuild_target_ = step;
+    phase_ = 3;
+    return true;
+  }
+  return false;
+}
+
+void NodeState::RebuildRound(const std::vector<TickPayload>& all) {
+  const int64_t step = rebuild_target_;
+  rebuild_attempted_.insert(step);
+  phase_ = 1;  // verify again once rebuilt
+  const auto& members = group_->members();
+  std::vector<int> lost;
+  for (size_t i = 0; i < members.size(); ++i) {
+    const TickPayload& p = all.at(members[i]);
+    bool has = false;
+    for (int j = 0; j < p.n_protected && j < TickPayload::kMaxListed; ++j) has |= p.protected_valid[j] == step;
+    if (!has) lost.push_back(static_cast<int>(i));
+  }
+  const bool me_lost = std::find(lost.begin(), lost.end(), group_->index()) != lost.end();
+  const uint64_t padded = GroupPadded(all);
+  Status st = EnsureParitySlots(padded);
+  int slot = -1;
+  auto vit = versions_.find(step);
+  if (vit != versions_.end()) {
+    slot = vit->second.slot_index();  // a corrupted copy is rebuilt in place
+  } else {
+    std::set<int> used;
+    for (const auto& [s, v] : versions_) used.insert(v.slot_index());
+    for (int k = 0; k < options_.slots_per_rank && slot < 0; ++k) {
+      if (!used.count(k)) slot = k;
+    }
+  }
+  // Every member of the group takes part in the exchange, whatever happens here.
+  NodeData data;
+  std::vector<uint8_t> scratch;
+  uint8_t* parity = nullptr;
+  if (st.ok() && slot >= 0 && slot < static_cast<int>(parity_.size())) {
+    data = DataOf(slot, pending_ranks_);
+    parity = parity_[slot]->data();
+  } else {
+    scratch.resize(padded > 0 ? group_->ParityLength(padded) : 0);
+    parity = scratch.data();
+    if (st.ok()) st = ResourceExhausted("no free slot on node " + std::to_string(node_id_) + " to rebuild into");
+  }
+  Status rb = group_->Rebuild(lost, &data, parity, padded);
+  if (!me_lost) return;
+  if (!st.ok() || !rb.ok()) {
+    MEMENTO_LOG(kError) << "rebuilding step " << step << " on node " << node_id_ << " failed: "
+                        << (st.ok() ? rb : st).ToString();
+    return;
+  }
+  proto::VersionRecord v;
+  v.set_step(step);
+  v.set_slot_index(slot);
+  v.set_state(proto::VERSION_LOCALLY_COMPLETE);
+  v.set_incarnation(incarnation_);
+  v.set_created_unix_ms(NowUnixMs());
+  v.set_is_protected(true);
+  v.set_padded_length(padded);
+  v.set_rebuilt_from("group " + std::to_string(group_->group_id()));
+  for (const auto& r : ParityCrcs(parity, group_->ParityLength(padded), std::max<uint64_t>(options_.crc_chunk_bytes, 4096))) {
+    *v.add_parity_crcs() = r;
+  }
+  for (int32_t r : pending_ranks_) {
+    proto::RankCapture* cap = v.add_captured();
+    cap->set_rank(r);
+    for (auto& region : RegionCrcs(ranks_.at(r).record, ranks_.at(r).slots.at(slot)->data())) {
+      *cap->add_crcs() = std::move(region);
+    }
+  }
+  catalog_->PutVersion(v).IgnoreError();
+  versions_[step] = v;
+  MEMENTO_LOG(kInfo) << "step " << step << " rebuilt on node " << node_id_ << " from its parity group ("
+                     << FormatBytes(data.size()) << " of data, " << FormatBytes(group_->ParityLength(padded))
+                     << " of parity)";
 }
 
 }  // namespace memento

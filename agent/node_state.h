@@ -4,18 +4,21 @@
 // MakeTick/ApplyTick; all state is guarded by mu_.
 #pragma once
 
+#include <atomic>
 #include <condition_variable>
 #include <cstdint>
 #include <map>
 #include <memory>
 #include <mutex>
 #include <set>
+#include <thread>
 #include <string>
 #include <vector>
 
 #include "agent/agent.h"
 #include "agent/catalog.h"
 #include "agent/flusher.h"
+#include "agent/parity_group.h"
 #include "core/shared_memory.h"
 #include "core/status.h"
 #include "core/thread_pool.h"
@@ -57,13 +60,23 @@ struct TickPayload {
   int64_t flush_order = -1;   // coordinator only: the step every agent flushes now
   int64_t flush_step = -1;    // the step flush_state refers to
   int32_t flush_state = 0;    // Flusher::State
+  // Erasure coding.
+  uint64_t data_bytes = 0;    // phase 2: bytes of this node's registered slots, all ranks
+  int32_t n_protected = 0;    // phase 2: protected versions held intact here, data and parity
+  int64_t protected_valid[kMaxListed] = {};
+  int64_t encode_order = -1;  // coordinator only: the step every agent encodes now
+  int64_t protected_step = -1;  // coordinator only: the step every group finished encoding
+  int64_t encode_step = -1;   // the step encode_state refers to
+  int32_t encode_state = 0;   // 0 idle, 1 encoding, 2 done, 3 failed
 };
 
 class NodeState {
  public:
   // `flusher` is null when the agent has no storage. The agent at index 0 of the agreement rounds
   // (`coordinator`) orders flushes and commits manifests.
-  NodeState(const AgentOptions& options, int node_id, Catalog* catalog, Flusher* flusher, bool coordinator);
+  // `group` is null without erasure coding.
+  NodeState(const AgentOptions& options, int node_id, Catalog* catalog, Flusher* flusher, bool coordinator,
+            ParityGroup* group = nullptr);
   ~NodeState();
 
   // Loads the catalog and re-attaches to surviving slots. Versions left capturing are dropped;
@@ -104,6 +117,16 @@ class NodeState {
   // Loads committed checkpoint `step` into a free slot for every pending rank.
   Status LoadFromStorage(int64_t step);                // REQUIRES(mu_)
   void FlushRound(const std::vector<TickPayload>& all); // REQUIRES(mu_)
+  // Erasure coding: encoding ordered by the coordinator, rebuild at job start.
+  void EncodeRound(const std::vector<TickPayload>& all); // REQUIRES(mu_)
+  void StartEncode(int64_t step);                        // REQUIRES(mu_)
+  Status EnsureParitySlots(uint64_t padded);             // REQUIRES(mu_)
+  bool VerifyParity(const proto::VersionRecord& v);      // REQUIRES(mu_)
+  // Picks the newest version a rebuild can bring back everywhere; false when none.
+  bool PlanRebuild(const std::vector<TickPayload>& all, int64_t memory_point); // REQUIRES(mu_)
+  void RebuildRound(const std::vector<TickPayload>& all); // REQUIRES(mu_)
+  uint64_t GroupPadded(const std::vector<TickPayload>& all) const;
+  NodeData DataOf(int slot, const std::set<int32_t>& ranks);  // REQUIRES(mu_)
   std::vector<proto::RegionCrc> RegionCrcs(const proto::RankRecord& layout, const uint8_t* base);
   void MaybeLocallyComplete(proto::VersionRecord* v);  // REQUIRES(mu_)
   Status CreateSlots(RankSlots* rs);
@@ -114,6 +137,7 @@ class NodeState {
   Catalog* catalog_;
   Flusher* flusher_;
   const bool coordinator_;
+  ParityGroup* group_;
   std::unique_ptr<ThreadPool> crc_pool_;     // checksums of new captures (tasks take mu_ when done)
   std::unique_ptr<ThreadPool> verify_pool_;  // re-verification under mu_: its tasks never take mu_
 
@@ -148,6 +172,21 @@ class NodeState {
   double retry_after_ = 0;                              // GUARDED_BY(mu_) coordinator, seconds
   double retry_backoff_ = 0;                            // GUARDED_BY(mu_) coordinator, seconds
   std::map<int64_t, std::string> flush_errors_;         // GUARDED_BY(mu_) this node's last error per step
+  // Erasure coding.
+  std::vector<std::shared_ptr<SharedMemory>> parity_;   // GUARDED_BY(mu_) one per slot index
+  uint64_t padded_ = 0;                                 // GUARDED_BY(mu_) L of the parity slots
+  std::thread encoder_;                                 // the running encode, if any
+  std::atomic<int32_t> encode_state_{0};                // 0 idle, 1 encoding, 2 done, 3 failed
+  int64_t encode_current_ = -1;                         // GUARDED_BY(mu_) the version being encoded (pinned)
+  std::vector<proto::RegionCrc> encode_crcs_;           // GUARDED_BY(mu_) parity CRCs of the last encode
+  std::string encode_error_;                            // GUARDED_BY(mu_)
+  int64_t encode_order_ = -1;                           // GUARDED_BY(mu_) coordinator
+  int64_t protected_announce_ = -1;                     // GUARDED_BY(mu_) coordinator
+  int64_t last_protected_ = -1;                         // GUARDED_BY(mu_)
+  std::set<int64_t> protected_here_;                    // GUARDED_BY(mu_) phase 2
+  std::set<int64_t> rebuild_attempted_;                 // GUARDED_BY(mu_) this job start
+  int64_t rebuild_target_ = -1;                         // GUARDED_BY(mu_)
+  std::vector<std::string> ec_refusals_;                // GUARDED_BY(mu_) this job start
 };
 
 }  // namespace memento

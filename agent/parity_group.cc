@@ -83,7 +83,8 @@ Result<std::unique_ptr<ParityGroup>> ParityGroup::Create(const Scheme& scheme, i
   MEMENTO_ASSIGN_OR_RETURN(auto encode_comm, world->Split(group_id, index));
   MEMENTO_ASSIGN_OR_RETURN(auto rebuild_comm, encode_comm->Duplicate());
   return std::unique_ptr<ParityGroup>(new ParityGroup(std::move(layout), std::move(codec), std::move(members), index,
-                                                      group_id, std::move(encode_comm), std::move(rebuild_comm)));
+                                                      group_id, std::move(groups), std::move(encode_comm),
+                                                      std::move(rebuild_comm)));
 }
 
 Status ParityGroup::Encode(const NodeData& data, size_t padded, uint8_t* parity) {

@@ -47,6 +47,8 @@ class ParityGroup {
   int index() const { return index_; }                   // this node's index in its group
   const std::vector<int>& members() const { return members_; }  // world positions, by index
   int group_id() const { return group_id_; }
+  // Every group of the job (world positions), identical on every agent.
+  const std::vector<std::vector<int>>& all_groups() const { return all_groups_; }
   size_t PaddedLength(size_t bytes) const { return layout_.PaddedLength(bytes); }
   size_t ParityLength(size_t padded) const { return layout_.ParityLength(padded); }
   const StripeLayout& layout() const { return layout_; }
@@ -61,15 +63,18 @@ class ParityGroup {
 
  private:
   ParityGroup(StripeLayout layout, std::unique_ptr<Codec> codec, std::vector<int> members, int index, int group_id,
-              std::unique_ptr<Communicator> encode_comm, std::unique_ptr<Communicator> rebuild_comm)
+              std::vector<std::vector<int>> all_groups, std::unique_ptr<Communicator> encode_comm,
+              std::unique_ptr<Communicator> rebuild_comm)
       : layout_(std::move(layout)), codec_(std::move(codec)), members_(std::move(members)), index_(index),
-        group_id_(group_id), encode_comm_(std::move(encode_comm)), rebuild_comm_(std::move(rebuild_comm)) {}
+        group_id_(group_id), all_groups_(std::move(all_groups)), encode_comm_(std::move(encode_comm)),
+        rebuild_comm_(std::move(rebuild_comm)) {}
 
   StripeLayout layout_;
   std::unique_ptr<Codec> codec_;
   std::vector<int> members_;
   int index_;
   int group_id_;
+  std::vector<std::vector<int>> all_groups_;
   std::unique_ptr<Communicator> encode_comm_;
   std::unique_ptr<Communicator> rebuild_comm_;
 };

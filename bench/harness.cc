@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -182,6 +183,23 @@ JsonLine& JsonLine::Add(std::string_view key, bool value) {
   return *this;
 }
 
+JsonLine& JsonLine::Add(std::string_view key, const std::vector<double>& values) {
+  Key(key);
+  body_ += '[';
+  for (size_t i = 0; i < values.size(); ++i) {
+    if (i > 0) body_ += ',';
+    if (!std::isfinite(values[i])) {
+      body_ += "null";
+    } else {
+      char buf[32];
+      std::snprintf(buf, sizeof buf, "%.6g", values[i]);
+      body_ += buf;
+    }
+  }
+  body_ += ']';
+  return *this;
+}
+
 // ---- host memory and the memcpy limit --------------------------------------------------------
 
 Result<std::unique_ptr<HostBuffer>> HostBuffer::Create(size_t bytes, uint8_t seed) {
@@ -238,6 +256,27 @@ struct EmergencyCleanup {
 };
 EmergencyCleanup g_cleanup;
 
+// RemoveOnFatalSignal's paths: a slot is in use when its first byte is not NUL.
+constexpr int kMaxExtraPaths = 8;
+char g_extra_paths[kMaxExtraPaths][512] = {};
+
+// rm -rf of `paths` (NULL-terminated), from a signal handler: fork, execv, waitpid only.
+void RemoveFromHandler(char** paths) {
+  if (paths[0] == nullptr) return;
+  const pid_t rm = ::fork();
+  if (rm == 0) {
+    char arg0[] = "rm";
+    char arg1[] = "-rf";
+    char* argv[2 + kMaxExtraPaths + 1] = {arg0, arg1};
+    int n = 2;
+    for (int i = 0; paths[i] != nullptr; ++i) argv[n++] = paths[i];
+    argv[n] = nullptr;
+    ::execv("/bin/rm", argv);
+    ::_exit(127);
+  }
+  if (rm > 0) ::waitpid(rm, nullptr, 0);
+}
+
 void OnFatalSignal(int sig) {
   if (g_cleanup.armed) {
     g_cleanup.armed = 0;
@@ -247,17 +286,16 @@ void OnFatalSignal(int sig) {
     }
     for (int i = 0; i < g_cleanup.shm_count; ++i) ::unlink(g_cleanup.shm_paths[i]);
     if (g_cleanup.tmpdir[0] != '\0') {
-      const pid_t rm = ::fork();
-      if (rm == 0) {
-        char arg0[] = "rm";
-        char arg1[] = "-rf";
-        char* argv[] = {arg0, arg1, g_cleanup.tmpdir, nullptr};
-        ::execv("/bin/rm", argv);
-        ::_exit(127);
-      }
-      if (rm > 0) ::waitpid(rm, nullptr, 0);
+      char* paths[] = {g_cleanup.tmpdir, nullptr};
+      RemoveFromHandler(paths);
     }
   }
+  char* extra[kMaxExtraPaths + 1] = {};
+  int n = 0;
+  for (int i = 0; i < kMaxExtraPaths; ++i) {
+    if (g_extra_paths[i][0] != '\0') extra[n++] = g_extra_paths[i];
+  }
+  RemoveFromHandler(extra);
   ::signal(sig, SIG_DFL);
   ::raise(sig);
 }
@@ -307,6 +345,30 @@ void SweepStale() {
   sweep("/dev/shm", "memento-bench", false);
   sweep("/tmp", "memento-bench-", true);
 }
+
+}  // namespace
+
+void RemoveOnFatalSignal(const std::string& path) {
+  if (path.empty() || path.size() >= sizeof g_extra_paths[0]) return;
+  InstallSignalCleanup();
+  for (auto& slot : g_extra_paths) {
+    if (slot[0] == '\0') {
+      // Write the name first and its first byte last, so the handler never sees half a name.
+      std::memcpy(slot + 1, path.c_str() + 1, path.size());
+      std::atomic_signal_fence(std::memory_order_seq_cst);
+      slot[0] = path[0];
+      return;
+    }
+  }
+}
+
+void ForgetOnFatalSignal(const std::string& path) {
+  for (auto& slot : g_extra_paths) {
+    if (slot[0] != '\0' && path == slot) slot[0] = '\0';
+  }
+}
+
+namespace {
 
 std::string UniqueJobId() {
   std::random_device rd;
@@ -359,7 +421,7 @@ Result<std::unique_ptr<AgentProcess>> AgentProcess::Start(const Options& options
                                    "--socket", agent->tmpdir_ + "/agent-%n.sock",
                                    "--catalog", agent->tmpdir_ + "/cat-%n",
                                    "--slots", std::to_string(options.slots_per_rank),
-                                   "--log-level", "warning"};
+                                   "--log-level", options.log_level};
   if (options.crc_threads > 0) {
     args.push_back("--crc-threads");
     args.push_back(std::to_string(options.crc_threads));
@@ -368,6 +430,7 @@ Result<std::unique_ptr<AgentProcess>> AgentProcess::Start(const Options& options
     args.push_back("--memory-budget");
     args.push_back(std::to_string(options.memory_budget_bytes));
   }
+  args.insert(args.end(), options.extra_args.begin(), options.extra_args.end());
 
   // An MPI singleton first; if that dies before serving, under `mpirun -np 1`.
   Status direct = agent->Launch(args, /*under_mpirun=*/false);

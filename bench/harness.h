@@ -84,6 +84,7 @@ class JsonLine {
   JsonLine& Add(std::string_view key, uint64_t value);
   JsonLine& Add(std::string_view key, int value) { return Add(key, static_cast<int64_t>(value)); }
   JsonLine& Add(std::string_view key, bool value);
+  JsonLine& Add(std::string_view key, const std::vector<double>& values);  // an array of numbers
   std::string str() const { return "{" + body_ + "}"; }
 
  private:
@@ -134,6 +135,8 @@ class AgentProcess {
     uint64_t memory_budget_bytes = 0;  // --memory-budget; 0 = not passed
     int crc_threads = 0;             // --crc-threads; 0 = not passed (the agent's default, 4)
     int start_timeout_ms = 30000;    // how long to wait for the agent's socket
+    std::string log_level = "warning";  // --log-level (debug|info|warning|error)
+    std::vector<std::string> extra_args;  // appended to the agent's command line (e.g. --storage DIR)
   };
 
   static Result<std::unique_ptr<AgentProcess>> Start(const Options& options);
@@ -145,6 +148,9 @@ class AgentProcess {
   const std::string& socket_path() const { return socket_path_; }  // node 0's, "%n" expanded
   // The last `max_bytes` of what the agent printed (stdout and stderr), for error messages.
   std::string LogTail(size_t max_bytes = 4000) const;
+  // Stops the agent now (SIGTERM, waits for it); the destructor still removes its files. For a
+  // benchmark that reads the agent's final log lines or wants its threads gone before going on.
+  void Shutdown() { Stop(); }
 
  private:
   AgentProcess() = default;
@@ -161,5 +167,11 @@ class AgentProcess {
 
 // Directory of this executable (from /proc/self/exe).
 std::string ExecutableDir();
+
+// Paths (files or directories) that a SIGINT, SIGTERM or SIGHUP of the benchmark removes with
+// `rm -rf` (after stopping the running agent, if any); at most 8 at a time. For what a benchmark
+// creates outside AgentProcess's own directory. Forget them once removed.
+void RemoveOnFatalSignal(const std::string& path);
+void ForgetOnFatalSignal(const std::string& path);
 
 }  // namespace memento::bench

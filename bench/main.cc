@@ -15,10 +15,12 @@ struct Subcommand {
   int (*main)(int argc, char** argv);
 };
 
-// Later: flush, erasure, convert, recovery.
+// Later: erasure, convert, recovery.
 constexpr Subcommand kSubcommands[] = {
     {"capture", "capture bandwidth vs memcpy (or pinned D2H with --cuda) and the training stall",
      memento::bench::CaptureMain},
+    {"flush", "flush bandwidth vs dd oflag=direct to the same directory, and the step time with flushing on/off",
+     memento::bench::FlushMain},
 };
 
 void Usage(FILE* out) {

@@ -8,4 +8,8 @@ namespace memento::bench {
 // Capture bandwidth against the memcpy / pinned-D2H limit, and the training stall per snapshot.
 int CaptureMain(int argc, char** argv);
 
+// Flush bandwidth through the agent against dd oflag=direct to the same directory, the library's
+// writer alone, and the training-step time with flushing on vs off.
+int FlushMain(int argc, char** argv);
+
 }  // namespace memento::bench

@@ -299,7 +299,8 @@ class ClientImpl : public Client {
     MEMENTO_ASSIGN_OR_RETURN(proto::Reply reply, Call(req));
     std::vector<VersionInfo> out;
     for (const auto& v : reply.list_versions().versions()) {
-      out.push_back({v.step(), v.state(), v.captured_ranks(), v.local_ranks(), v.persisted(), v.flush_error()});
+      out.push_back({v.step(), v.state(), v.captured_ranks(), v.local_ranks(), v.persisted(), v.flush_error(),
+                     v.is_protected()});
     }
     return out;
   }

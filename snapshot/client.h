@@ -72,6 +72,7 @@ struct VersionInfo {
   int32_t local_ranks = 0;     // local ranks of this node
   bool persisted = false;      // a committed checkpoint of it is in storage
   std::string flush_error;     // why its last flush failed, if it did
+  bool is_protected = false;   // erasure-coded across the node's parity group
 };
 
 struct RestoreResult {

@@ -30,7 +30,9 @@ Status RunAgent(AgentOptions options, Communicator* comm, const std::atomic<bool
       return InvalidArgument("job id '" + options.job_id + "' may hold only letters, digits, '-', '_' and '.'");
     }
   }
-  if (options.slots_per_rank == 0) options.slots_per_rank = options.storage_root.empty() ? 2 : 3;
+  // With storage, one slot may be held by a flush and one by the checksum of the newest capture
+  // while the newest restorable version keeps a third: a fourth lets the next capture start at once.
+  if (options.slots_per_rank == 0) options.slots_per_rank = options.storage_root.empty() ? 2 : 4;
   if (options.inject_fs.empty()) options.inject_fs = Env().fault_fs;
   if (options.slots_per_rank < 2) {
     return InvalidArgument("--slots must be at least 2 (one for the newest restorable version, one to capture into)");
@@ -63,7 +65,7 @@ Status RunAgent(AgentOptions options, Communicator* comm, const std::atomic<bool
   std::unique_ptr<Flusher> flusher;
   if (!options.storage_root.empty()) {
     flusher = std::make_unique<Flusher>(options, fs, node_id);
-    if (options.slots_per_rank < 3) {
+    if (options.slots_per_rank < 4) {
       MEMENTO_LOG(kWarning) << "flushing with " << options.slots_per_rank
                             << " slots per rank: a capture may wait for a flush to release its slot";
     }

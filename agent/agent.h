@@ -26,8 +26,9 @@ struct AgentOptions {
   // Catalog directory (node-local disk); "%n" becomes the node id.
   // Default "" = /tmp/memento-<job>-node%n.catalog.
   std::string catalog_dir;
-  // Versions kept per rank (R slots each). 0 = 2, or 3 when flushing (one slot may be held by
-  // a flush while the newest restorable version and the next capture use the others).
+  // Versions kept per rank (R slots each). 0 = 2, or 4 when flushing (a flush may hold one slot
+  // and the checksum of the newest capture another while the newest restorable version keeps a
+  // third: the fourth lets the next capture start at once).
   int slots_per_rank = 0;
   // Most bytes of slots this agent may create; 0 = no budget beyond what /dev/shm holds.
   uint64_t memory_budget_bytes = 0;

@@ -2,6 +2,10 @@
 #include "agent/flusher.h"
 
 #include <algorithm>
+#include <sys/resource.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
 #include <chrono>
 
 #include "core/crc.h"
@@ -27,11 +31,18 @@ std::string Flusher::StepDir(int64_t step) const {
 void Flusher::Run(int64_t step, std::function<Status()> job, State done, State failed) {
   if (worker_.joinable()) worker_.join();
   worker_ = std::thread([this, step, job = std::move(job), done, failed] {
+    // Storage work is background work: below the copy and agreement threads on small machines.
+    const id_t tid = static_cast<id_t>(::syscall(SYS_gettid));
+    (void)::setpriority(PRIO_PROCESS, tid, ::getpriority(PRIO_PROCESS, tid) + 10);
     Status st = job();
-    std::lock_guard<std::mutex> lock(mu_);
-    progress_.step = step;
-    progress_.state = st.ok() ? done : failed;
-    progress_.error = st.ok() ? "" : st.message();
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      progress_.step = step;
+      progress_.state = st.ok() ? done : failed;
+      progress_.error = st.ok() ? "" : st.message();
+    }
+    // After a commit is reported: retention never delays it.
+    if (st.ok() && done == State::kCommitted) ApplyRetention(step);
   });
 }
 
@@ -125,9 +136,13 @@ Status Flusher::Commit(int64_t step, int32_t world_size) {
   MEMENTO_RETURN_IF_ERROR(CommitManifest(fs_, dir, m));
   MEMENTO_LOG(kInfo) << "step " << step << " committed: " << dir << " (" << FormatBytes(total) << ", " << world_size
                      << " ranks)";
-  // Retention: keep the newest keep_persisted committed checkpoints; drop stale partial ones below.
+  return Status::Ok();
+}
+
+void Flusher::ApplyRetention(int64_t step) {
+  // Keep the newest keep_persisted committed checkpoints; drop stale partial ones below `step`.
   auto list = ListCheckpoints(fs_, JobDir());
-  if (!list.ok()) return Status::Ok();
+  if (!list.ok()) return;
   std::vector<int64_t> committed;
   for (const auto& c : *list) {
     if (c.committed) committed.push_back(c.step);
@@ -145,7 +160,6 @@ Status Flusher::Commit(int64_t step, int32_t world_size) {
       fs_->RemoveAll(c.dir).IgnoreError();
     }
   }
-  return Status::Ok();
 }
 
 Status Flusher::RemovePartial() {

@@ -68,6 +68,7 @@ class Flusher {
   void Run(int64_t step, std::function<Status()> job, State done, State failed);
   Status WriteRanks(int64_t step, int32_t world_size, const std::vector<RankJob>& ranks);
   Status Commit(int64_t step, int32_t world_size);
+  void ApplyRetention(int64_t step);
 
   const AgentOptions options_;
   FileSystem* fs_;

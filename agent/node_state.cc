@@ -14,6 +14,7 @@
 
 #include "core/crc.h"
 #include "core/dtype.h"
+#include "core/kill_point.h"
 #include "core/log.h"
 #include "proto/shard_convert.h"
 #include "proto/version.h"
@@ -630,6 +631,7 @@ proto::ListVersionsReply NodeState::ListVersions() {
     p->set_local_ranks(static_cast<int32_t>(epoch_open_ ? epoch_ranks_.size() : pending_ranks_.size()));
     p->set_persisted(v.persisted());
     p->set_source(v.source());
+    p->set_is_protected(v.is_protected());
     auto e = flush_errors_.find(step);
     if (e != flush_errors_.end()) p->set_flush_error(e->second);
   }
@@ -781,6 +783,7 @@ void NodeState::OpenEpoch(const std::vector<TickPayload>& all) {
     if (candidate >= 0) {
       MEMENTO_LOG(kInfo) << "restoring step " << candidate << " from storage (" << flusher_->StepDir(candidate) << ")";
       load_target_ = candidate;
+      storage_loaded_ = candidate;
       phase_ = 1;  // verify again, loading the checkpoint, in the next round
       return;
     }
@@ -836,13 +839,17 @@ void NodeState::OpenEpoch(const std::vector<TickPayload>& all) {
   if (!ec_refusals_.empty()) {
     std::string fallback = "nothing: no version is left in memory or storage";
     auto it = versions_.find(restore_point_);
-    if (it != versions_.end()) {
+    if (flusher_ != nullptr && restore_point_ >= 0 && restore_point_ == storage_loaded_) {
+      // Some nodes loaded it from storage (this one may have had it in memory).
+      fallback = "version " + std::to_string(restore_point_) + " from " + flusher_->StepDir(restore_point_);
+    } else if (it != versions_.end()) {
       fallback = "version " + std::to_string(restore_point_) +
                  (it->second.source().empty() ? " held in memory" : " from " + it->second.source());
     }
     for (const auto& r : ec_refusals_) refused_.push_back(r + "; falling back to " + fallback);
   }
   ec_refusals_.clear();
+  storage_loaded_ = -1;
   rebuild_attempted_.clear();
   rebuild_target_ = -1;
   load_target_ = -1;
@@ -1225,6 +1232,7 @@ void NodeState::StartEncode(int64_t step) {
   if (encoder_.joinable()) encoder_.join();
   const uint64_t chunk = std::max<uint64_t>(options_.crc_chunk_bytes, 4096);
   encoder_ = std::thread([this, step, have, padded, data, parity_seg, keep, chunk]() mutable {
+    KillPoint("agent.encode", node_id_, step);
     // Every member takes part in the collective, even one that lost the version (zeros, failed).
     const uint64_t bytes = padded > 0 ? group_->ParityLength(padded) : 0;
     std::vector<uint8_t> scratch;
@@ -1350,6 +1358,10 @@ bool NodeState::PlanRebuild(const std::vector<TickPayload>& all, int64_t memory_
       continue;
     }
     MEMENTO_LOG(kInfo) << "rebuilding step " << step << " from parity: " << rebuilding;
+    rebuild_lost_.clear();
+    for (size_t i = 0; i < group_->members().size(); ++i) {
+      if (!has(all.at(group_->members()[i]), step)) rebuild_lost_.push_back(static_cast<int>(i));
+    }
     rebuild_target_ = step;
     phase_ = 3;
     return true;
@@ -1361,14 +1373,7 @@ void NodeState::RebuildRound(const std::vector<TickPayload>& all) {
   const int64_t step = rebuild_target_;
   rebuild_attempted_.insert(step);
   phase_ = 1;  // verify again once rebuilt
-  const auto& members = group_->members();
-  std::vector<int> lost;
-  for (size_t i = 0; i < members.size(); ++i) {
-    const TickPayload& p = all.at(members[i]);
-    bool has = false;
-    for (int j = 0; j < p.n_protected && j < TickPayload::kMaxListed; ++j) has |= p.protected_valid[j] == step;
-    if (!has) lost.push_back(static_cast<int>(i));
-  }
+  const std::vector<int> lost = rebuild_lost_;  // decided from the verified round's payloads
   const bool me_lost = std::find(lost.begin(), lost.end(), group_->index()) != lost.end();
   const uint64_t padded = GroupPadded(all);
   Status st = EnsureParitySlots(padded);

@@ -162,6 +162,7 @@ class NodeState {
   int32_t job_registered_ = 0;                          // GUARDED_BY(mu_) job-wide, last round
   // Restore from storage (epoch start).
   int64_t load_target_ = -1;                            // GUARDED_BY(mu_) agreed checkpoint to load
+  int64_t storage_loaded_ = -1;                         // GUARDED_BY(mu_) the last checkpoint agreed on
   std::vector<int64_t> persisted_;                      // GUARDED_BY(mu_) committed steps seen, newest first
   std::map<int64_t, std::string> failed_loads_;         // GUARDED_BY(mu_) this epoch start
   // Flush.
@@ -186,6 +187,7 @@ class NodeState {
   std::set<int64_t> protected_here_;                    // GUARDED_BY(mu_) phase 2
   std::set<int64_t> rebuild_attempted_;                 // GUARDED_BY(mu_) this job start
   int64_t rebuild_target_ = -1;                         // GUARDED_BY(mu_)
+  std::vector<int> rebuild_lost_;                       // GUARDED_BY(mu_) lost indices of this node's group
   std::vector<std::string> ec_refusals_;                // GUARDED_BY(mu_) this job start
 };
 

@@ -70,10 +70,8 @@ class AgentCluster {
   }
   ~AgentCluster() {
     Kill();
-    for (int n = 0; n < nodes_; ++n) {
-      std::string cmd = "rm -rf '" + CatalogDir(n) + "'; rm -f /dev/shm/memento-" + job_ + "-*";
-      (void)std::system(cmd.c_str());
-    }
+    std::string cmd = "rm -rf '" + dir_ + "'/catalog-*; rm -f /dev/shm/memento-" + job_ + "-*";
+    (void)std::system(cmd.c_str());
   }
 
   const std::string& job() const { return job_; }
@@ -84,6 +82,8 @@ class AgentCluster {
     (void)std::system(cmd.c_str());
   }
   void SetExtraArgs(std::vector<std::string> extra) { extra_ = std::move(extra); }
+  // The node id of each agent position (replacement nodes get new ids; --node-ids in the args).
+  void SetNodeIds(std::vector<int> ids) { node_ids_ = std::move(ids); }
   std::string SocketPattern() const { return dir_ + "/agent-%n.sock"; }
   std::string Socket(int n) const { return dir_ + "/agent-" + std::to_string(n) + ".sock"; }
   std::string CatalogDir(int n) const { return dir_ + "/catalog-" + std::to_string(n); }
@@ -100,7 +100,10 @@ class AgentCluster {
 
   // Starts the agents and waits until every socket accepts.
   void Start() {
-    for (int n = 0; n < nodes_; ++n) ::unlink(Socket(n).c_str());
+    if (node_ids_.empty()) {
+      for (int n = 0; n < nodes_; ++n) node_ids_.push_back(n);
+    }
+    for (int n : node_ids_) ::unlink(Socket(n).c_str());
     pid_ = ::fork();
     if (pid_ == 0) {
       ::setpgid(0, 0);
@@ -119,7 +122,7 @@ class AgentCluster {
       ::_exit(127);
     }
     auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
-    for (int n = 0; n < nodes_; ++n) {
+    for (int n : node_ids_) {
       struct stat st {};
       while (::stat(Socket(n).c_str(), &st) != 0) {
         int status = 0;
@@ -187,6 +190,7 @@ class AgentCluster {
   std::string job_;
   int nodes_;
   std::vector<std::string> extra_;
+  std::vector<int> node_ids_;
   std::string dir_;
   pid_t pid_ = -1;
 };

@@ -73,6 +73,9 @@ Status RunAgent(AgentOptions options, Communicator* comm, const std::atomic<bool
   // Erasure coding: every agent forms the groups (collective), spread over the topology's domains.
   std::unique_ptr<ParityGroup> group;
   MEMENTO_ASSIGN_OR_RETURN(Scheme scheme, Scheme::Parse(options.ec));
+  if (options.ec_encode != "partial" && options.ec_encode != "holders") {
+    return InvalidArgument("--ec-encode must be 'partial' or 'holders', got '" + options.ec_encode + "'");
+  }
   if (scheme.kind != Scheme::Kind::kNone) {
     std::vector<int32_t> ids(comm->size());
     int32_t mine = node_id;

@@ -37,6 +37,7 @@ void Usage() {
                "  --inject-fs SPEC      tests only: fault-injecting storage (see core/file_system.h)\n"
                "  --ec SCHEME           none | replicate:R | xor | rs:M (default none)\n"
                "  --group-size N        agents per parity group (default: all)\n"
+               "  --ec-encode HOW       partial (XOR reduce-scatter of partial parities) | holders\n"
                "  --topology FILE       '<node_id> <domain>' lines: groups spread over domains\n"
                "  --node-ids A,B,...    node id of each agent by MPI rank (replacement nodes)\n"
                "  --log-level L         debug|info|warning|error\n");
@@ -94,6 +95,7 @@ int main(int argc, char** argv) {
     else if (a == "--inject-fs") opts.inject_fs = next();
     else if (a == "--ec") opts.ec = next();
     else if (a == "--group-size") opts.group_size = next_int();
+    else if (a == "--ec-encode") opts.ec_encode = next();
     else if (a == "--topology") opts.topology = next();
     else if (a == "--node-ids") {
       std::string list = next();

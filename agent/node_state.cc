@@ -1241,7 +1241,9 @@ void NodeState::StartEncode(int64_t step) {
       scratch.resize(bytes);
       parity = scratch.data();
     }
-    Status st = padded > 0 ? group_->Encode(data, padded, parity) : FailedPrecondition("no parity slots");
+    Status st = padded == 0                        ? FailedPrecondition("no parity slots")
+                : options_.ec_encode == "holders" ? group_->EncodeToHolders(data, padded, parity)
+                                                  : group_->Encode(data, padded, parity);
     std::vector<proto::RegionCrc> crcs;
     if (st.ok() && have) crcs = ParityCrcs(parity, bytes, chunk);
     std::lock_guard<std::mutex> lock(mu_);

@@ -217,4 +217,57 @@ Status ParityGroup::Rebuild(const std::vector<int>& lost, NodeData* data, uint8_
   return Status::Ok();
 }
 
+
+Status ParityGroup::EncodeToHolders(const NodeData& data, size_t padded, uint8_t* parity) {
+  const int n = layout_.group_size();
+  const int k = layout_.k();
+  const size_t seg = layout_.SegmentLength(padded);
+  // Each parity slot this member holds is one row of its stripe's code: plan it once.
+  const auto held = layout_.ParityHeldBy(index_);
+  std::vector<DecodePlan> rows;
+  for (const auto& [stripe, j] : held) {
+    MEMENTO_ASSIGN_OR_RETURN(DecodePlan plan, codec_->PlanDecode({k + j}));
+    rows.push_back(std::move(plan));
+  }
+  std::vector<std::vector<uint8_t>> outbox, inbox;
+  for (size_t off = 0; off < seg; off += kWindow) {
+    const size_t len = std::min(kWindow, seg - off);
+    std::vector<Communicator::Message> sends, recvs;
+    outbox.clear();
+    inbox.clear();
+    outbox.reserve(static_cast<size_t>(n));
+    inbox.reserve(held.size() * static_cast<size_t>(k));
+    // My segment of every stripe I contribute to, to each of its holders.
+    for (int s = 0; s < n; ++s) {
+      const int t = layout_.SegmentOf(index_, s);
+      if (t < 0) continue;
+      outbox.emplace_back(len);
+      data.Read(static_cast<size_t>(t) * seg + off, len, outbox.back().data());
+      for (int j = 0; j < layout_.m(); ++j) {
+        const int holder = layout_.HolderIndex(s, j);
+        if (holder == index_) continue;
+        sends.push_back({holder, s * 64 + t, outbox.back().data(), len});
+      }
+    }
+    // The k segments of every stripe I hold a row of.
+    std::vector<std::vector<const uint8_t*>> sources(held.size());
+    for (size_t h = 0; h < held.size(); ++h) {
+      const int s = held[h].first;
+      const auto& contributors = layout_.ContributorsOf(s);
+      for (int src : rows[h].sources()) {  // the plan's sources are the k data indices
+        if (src >= k) return Internal("encoding plan of stripe " + std::to_string(s) + " reads a parity row");
+        inbox.emplace_back(len);
+        recvs.push_back({contributors[src], s * 64 + src, inbox.back().data(), len});
+        sources[h].push_back(inbox.back().data());
+      }
+    }
+    MEMENTO_RETURN_IF_ERROR(encode_comm_->Exchange(sends, recvs));
+    for (size_t h = 0; h < held.size(); ++h) {
+      uint8_t* out = parity + static_cast<size_t>(held[h].second) * seg + off;
+      rows[h].Apply(sources[h].data(), &out, len);
+    }
+  }
+  return Status::Ok();
+}
+
 }  // namespace memento

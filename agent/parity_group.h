@@ -56,6 +56,9 @@ class ParityGroup {
   // Collective over the group: computes this node's parity (ParityLength(padded) bytes) of the
   // version whose bytes are `data`, padded to `padded` (equal on every member).
   Status Encode(const NodeData& data, size_t padded, uint8_t* parity);
+  // The same parity, by sending each data segment to the stripe's parity holders, which compute
+  // their rows (point-to-point instead of a reduce-scatter). Collective over the group.
+  Status EncodeToHolders(const NodeData& data, size_t padded, uint8_t* parity);
   // Collective over the group: the members whose indices are in `lost` rebuild their data and
   // parity of one version from the survivors; survivors send what is needed. With more than m
   // lost, FailedPrecondition and nothing is written.

@@ -54,6 +54,10 @@ void CheckScheme(const std::string& text) {
   const size_t padded = g.PaddedLength(*std::max_element(all.begin(), all.end()));
   std::vector<uint8_t> parity(g.ParityLength(padded));
   ASSERT_TRUE(g.Encode(data, padded, parity.data()).ok());
+  // Sending segments to the holders computes the same parity as partial parities.
+  std::vector<uint8_t> parity2(parity.size(), 0xEE);
+  ASSERT_TRUE(g.EncodeToHolders(data, padded, parity2.data()).ok());
+  EXPECT_EQ(parity2, parity);
   const auto r0_saved = r0, r1_saved = r1, parity_saved = parity;
   for (const auto& lost : Subsets(world->size(), g.scheme().m)) {
     const bool me = std::find(lost.begin(), lost.end(), g.index()) != lost.end();

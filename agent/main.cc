@@ -37,7 +37,7 @@ void Usage() {
                "  --inject-fs SPEC      tests only: fault-injecting storage (see core/file_system.h)\n"
                "  --ec SCHEME           none | replicate:R | xor | rs:M (default none)\n"
                "  --group-size N        agents per parity group (default: all)\n"
-               "  --ec-encode HOW       partial (XOR reduce-scatter of partial parities) | holders\n"
+               "  --ec-encode HOW       holders (default: segments sent to parity holders) | partial\n"
                "  --topology FILE       '<node_id> <domain>' lines: groups spread over domains\n"
                "  --node-ids A,B,...    node id of each agent by MPI rank (replacement nodes)\n"
                "  --log-level L         debug|info|warning|error\n");

@@ -15,12 +15,14 @@ struct Subcommand {
   int (*main)(int argc, char** argv);
 };
 
-// Later: erasure, convert, recovery.
+// Later: convert, recovery.
 constexpr Subcommand kSubcommands[] = {
     {"capture", "capture bandwidth vs memcpy (or pinned D2H with --cuda) and the training stall",
      memento::bench::CaptureMain},
     {"flush", "flush bandwidth vs dd oflag=direct to the same directory, and the step time with flushing on/off",
      memento::bench::FlushMain},
+    {"erasure", "erasure-coding throughput vs ISA-L (1 thread) and MPI p2p; rebuild of a lost node vs storage",
+     memento::bench::ErasureMain},
 };
 
 void Usage(FILE* out) {

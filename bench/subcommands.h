@@ -12,4 +12,9 @@ int CaptureMain(int argc, char** argv);
 // writer alone, and the training-step time with flushing on vs off.
 int FlushMain(int argc, char** argv);
 
+// Erasure-coding throughput of a parity group over MPI against ISA-L on one thread and MPI
+// point-to-point bandwidth, both encodings (partial parities, send to holders), and the rebuild of
+// a lost node against restoring its bytes from storage. Runs itself under mpirun when needed.
+int ErasureMain(int argc, char** argv);
+
 }  // namespace memento::bench

@@ -1,5 +1,6 @@
-// The POSIX FileSystem (aligned buffered writes, O_DIRECT where allowed, fdatasync/fsync of files
-// and directories) and FaultInjectionFileSystem, which fails, splits or drops writes for tests.
+// The POSIX FileSystem (aligned buffered writes behind the caller on a per-file I/O thread, O_DIRECT
+// where allowed, fdatasync/fsync of files and directories) and FaultInjectionFileSystem, which
+// fails, splits or drops writes for tests.
 #include "core/file_system.h"
 
 #include <dirent.h>
@@ -11,11 +12,15 @@
 #include <atomic>
 #include <cerrno>
 #include <charconv>
+#include <condition_variable>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <map>
 #include <mutex>
 #include <string_view>
+#include <system_error>
+#include <thread>
 #include <utility>
 
 #include "core/posix_error.h"
@@ -35,43 +40,83 @@ Status CloseFd(int fd, const std::string& path) {
   return Status::Ok();
 }
 
-// Writes through a 4 KiB-aligned buffer of WriteOptions::buffer_bytes with pwrite at explicit
-// offsets. Invariant: the logical content is the file's first `written_` bytes followed by
-// buf_[0, buffered_). With O_DIRECT, `written_` stays a multiple of 4 KiB: Sync writes a tail that
-// is not a whole block zero-padded, keeps it in the buffer (the next write rewrites that block),
-// and ftruncates the file to its logical size.
-// After an error the state stays consistent (size() counts the bytes taken) and nothing already
-// taken is lost from the buffer, but callers normally abandon the file and write it again.
+// Appends of at least this many (aligned, with O_DIRECT) bytes are written from the caller's memory
+// without a copy into a buffer: AppendStable's behind the caller, Append's before it returns.
+// Smaller ones are not worth a write of their own and are copied.
+constexpr size_t kInPlaceMinBytes = size_t{1} << 20;
+// Write buffers per file: the caller fills one while the I/O thread writes the other.
+constexpr size_t kWriteBuffers = 2;
+// Writes queued for the I/O thread at most (the one in progress included); Append and
+// AppendStable wait beyond that, so that a failure surfaces within a few writes.
+constexpr size_t kMaxQueuedWrites = 4;
+
+// Writes through 4 KiB-aligned buffers of WriteOptions::buffer_bytes with pwrite at explicit
+// offsets, behind the caller: a full buffer (or a run of stable caller memory, AppendStable) is
+// queued for a per-file I/O thread, started on the first queued write and joined by Sync, Close and
+// the destructor, while the caller fills the other buffer. Invariant: the logical content is the
+// file's first `written_` bytes once the queued writes are done, followed by buf_[0, buffered_).
+// With O_DIRECT, `written_` stays a multiple of 4 KiB: Sync writes a tail that is not a whole block
+// zero-padded, keeps it in the buffer (the next write rewrites that block), and ftruncates the file
+// to its logical size.
+// A failed queued write halts the I/O thread with the write still queued; the next Append, Sync or
+// Close reports it, and the next wait for a write resumes the thread, which retries it. So after an
+// error the state stays consistent (size() counts the bytes taken) and nothing taken is lost, but
+// callers normally abandon the file and write it again.
 // Destroying the file without Close abandons the bytes not yet written out, like a crash.
+// Thread safety: one caller thread (WritableFile's contract); the I/O thread touches only mu_'s
+// fields, the queued jobs' memory, and what WriteAll changes (direct_, file_end_), which the caller
+// reads only with no write in progress.
 class PosixWritableFile final : public WritableFile {
  public:
   PosixWritableFile(std::string path, int fd, bool direct, char* buf, size_t capacity)
-      : path_(std::move(path)), fd_(fd), direct_(direct), buf_(buf), capacity_(capacity) {}
+      : path_(std::move(path)), fd_(fd), direct_(direct), capacity_(capacity), buffers_{buf}, buf_(buf) {}
   ~PosixWritableFile() override {
+    StopIo();
     if (fd_ >= 0) ::close(fd_);
-    std::free(buf_);
+    for (char* b : buffers_) std::free(b);
   }
   PosixWritableFile(const PosixWritableFile&) = delete;
   PosixWritableFile& operator=(const PosixWritableFile&) = delete;
 
+  // A long aligned run is written from `data` in this thread once the queued writes are done (a
+  // copy into the buffer costs more than the overlap gains, measured); the rest is copied.
   Status Append(const void* data, size_t n) override {
     if (fd_ < 0) return FailedPrecondition("append to " + path_ + " after Close");
+    MEMENTO_RETURN_IF_ERROR(TakeError());
     const char* p = static_cast<const char*>(data);
-    while (n > 0) {
-      if (buffered_ == capacity_) MEMENTO_RETURN_IF_ERROR(WriteBuffer());
-      const size_t take = std::min(n, capacity_ - buffered_);
-      std::memcpy(buf_ + buffered_, p, take);
-      buffered_ += take;
-      size_ += take;
+    if (const size_t in_place = InPlaceBytes(p, n); in_place > 0) {
+      if (buffered_ > 0) MEMENTO_RETURN_IF_ERROR(QueueBuffer());
+      MEMENTO_RETURN_IF_ERROR(Drain());
+      MEMENTO_RETURN_IF_ERROR(WriteAll(p, in_place, written_));
+      written_ += in_place;
+      size_ += in_place;
       tail_on_disk_ = false;
-      p += take;
-      n -= take;
+      p += in_place;
+      n -= in_place;
     }
-    return Status::Ok();
+    return CopyIn(p, n);
+  }
+
+  Status AppendStable(const void* data, size_t n) override {
+    if (fd_ < 0) return FailedPrecondition("append to " + path_ + " after Close");
+    MEMENTO_RETURN_IF_ERROR(TakeError());
+    const char* p = static_cast<const char*>(data);
+    if (const size_t in_place = InPlaceBytes(p, n); in_place > 0) {
+      // Buffered bytes go first; with O_DIRECT they are whole blocks here (size_ is aligned).
+      if (buffered_ > 0) MEMENTO_RETURN_IF_ERROR(QueueBuffer());
+      MEMENTO_RETURN_IF_ERROR(Queue(p, in_place, nullptr));
+      size_ += in_place;
+      tail_on_disk_ = false;
+      p += in_place;
+      n -= in_place;
+    }
+    return CopyIn(p, n);
   }
 
   Status Sync() override {
     if (fd_ < 0) return FailedPrecondition("sync of " + path_ + " after Close");
+    MEMENTO_RETURN_IF_ERROR(Drain());
+    StopIo();
     if (buffered_ > 0 && !tail_on_disk_) MEMENTO_RETURN_IF_ERROR(WriteBuffer());
     tail_on_disk_ = true;
     if (file_end_ > size_) {
@@ -86,6 +131,7 @@ class PosixWritableFile final : public WritableFile {
   Status Close() override {
     if (fd_ < 0) return FailedPrecondition("close of " + path_ + " twice");
     Status synced = Sync();
+    StopIo();  // after a failed Sync, abandons the writes still queued
     const int fd = std::exchange(fd_, -1);
     Status closed = CloseFd(fd, path_);
     return synced.ok() ? closed : synced;
@@ -94,32 +140,180 @@ class PosixWritableFile final : public WritableFile {
   uint64_t size() const override { return size_; }
 
  private:
-  // Writes the buffer at `written_`. Without O_DIRECT everything goes and the buffer empties; with
-  // it, the whole blocks go with the partial last block zero-padded, and that partial block stays
-  // buffered.
+  // A write for the I/O thread: `len` bytes at `data` to file offset `offset`. `buffer` is the
+  // write buffer holding them, returned to free_ when written, or nullptr for caller memory.
+  struct Job {
+    const char* data;
+    size_t len;
+    uint64_t offset;
+    char* buffer;
+  };
+
+  // Copies into the buffers, queueing each one that fills when more bytes follow.
+  Status CopyIn(const char* p, size_t n) {
+    while (n > 0) {
+      if (buf_ == nullptr) MEMENTO_RETURN_IF_ERROR(AcquireBuffer());
+      if (buffered_ == capacity_) {
+        MEMENTO_RETURN_IF_ERROR(QueueBuffer());
+        continue;
+      }
+      const size_t take = std::min(n, capacity_ - buffered_);
+      std::memcpy(buf_ + buffered_, p, take);
+      buffered_ += take;
+      size_ += take;
+      tail_on_disk_ = false;
+      p += take;
+      n -= take;
+    }
+    return Status::Ok();
+  }
+
+  // How many of the `n` bytes at `p` can be written from there: the aligned part of a long run at
+  // an aligned address and file offset with O_DIRECT, a long run anywhere without; else 0.
+  size_t InPlaceBytes(const char* p, size_t n) const {
+    if (n < kInPlaceMinBytes) return 0;
+    if (!direct_.load(std::memory_order_relaxed)) return n;
+    if (reinterpret_cast<uintptr_t>(p) % kDirectAlign != 0 || size_ % kDirectAlign != 0) return 0;
+    const size_t aligned = n / kDirectAlign * kDirectAlign;
+    return aligned >= kInPlaceMinBytes ? aligned : 0;
+  }
+
+  // Queues buf_[0, buffered_) for writing at `written_`; the caller holds no buffer afterwards.
+  Status QueueBuffer() {
+    MEMENTO_RETURN_IF_ERROR(Queue(buf_, buffered_, buf_));
+    buf_ = nullptr;
+    buffered_ = 0;
+    return Status::Ok();
+  }
+
+  // Queues a write of `len` bytes at `data` at file offset `written_`, then advances `written_`.
+  // On error nothing is queued.
+  Status Queue(const char* data, size_t len, char* buffer) {
+    if (!io_.joinable()) {
+      try {
+        io_ = std::thread([this] { WriteBehind(); });
+      } catch (const std::system_error& e) {
+        return PosixError("starting the I/O thread of " + path_, e.code().value());
+      }
+    }
+    std::unique_lock<std::mutex> lock(mu_);
+    MEMENTO_RETURN_IF_ERROR(WaitFor(lock, [&] { return jobs_.size() < kMaxQueuedWrites; }));
+    jobs_.push_back(Job{data, len, written_, buffer});
+    halted_ = false;
+    cv_.notify_all();
+    written_ += len;
+    return Status::Ok();
+  }
+
+  // Makes buf_ an empty buffer: a free one, a new one while fewer than kWriteBuffers exist, or the
+  // next one the I/O thread finishes with.
+  Status AcquireBuffer() {
+    std::unique_lock<std::mutex> lock(mu_);
+    if (free_.empty() && buffers_.size() < kWriteBuffers) {
+      lock.unlock();
+      void* b = nullptr;
+      if (const int err = ::posix_memalign(&b, kDirectAlign, capacity_); err != 0) {
+        return PosixError("allocating a " + std::to_string(capacity_) + "-byte write buffer for " + path_, err);
+      }
+      buffers_.push_back(static_cast<char*>(b));
+      buf_ = buffers_.back();
+      return Status::Ok();
+    }
+    MEMENTO_RETURN_IF_ERROR(WaitFor(lock, [&] { return !free_.empty(); }));
+    buf_ = free_.back();
+    free_.pop_back();
+    return Status::Ok();
+  }
+
+  // Waits until every queued write is done.
+  Status Drain() {
+    if (!io_.joinable()) return Status::Ok();
+    std::unique_lock<std::mutex> lock(mu_);
+    return WaitFor(lock, [&] { return jobs_.empty(); });
+  }
+
+  // The failure of a queued write not reported yet, or OK; reporting it clears it.
+  Status TakeError() {
+    if (!io_.joinable()) return Status::Ok();
+    std::lock_guard<std::mutex> lock(mu_);
+    return std::exchange(error_, Status::Ok());
+  }
+
+  // Reports a pending failure; else waits until `done` holds, resuming a halted I/O thread (the
+  // retry of the failed write), and reports a failure that comes first.
+  template <typename Pred>
+  Status WaitFor(std::unique_lock<std::mutex>& lock, Pred done) {
+    if (!error_.ok()) return std::exchange(error_, Status::Ok());
+    if (done()) return Status::Ok();
+    halted_ = false;
+    cv_.notify_all();
+    cv_.wait(lock, [&] { return done() || !error_.ok(); });
+    if (!error_.ok()) return std::exchange(error_, Status::Ok());
+    return Status::Ok();
+  }
+
+  // Joins the I/O thread, leaving queued writes (there are none after a successful Drain) queued.
+  void StopIo() {
+    if (!io_.joinable()) return;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stop_ = true;
+    }
+    cv_.notify_all();
+    io_.join();
+    std::lock_guard<std::mutex> lock(mu_);
+    stop_ = false;
+  }
+
+  // The I/O thread: writes the queued jobs in order; halts on a failure, keeping the job queued.
+  void WriteBehind() {
+    std::unique_lock<std::mutex> lock(mu_);
+    for (;;) {
+      cv_.wait(lock, [&] { return stop_ || (!halted_ && !jobs_.empty()); });
+      if (stop_) return;
+      const Job job = jobs_.front();
+      lock.unlock();
+      Status st = WriteAll(job.data, job.len, job.offset);
+      lock.lock();
+      if (st.ok()) {
+        if (job.buffer != nullptr) free_.push_back(job.buffer);
+        jobs_.pop_front();
+      } else {
+        error_ = std::move(st);
+        halted_ = true;
+      }
+      cv_.notify_all();
+    }
+  }
+
+  // Writes buf_ at `written_` in the calling thread (no queued writes, no I/O thread). Without
+  // O_DIRECT everything goes and the buffer empties; with it, the whole blocks go with the partial
+  // last block zero-padded, and that partial block stays buffered.
   Status WriteBuffer() {
     size_t len = buffered_;
-    if (direct_) {
+    const bool direct = direct_.load(std::memory_order_relaxed);
+    if (direct) {
       const size_t padded = RoundUp(buffered_, kDirectAlign);
       std::memset(buf_ + buffered_, 0, padded - buffered_);
       len = padded;
     }
     MEMENTO_RETURN_IF_ERROR(WriteAll(buf_, len, written_));
-    const size_t done = direct_ ? buffered_ / kDirectAlign * kDirectAlign : buffered_;
+    const size_t done = direct ? buffered_ / kDirectAlign * kDirectAlign : buffered_;
     if (done < buffered_) std::memmove(buf_, buf_ + done, buffered_ - done);
     buffered_ -= done;
     written_ += done;
     return Status::Ok();
   }
 
-  // pwrite of exactly `n` bytes at `offset`, looping over short writes and EINTR.
+  // pwrite of exactly `n` bytes at `offset`, looping over short writes and EINTR. Runs on the I/O
+  // thread, or on the caller's while no write is queued.
   Status WriteAll(const char* p, size_t n, uint64_t offset) {
     while (n > 0) {
       const ssize_t w = ::pwrite(fd_, p, n, static_cast<off_t>(offset));
       if (w < 0) {
         if (errno == EINTR) continue;
         // Some file systems accept O_DIRECT at open and refuse it at write: go buffered.
-        if (errno == EINVAL && direct_ && DropDirect()) continue;
+        if (errno == EINVAL && direct_.load(std::memory_order_relaxed) && DropDirect()) continue;
         return PosixError("write(" + path_ + ")");
       }
       if (w == 0) return IOError("write(" + path_ + "): wrote 0 of " + std::to_string(n) + " bytes");
@@ -129,7 +323,7 @@ class PosixWritableFile final : public WritableFile {
       offset += wrote;
       file_end_ = std::max(file_end_, offset);
       // A short O_DIRECT write that ends mid-block leaves the rest unaligned.
-      if (n > 0 && direct_ && (wrote % kDirectAlign) != 0 && !DropDirect()) {
+      if (n > 0 && direct_.load(std::memory_order_relaxed) && (wrote % kDirectAlign) != 0 && !DropDirect()) {
         return PosixError("fcntl(" + path_ + ", clear O_DIRECT)");
       }
     }
@@ -140,20 +334,34 @@ class PosixWritableFile final : public WritableFile {
   bool DropDirect() {
     const int flags = ::fcntl(fd_, F_GETFL);
     if (flags < 0 || ::fcntl(fd_, F_SETFL, flags & ~O_DIRECT) != 0) return false;
-    direct_ = false;
+    direct_.store(false, std::memory_order_relaxed);
     return true;
   }
 
   const std::string path_;
-  int fd_;                     // -1 after Close
-  bool direct_;                // O_DIRECT is set on fd_
-  char* buf_;                  // capacity_ bytes, 4 KiB-aligned, owned (posix_memalign)
-  const size_t capacity_;      // multiple of 4 KiB
-  size_t buffered_ = 0;        // bytes in buf_
-  uint64_t written_ = 0;       // bytes of the logical content already in the file
-  uint64_t file_end_ = 0;      // highest byte offset written, padding included
-  uint64_t size_ = 0;          // bytes appended
-  bool tail_on_disk_ = false;  // buf_ (a partial O_DIRECT block) is already in the file
+  int fd_;                        // -1 after Close
+  // O_DIRECT is set on fd_. Only ever cleared, by WriteAll; the caller reads it racily only to
+  // choose in-place writes, which a stale `true` merely restricts.
+  std::atomic<bool> direct_;
+  const size_t capacity_;         // bytes of each buffer, a multiple of 4 KiB
+  uint64_t file_end_ = 0;         // highest byte offset written, padding included (see WriteAll)
+
+  // The caller's.
+  std::vector<char*> buffers_;    // every write buffer, 4 KiB-aligned, owned (posix_memalign)
+  char* buf_;                     // the buffer being filled; nullptr until the next byte copied
+  size_t buffered_ = 0;           // bytes in buf_
+  uint64_t written_ = 0;          // bytes of the logical content written or queued
+  uint64_t size_ = 0;             // bytes appended
+  bool tail_on_disk_ = false;     // buf_ (a partial O_DIRECT block) is already in the file
+  std::thread io_;                // the I/O thread; joinable while running
+
+  std::mutex mu_;
+  std::condition_variable cv_;    // jobs_, free_, error_, halted_ or stop_ changed
+  std::deque<Job> jobs_;          // GUARDED_BY(mu_) in order; the front one is being written
+  std::vector<char*> free_;       // GUARDED_BY(mu_) buffers neither filled nor queued
+  Status error_;                  // GUARDED_BY(mu_) a failed write not reported yet
+  bool halted_ = false;           // GUARDED_BY(mu_) the front job failed; wait for a retry
+  bool stop_ = false;             // GUARDED_BY(mu_) the I/O thread is to exit
 };
 
 class PosixReadableFile final : public ReadableFile {
@@ -476,16 +684,10 @@ class FaultInjectionWritableFile final : public WritableFile {
 
   // An injected failure writes nothing. Short writes hand the base at most half of what is left
   // each time, as a write(2) that must be retried would.
-  Status Append(const void* data, size_t n) override {
-    MEMENTO_RETURN_IF_ERROR(state_->ChargeAppend(path_, n));
-    const char* p = static_cast<const char*>(data);
-    while (n > 0) {
-      const size_t piece = state_->SplitAppend(n) ? n / 2 : n;
-      MEMENTO_RETURN_IF_ERROR(base_->Append(p, piece));
-      p += piece;
-      n -= piece;
-    }
-    return Status::Ok();
+  Status Append(const void* data, size_t n) override { return AppendWith(&WritableFile::Append, data, n); }
+
+  Status AppendStable(const void* data, size_t n) override {
+    return AppendWith(&WritableFile::AppendStable, data, n);
   }
 
   Status Sync() override {
@@ -506,6 +708,19 @@ class FaultInjectionWritableFile final : public WritableFile {
   uint64_t size() const override { return base_->size(); }
 
  private:
+  // Append or AppendStable (`append`) of the base, with the faults above.
+  Status AppendWith(Status (WritableFile::*append)(const void*, size_t), const void* data, size_t n) {
+    MEMENTO_RETURN_IF_ERROR(state_->ChargeAppend(path_, n));
+    const char* p = static_cast<const char*>(data);
+    while (n > 0) {
+      const size_t piece = state_->SplitAppend(n) ? n / 2 : n;
+      MEMENTO_RETURN_IF_ERROR((base_.get()->*append)(p, piece));
+      p += piece;
+      n -= piece;
+    }
+    return Status::Ok();
+  }
+
   const std::string path_;
   const std::unique_ptr<WritableFile> base_;
   const std::shared_ptr<FaultState> state_;

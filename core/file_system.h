@@ -19,18 +19,30 @@ struct WriteOptions {
   // Bypass the page cache with O_DIRECT where the file system supports it (falls back silently
   // where it does not, e.g. tmpfs). Default true.
   bool direct_io = true;
-  // Bytes buffered (aligned to 4 KiB) before each write(2). Default 16 MiB.
+  // Bytes buffered (aligned to 4 KiB) before each write(2). Default 16 MiB. The POSIX file keeps
+  // up to two such buffers: one being filled while the other is written in the background.
   size_t buffer_bytes = size_t{16} << 20;
   // Mode of a new file. Default 0600.
   uint32_t mode = 0600;
 };
 
+// Write-behind: Append may return before its bytes reach the file (the POSIX file writes full
+// buffers on an internal I/O thread), so a failed write is reported by the next Append, Sync or
+// Close of the file, with the same message a synchronous write would give. After such an error
+// nothing taken is lost: the next call that writes retries the failed write first.
 class WritableFile {
  public:
+  // Abandons the bytes not yet written out (as a crash would) and waits for a write in progress.
   virtual ~WritableFile() = default;
-  // Appends `n` bytes. Errors name the path; ENOSPC maps to ResourceExhausted (retryable).
+  // Appends `n` bytes. The memory at `data` is not used after Append returns. Errors name the
+  // path; ENOSPC maps to ResourceExhausted (retryable).
   virtual Status Append(const void* data, size_t n) = 0;
-  // Writes out buffered bytes and fdatasyncs: after OK, the bytes survive a crash.
+  // Appends `n` bytes that stay valid and unchanged until the next Sync or Close returns or the
+  // file is destroyed, so that the file may write them from `data` in the background without
+  // copying them (the POSIX file does so for the 4 KiB-aligned part of runs of at least 1 MiB at
+  // 4 KiB-aligned addresses and file offsets). The default copies, as Append.
+  virtual Status AppendStable(const void* data, size_t n) { return Append(data, n); }
+  // Writes out pending and buffered bytes and fdatasyncs: after OK, the bytes survive a crash.
   virtual Status Sync() = 0;
   // Sync, then close. The file holds exactly the appended bytes.
   virtual Status Close() = 0;

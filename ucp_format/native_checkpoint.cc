@@ -45,32 +45,55 @@ bool IsPlainName(const std::string& name) {
   return !name.empty() && name != "." && name != ".." && name.find('/') == std::string::npos;
 }
 
-// Appends runs to a rank's data file: zero padding to 4 KiB, pieces of 16 MiB, throttled.
+// Appends runs to a rank's data file: zero padding to 4 KiB, pieces of 16 MiB, throttled. A run's
+// bytes are the slot's, unchanged until WriteRankFiles returns (after Close), so they go through
+// AppendStable: where aligned, the file writes them from the slot, behind this thread.
 class RunWriter {
  public:
   RunWriter(WritableFile* file, double bytes_per_s)
       : file_(file), bytes_per_s_(bytes_per_s), start_(std::chrono::steady_clock::now()) {}
 
-  Status Align() {
-    static const uint8_t kZeros[kAlignment] = {};
-    const uint64_t pad = (kAlignment - file_->size() % kAlignment) % kAlignment;
-    if (pad == 0) return Status::Ok();
-    return Write(kZeros, pad);
-  }
-
-  Status Write(const uint8_t* data, uint64_t n) {
-    while (n > 0) {
-      const uint64_t piece = std::min(n, kWritePieceBytes);
-      MEMENTO_RETURN_IF_ERROR(file_->Append(data, piece));
-      data += piece;
-      n -= piece;
-      written_ += piece;
+  // Writes `n` bytes as one run at the next 4 KiB-aligned offset, with its CRCs per `chunk_bytes`.
+  // Each piece is handed to the file before its CRC is computed, so that the CRC of a piece
+  // overlaps the write of the ones before it.
+  Status WriteRun(const uint8_t* data, uint64_t n, int32_t fragment, uint64_t chunk_bytes,
+                  proto::PersistedRun* run) {
+    MEMENTO_RETURN_IF_ERROR(Align());
+    run->set_fragment(fragment);
+    run->set_file_offset(file_->size());
+    run->set_bytes(n);
+    run->set_chunk_bytes(chunk_bytes);
+    uint64_t crc = 0;
+    uint64_t chunk_end = std::min(chunk_bytes, n);  // run offset where the current chunk ends
+    for (uint64_t off = 0; off < n;) {
+      const uint64_t piece_end = off + std::min(n - off, kWritePieceBytes);
+      MEMENTO_RETURN_IF_ERROR(file_->AppendStable(data + off, static_cast<size_t>(piece_end - off)));
+      for (uint64_t at = off; at < piece_end;) {
+        const uint64_t end = std::min(piece_end, chunk_end);
+        crc = Crc64(data + at, static_cast<size_t>(end - at), crc);
+        at = end;
+        if (at == chunk_end) {
+          run->add_chunk_crcs(crc);
+          crc = 0;
+          chunk_end = std::min(chunk_end + chunk_bytes, n);
+        }
+      }
+      written_ += piece_end - off;
+      off = piece_end;
       Throttle();
     }
     return Status::Ok();
   }
 
  private:
+  Status Align() {
+    static const uint8_t kZeros[kAlignment] = {};
+    const uint64_t pad = (kAlignment - file_->size() % kAlignment) % kAlignment;
+    if (pad == 0) return Status::Ok();
+    written_ += pad;
+    return file_->Append(kZeros, pad);
+  }
+
   void Throttle() {
     if (bytes_per_s_ <= 0) return;
     const auto due = start_ + std::chrono::duration_cast<std::chrono::steady_clock::duration>(
@@ -83,20 +106,6 @@ class RunWriter {
   std::chrono::steady_clock::time_point start_;
   uint64_t written_ = 0;
 };
-
-// Writes `n` bytes as one run at the next 4 KiB-aligned offset, with its chunk CRCs.
-Status WriteRun(RunWriter* writer, WritableFile* file, const uint8_t* data, uint64_t n, int32_t fragment,
-                uint64_t chunk_bytes, proto::PersistedRun* run) {
-  MEMENTO_RETURN_IF_ERROR(writer->Align());
-  run->set_fragment(fragment);
-  run->set_file_offset(file->size());
-  run->set_bytes(n);
-  run->set_chunk_bytes(chunk_bytes);
-  for (uint64_t off = 0; off < n; off += chunk_bytes) {
-    run->add_chunk_crcs(Crc64(data + off, static_cast<size_t>(std::min(chunk_bytes, n - off))));
-  }
-  return writer->Write(data, n);
-}
 
 uint64_t LoadU64(const uint8_t* p) {
   uint64_t v = 0;
@@ -278,9 +287,8 @@ Result<proto::ManifestRank> WriteRankFiles(FileSystem* fs, const std::string& di
       const Fragment& f = spec->fragments[i];
       if (f.replica_id != 0 || f.numel() == 0) continue;
       const uint8_t* src = image.slot + t.slot_offset() + static_cast<uint64_t>(f.local_offset) * width;
-      Status st = WriteRun(&writer, data.get(), src, static_cast<uint64_t>(f.numel()) * width,
-                           static_cast<int32_t>(i), options.crc_chunk_bytes, pt->add_runs());
-      MEMENTO_RETURN_IF_ERROR(st);
+      MEMENTO_RETURN_IF_ERROR(writer.WriteRun(src, static_cast<uint64_t>(f.numel()) * width, static_cast<int32_t>(i),
+                                              options.crc_chunk_bytes, pt->add_runs()));
     }
   }
   for (const proto::BlobRecord& b : layout.blobs()) {
@@ -298,8 +306,7 @@ Result<proto::ManifestRank> WriteRankFiles(FileSystem* fs, const std::string& di
     }
     proto::PersistedBlob* pb = meta.add_blobs();
     pb->set_name(b.name());
-    MEMENTO_RETURN_IF_ERROR(WriteRun(&writer, data.get(), src + 8, length, -1, options.crc_chunk_bytes,
-                                     pb->mutable_run()));
+    MEMENTO_RETURN_IF_ERROR(writer.WriteRun(src + 8, length, -1, options.crc_chunk_bytes, pb->mutable_run()));
   }
   meta.set_data_bytes(data->size());
   MEMENTO_RETURN_IF_ERROR(data->Close());

@@ -3,8 +3,11 @@
 #include "core/file_system.h"
 
 #include <gtest/gtest.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
+
+#include <csignal>
 
 #include <algorithm>
 #include <cerrno>
@@ -44,6 +47,18 @@ Status WriteInChunks(FileSystem* fs, const std::string& path, const std::string&
   if (file->size() != data.size()) return Internal("size() is " + std::to_string(file->size()));
   return file->Close();
 }
+
+// `n` bytes at a 4 KiB-aligned address, freed with std::free.
+struct AlignedBytes {
+  explicit AlignedBytes(const std::string& bytes)
+      : data(static_cast<char*>(std::aligned_alloc(4096, (bytes.size() + 4095) / 4096 * 4096 + 4096))) {
+    std::memcpy(data, bytes.data(), bytes.size());
+  }
+  ~AlignedBytes() { std::free(data); }
+  AlignedBytes(const AlignedBytes&) = delete;
+  AlignedBytes& operator=(const AlignedBytes&) = delete;
+  char* const data;
+};
 
 // Compares without printing megabytes on failure.
 void ExpectSameBytes(const std::string& got, const std::string& want) {
@@ -242,6 +257,163 @@ TEST_F(FileSystemTest, RenameReplacesTheTarget) {
   EXPECT_EQ(fs_->Rename(Path("from"), Path("to")).code(), StatusCode::kNotFound);
 }
 
+// Every path of AppendStable and Append: in place from aligned memory with buffered bytes queued
+// first, an aligned prefix in place and the rest copied, unaligned addresses and offsets copied,
+// Syncs in between.
+TEST_F(FileSystemTest, AppendStableAndLongAppendsRoundTripEveryAlignment) {
+  const std::string data = Pattern(13 * kMiB + 4096 + 777, 21);
+  const AlignedBytes src(data);
+  // (offset into data, bytes, stable, sync after)
+  struct Step {
+    size_t at, n;
+    bool stable, sync;
+  };
+  const std::vector<Step> steps = {
+      {0, 8192, false, false},                 // two whole blocks buffered
+      {8192, 2 * kMiB, true, false},           // aligned: the buffered blocks, then in place
+      {8192 + 2 * kMiB, 100, false, true},     // unaligned offset, synced mid-block
+      {8292 + 2 * kMiB, 2 * kMiB, true, false},  // unaligned address and offset: copied
+      {8292 + 4 * kMiB, 4096 - 100, false, false},  // back to an aligned offset
+      {8192 + 4 * kMiB + 4096, 3 * kMiB + 5, true, false},  // aligned prefix in place, 5 bytes copied
+      {8197 + 7 * kMiB + 4096, 4096 - 5, false, false},
+      {8192 + 7 * kMiB + 8192, 3 * kMiB, false, false},   // a long aligned Append: written in place
+      {8192 + 10 * kMiB + 8192, 0, true, true},
+  };
+  size_t end = 0;
+  for (const Step& s : steps) end = std::max(end, s.at + s.n);
+  ASSERT_LE(end, data.size());
+  int seed = 0;
+  for (const bool direct : {true, false}) {
+    for (const size_t buffer : {size_t{4096}, kMiB, 16 * kMiB}) {
+      SCOPED_TRACE("direct_io=" + std::to_string(direct) + " buffer=" + std::to_string(buffer));
+      const std::string path = Path("stable-" + std::to_string(++seed));
+      WriteOptions options;
+      options.direct_io = direct;
+      options.buffer_bytes = buffer;
+      Result<std::unique_ptr<WritableFile>> file = fs_->NewWritableFile(path, options);
+      ASSERT_TRUE(file.ok()) << file.status().ToString();
+      for (const Step& s : steps) {
+        ASSERT_EQ((*file)->size(), s.at);
+        const char* from = src.data + s.at;
+        const Status st = s.stable ? (*file)->AppendStable(from, s.n) : (*file)->Append(from, s.n);
+        ASSERT_TRUE(st.ok()) << st.ToString();
+        if (s.sync) {
+          const Status synced = (*file)->Sync();
+          ASSERT_TRUE(synced.ok()) << synced.ToString();
+          EXPECT_EQ(*fs_->FileSize(path), s.at + s.n);
+          ExpectSameBytes(*ReadFileToString(fs_, path), data.substr(0, s.at + s.n));
+        }
+      }
+      const Status closed = (*file)->Close();
+      ASSERT_TRUE(closed.ok()) << closed.ToString();
+      ExpectSameBytes(*ReadFileToString(fs_, path), data.substr(0, end));
+    }
+  }
+}
+
+// Append's contract: the caller may reuse its memory as soon as Append returns, also for long
+// aligned runs that are written from it.
+TEST_F(FileSystemTest, AppendDoesNotKeepTheCallersMemory) {
+  const std::string data = Pattern(6 * kMiB, 22);
+  for (const bool direct : {true, false}) {
+    SCOPED_TRACE("direct_io=" + std::to_string(direct));
+    const std::string path = Path(direct ? "direct" : "buffered");
+    WriteOptions options;
+    options.direct_io = direct;
+    options.buffer_bytes = kMiB;
+    Result<std::unique_ptr<WritableFile>> file = fs_->NewWritableFile(path, options);
+    ASSERT_TRUE(file.ok());
+    AlignedBytes src(data);
+    std::vector<char> odd(kMiB + 1);
+    for (size_t at = 0; at < data.size(); at += 2 * kMiB) {
+      // A MiB from an aligned address (written in place), then one from an odd address (copied, or
+      // in place without O_DIRECT); both scribbled over before the file is synced.
+      ASSERT_TRUE((*file)->Append(src.data + at, kMiB).ok());
+      std::memcpy(odd.data() + 1, data.data() + at + kMiB, kMiB);
+      ASSERT_TRUE((*file)->Append(odd.data() + 1, kMiB).ok());
+      std::memset(src.data + at, 0xA5, kMiB);
+      std::memset(odd.data(), 0x5A, odd.size());
+    }
+    ASSERT_TRUE((*file)->Close().ok());
+    ExpectSameBytes(*ReadFileToString(fs_, path), data);
+  }
+}
+
+// A write that fails on the I/O thread (here: past RLIMIT_FSIZE, EFBIG) is reported, with the
+// message of a synchronous write, by the next Append or Sync; the bytes taken stay taken, and once
+// the cause is gone the failed write is retried and the file ends up whole.
+TEST_F(FileSystemTest, FailedBackgroundWriteIsReportedByTheNextCallAndRetried) {
+  constexpr rlim_t kLimit = 3 * kMiB;
+  rlimit old_limit{};
+  ASSERT_EQ(::getrlimit(RLIMIT_FSIZE, &old_limit), 0);
+  if (old_limit.rlim_max != RLIM_INFINITY && old_limit.rlim_max < 16 * kMiB) GTEST_SKIP() << "RLIMIT_FSIZE too low";
+  const auto old_handler = std::signal(SIGXFSZ, SIG_IGN);
+  const std::string data = Pattern(6 * kMiB, 23);
+  const AlignedBytes src(data);
+  for (const bool stable : {false, true}) {
+    for (const bool direct : {true, false}) {
+      SCOPED_TRACE("stable=" + std::to_string(stable) + " direct_io=" + std::to_string(direct));
+      const std::string path = Path(std::string(stable ? "stable" : "copied") + (direct ? "-direct" : "-buffered"));
+      WriteOptions options;
+      options.direct_io = direct;
+      options.buffer_bytes = kMiB;
+      Result<std::unique_ptr<WritableFile>> file = fs_->NewWritableFile(path, options);
+      ASSERT_TRUE(file.ok());
+      rlimit limit = old_limit;
+      limit.rlim_cur = kLimit;
+      ASSERT_EQ(::setrlimit(RLIMIT_FSIZE, &limit), 0);
+      std::vector<Status> errors;
+      auto lift_limit = [&] { ASSERT_EQ(::setrlimit(RLIMIT_FSIZE, &old_limit), 0); };
+      // Stable pieces come from aligned memory (queued in place), copied ones from an odd address.
+      for (size_t at = 0; at < data.size(); at += kMiB) {
+        const uint64_t before = (*file)->size();
+        Status st = stable ? (*file)->AppendStable(src.data + at, kMiB) : (*file)->Append(data.data() + at, kMiB);
+        if (!st.ok()) {
+          EXPECT_EQ((*file)->size(), before);  // a failed Append takes nothing
+          errors.push_back(st);
+          lift_limit();
+          st = stable ? (*file)->AppendStable(src.data + at, kMiB) : (*file)->Append(data.data() + at, kMiB);
+          ASSERT_TRUE(st.ok()) << st.ToString();
+        }
+      }
+      Status synced = (*file)->Sync();
+      if (!synced.ok()) {
+        errors.push_back(synced);
+        lift_limit();
+        synced = (*file)->Sync();
+      }
+      lift_limit();
+      ASSERT_TRUE(synced.ok()) << synced.ToString();
+      ASSERT_EQ(errors.size(), 1u);
+      EXPECT_EQ(errors[0].code(), StatusCode::kIOError);
+      EXPECT_EQ(errors[0].message(), "write(" + path + "): File too large");
+      ASSERT_TRUE((*file)->Close().ok());
+      ExpectSameBytes(*ReadFileToString(fs_, path), data);
+    }
+  }
+  std::signal(SIGXFSZ, old_handler);
+}
+
+// Destroying a file with writes still queued waits for the one in progress and drops the rest;
+// the caller's memory may go right after.
+TEST_F(FileSystemTest, DestroyingAFileWithQueuedWritesAbandonsThem) {
+  const std::string data = Pattern(8 * kMiB, 24);
+  const std::string path = Path("abandoned");
+  {
+    const AlignedBytes src(data);
+    WriteOptions options;
+    options.buffer_bytes = kMiB;
+    Result<std::unique_ptr<WritableFile>> file = fs_->NewWritableFile(path, options);
+    ASSERT_TRUE(file.ok());
+    for (size_t at = 0; at < data.size(); at += kMiB) ASSERT_TRUE((*file)->AppendStable(src.data + at, kMiB).ok());
+    file->reset();
+  }
+  const uint64_t size = *fs_->FileSize(path);
+  EXPECT_LE(size, data.size());
+  EXPECT_EQ(size % kMiB, 0u);
+  ExpectSameBytes(*ReadFileToString(fs_, path), data.substr(0, size));
+}
+
 // ---- FaultInjectionFileSystem ----
 
 std::unique_ptr<FaultInjectionFileSystem> FaultFs(const std::string& spec) {
@@ -357,6 +529,24 @@ TEST_F(FileSystemTest, ShortWritesStillProduceIdenticalBytes) {
     ExpectSameBytes(*ReadFileToString(fs_, Path("big")), data);
   }
   EXPECT_GT(fault->injected_faults(), 10u);
+}
+
+TEST_F(FileSystemTest, AppendStableGoesThroughTheFaults) {
+  auto fault = FaultFs("short_writes=1,enospc_after=" + std::to_string(5 * kMiB));
+  ASSERT_NE(fault, nullptr);
+  const std::string data = Pattern(6 * kMiB, 25);
+  const AlignedBytes src(data);
+  const std::string path = Path("stable");
+  Result<std::unique_ptr<WritableFile>> file = fault->NewWritableFile(path);
+  ASSERT_TRUE(file.ok());
+  ASSERT_TRUE((*file)->AppendStable(src.data, 4 * kMiB).ok());
+  EXPECT_EQ(fault->injected_faults(), 22u);  // 4 MiB halved down to 1 byte
+  const Status st = (*file)->AppendStable(src.data + 4 * kMiB, 2 * kMiB);
+  EXPECT_EQ(st.code(), StatusCode::kResourceExhausted);
+  EXPECT_EQ(st.message(), "write(" + path + "): No space left on device");
+  EXPECT_EQ((*file)->size(), 4 * kMiB);
+  ASSERT_TRUE((*file)->Close().ok());
+  ExpectSameBytes(*ReadFileToString(fs_, path), data.substr(0, 4 * kMiB));
 }
 
 TEST_F(FileSystemTest, DropUnsyncedDataCutsFilesBackToTheirLastSync) {

@@ -6,14 +6,17 @@
 #include <gtest/gtest.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <memory>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "core/crc.h"
@@ -474,6 +477,104 @@ TEST_F(NativeCheckpointTest, ReadErrorsNameThePath) {
   EXPECT_EQ(v.status().code(), StatusCode::kIOError);
   EXPECT_NE(v.status().message().find(path), std::string::npos);
   EXPECT_GT(faulty.injected_faults(), 0u);
+}
+
+// A slot at a 4 KiB-aligned address with runs longer than a write piece (16 MiB), CRC chunks that
+// straddle the pieces, runs at aligned and unaligned slot addresses and of odd lengths: the data
+// file holds exactly the runs, each at the next 4 KiB boundary after zero padding, whether the file
+// writes them from the slot or copies them (short writes split every Append).
+TEST_F(NativeCheckpointTest, LargeRunsFromAnAlignedSlotAreWrittenByteForByte) {
+  constexpr uint64_t kMiB = uint64_t{1} << 20;
+  const proto::RankRecord layout =
+      MakeLayout(0, 1,
+                 {{"big", DType::kU8, WholeTensor({static_cast<int64_t>(40 * kMiB + 123)})},
+                  // Three runs; the second and third start at odd slot addresses (rows of 4000 bytes).
+                  {"qkv", DType::kF32, Must(FusedSubParamSplit({1100, 1000}, 0, {300, 500, 300}, 1, 0))},
+                  {"even", DType::kF16, WholeTensor({static_cast<int64_t>(kMiB)})}},
+                 {{"rng", 3000}});
+  const size_t slot_bytes = static_cast<size_t>(layout.slot_bytes());
+  std::unique_ptr<uint8_t, decltype(&std::free)> slot(static_cast<uint8_t*>(std::aligned_alloc(4096, slot_bytes)),
+                                                      &std::free);
+  ASSERT_NE(slot, nullptr);
+  std::mt19937_64 rng(7);
+  for (size_t i = 0; i < slot_bytes; i += 8) {
+    const uint64_t v = rng();
+    std::memcpy(slot.get() + i, &v, std::min<size_t>(8, slot_bytes - i));
+  }
+  const proto::BlobRecord& blob = layout.blobs(0);
+  const uint64_t blob_length = 2999;
+  for (int i = 0; i < 8; ++i) slot.get()[blob.slot_offset() + i] = static_cast<uint8_t>(blob_length >> (8 * i));
+
+  // The data file as docs/formats/native-checkpoint.md describes it, and each run's slot bytes.
+  std::string expected;
+  std::vector<std::pair<const uint8_t*, uint64_t>> runs;
+  auto add_run = [&](const uint8_t* p, uint64_t n) {
+    expected.resize((expected.size() + 4095) / 4096 * 4096, '\0');
+    expected.append(reinterpret_cast<const char*>(p), n);
+    runs.emplace_back(p, n);
+  };
+  for (const proto::TensorRecord& t : layout.tensors()) {
+    const ShardSpec spec = Must(FromProto(t.spec()));
+    const uint64_t width = DTypeSize(static_cast<DType>(t.dtype()));
+    for (const Fragment& f : spec.fragments) {
+      add_run(slot.get() + t.slot_offset() + static_cast<uint64_t>(f.local_offset) * width,
+              static_cast<uint64_t>(f.numel()) * width);
+    }
+  }
+  add_run(slot.get() + blob.slot_offset() + 8, blob_length);
+  ASSERT_EQ(runs.size(), 6u);
+
+  PersistOptions options;
+  options.crc_chunk_bytes = 5 * kMiB + 3;
+  auto faulty = FaultInjectionFileSystem::FromSpec(fs_, "short_writes=1");
+  ASSERT_TRUE(faulty.ok());
+  for (FileSystem* fs : {fs_, static_cast<FileSystem*>(faulty->get())}) {
+    SCOPED_TRACE(fs == fs_ ? "posix" : "short writes");
+    const std::string dir = CheckpointDir(root_, fs == fs_ ? "aligned" : "split", 1);
+    RankImage image{0, 1, &layout, slot.get()};
+    Result<proto::ManifestRank> entry = WriteRankFiles(fs, dir, "job", 1, image, options);
+    ASSERT_TRUE(entry.ok()) << entry.status().ToString();
+    EXPECT_EQ(entry->data_bytes(), expected.size());
+    Result<std::string> data = ReadFileToString(fs_, dir + "/rank-0.data");
+    ASSERT_TRUE(data.ok());
+    ASSERT_EQ(data->size(), expected.size());
+    const auto first_difference = std::mismatch(data->begin(), data->end(), expected.begin()).first;
+    EXPECT_TRUE(first_difference == data->end()) << "first difference at byte " << (first_difference - data->begin());
+
+    ASSERT_TRUE(CommitManifest(fs_, dir, BuildManifest("job", 1, 1, {*entry})).ok());
+    Result<proto::Manifest> m = ReadManifest(fs_, dir);
+    ASSERT_TRUE(m.ok());
+    Result<proto::RankMetadata> meta = ReadRankMetadata(fs_, dir, *m, 0);
+    ASSERT_TRUE(meta.ok()) << meta.status().ToString();
+    std::vector<const proto::PersistedRun*> persisted;
+    for (const proto::PersistedTensor& t : meta->tensors()) {
+      for (const proto::PersistedRun& r : t.runs()) persisted.push_back(&r);
+    }
+    persisted.push_back(&meta->blobs(0).run());
+    ASSERT_EQ(persisted.size(), runs.size());
+    for (size_t i = 0; i < runs.size(); ++i) {
+      const auto [p, n] = runs[i];
+      const proto::PersistedRun& r = *persisted[i];
+      EXPECT_EQ(r.bytes(), n) << "run " << i;
+      EXPECT_EQ(r.chunk_bytes(), options.crc_chunk_bytes);
+      ASSERT_EQ(static_cast<uint64_t>(r.chunk_crcs_size()), (n + r.chunk_bytes() - 1) / r.chunk_bytes()) << "run " << i;
+      for (int c = 0; c < r.chunk_crcs_size(); ++c) {
+        const uint64_t begin = static_cast<uint64_t>(c) * r.chunk_bytes();
+        EXPECT_EQ(r.chunk_crcs(c), Crc64(p + begin, std::min(r.chunk_bytes(), n - begin)))
+            << "run " << i << " chunk " << c;
+      }
+    }
+    Result<std::vector<VerifyProblem>> problems = VerifyCheckpoint(fs_, dir);
+    ASSERT_TRUE(problems.ok()) << problems.status().ToString();
+    EXPECT_EQ(Strings(*problems), std::vector<std::string>{});
+    std::vector<uint8_t> restored(slot_bytes, 0);
+    Status st = LoadRank(fs_, dir, *m, layout, restored.data());
+    ASSERT_TRUE(st.ok()) << st.ToString();
+    for (const proto::TensorRecord& t : layout.tensors()) {
+      EXPECT_EQ(std::memcmp(restored.data() + t.slot_offset(), slot.get() + t.slot_offset(), t.bytes()), 0) << t.name();
+    }
+  }
+  EXPECT_GT((*faulty)->injected_faults(), 0u);
 }
 
 TEST_F(NativeCheckpointTest, BandwidthCapSlowsTheWrite) {

@@ -97,6 +97,7 @@ Status RunAgent(AgentOptions options, Communicator* comm, const std::atomic<bool
                        << group->index();
   }
   NodeState state(options, node_id, catalog.get(), flusher.get(), comm->rank() == 0, group.get());
+  if (flusher) flusher->SetYield([&state] { return state.captures_in_flight() > 0; });
   MEMENTO_RETURN_IF_ERROR(state.Recover());
   SocketServer server(socket_path, &state);
   MEMENTO_RETURN_IF_ERROR(server.Start());

@@ -6,6 +6,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -45,6 +46,10 @@ class Flusher {
   Flusher(const AgentOptions& options, FileSystem* fs, int node_id);
   ~Flusher();
 
+  // While `busy` answers true (captures of the training ranks in flight), the writer pauses
+  // between pieces, at most 200 ms at a time: training goes first, flushing still progresses.
+  void SetYield(std::function<bool()> busy) { busy_ = std::move(busy); }
+
   std::string JobDir() const;
   std::string StepDir(int64_t step) const;
 
@@ -76,6 +81,7 @@ class Flusher {
   mutable std::mutex mu_;
   Progress progress_;    // GUARDED_BY(mu_)
   std::thread worker_;   // the running job, if any
+  std::function<bool()> busy_;
 };
 
 }  // namespace memento

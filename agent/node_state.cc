@@ -352,6 +352,7 @@ Result<proto::RegisterReply> NodeState::Register(Session* session, const proto::
     ++registration_serial_;
     pending_ranks_.clear();
     epoch_ranks_.clear();
+    captures_in_flight_ = 0;  // captures of the old incarnation will never report
   }
   pending_ranks_.insert(session->rank);
   pending_world_size_ = session->world_size;
@@ -456,6 +457,7 @@ Result<proto::BeginCaptureReply> NodeState::BeginCapture(Session* session, int64
       }
       proto::BeginCaptureReply reply;
       reply.set_slot_index(it->second.slot_index());
+      ++captures_in_flight_;
       return reply;
     }
     // A step at or below versions this node already holds: the job went back in time (restored an
@@ -487,6 +489,7 @@ Result<proto::BeginCaptureReply> NodeState::BeginCapture(Session* session, int64
       versions_[step] = v;
       proto::BeginCaptureReply reply;
       reply.set_slot_index(slot);
+      ++captures_in_flight_;
       return reply;
     }
     if (cv_.wait_until(lock, deadline) == std::cv_status::timeout) {
@@ -515,6 +518,7 @@ Status NodeState::Captured(Session* session, int64_t step) {
     }
     auto rit = ranks_.find(session->rank);
     if (rit == ranks_.end()) return Internal(who + ": registered but has no slots");
+    if (captures_in_flight_ > 0) --captures_in_flight_;
     slot = it->second.slot_index();
     incarnation = it->second.incarnation();
     record = rit->second.record;

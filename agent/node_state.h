@@ -91,6 +91,8 @@ class NodeState {
   Status Captured(Session* session, int64_t step);
   Result<proto::RestoreReply> Restore(Session* session, int64_t step);
   proto::ListVersionsReply ListVersions();
+  // Ranks of this node copying into a slot right now (between BeginCapture and Captured).
+  int captures_in_flight() const { return captures_in_flight_.load(std::memory_order_relaxed); }
 
   // ---- agreement rounds (coordinator thread) ----
   TickPayload MakeTick(bool stop);
@@ -178,6 +180,7 @@ class NodeState {
   uint64_t padded_ = 0;                                 // GUARDED_BY(mu_) L of the parity slots
   std::thread encoder_;                                 // the running encode, if any
   std::atomic<int32_t> encode_state_{0};                // 0 idle, 1 encoding, 2 done, 3 failed
+  std::atomic<int> captures_in_flight_{0};
   int64_t encode_current_ = -1;                         // GUARDED_BY(mu_) the version being encoded (pinned)
   std::vector<proto::RegionCrc> encode_crcs_;           // GUARDED_BY(mu_) parity CRCs of the last encode
   std::string encode_error_;                            // GUARDED_BY(mu_)

@@ -50,8 +50,8 @@ bool IsPlainName(const std::string& name) {
 // AppendStable: where aligned, the file writes them from the slot, behind this thread.
 class RunWriter {
  public:
-  RunWriter(WritableFile* file, double bytes_per_s)
-      : file_(file), bytes_per_s_(bytes_per_s), start_(std::chrono::steady_clock::now()) {}
+  RunWriter(WritableFile* file, double bytes_per_s, std::function<void()> yield = nullptr)
+      : file_(file), bytes_per_s_(bytes_per_s), yield_(std::move(yield)), start_(std::chrono::steady_clock::now()) {}
 
   // Writes `n` bytes as one run at the next 4 KiB-aligned offset, with its CRCs per `chunk_bytes`.
   // Each piece is handed to the file before its CRC is computed, so that the CRC of a piece
@@ -66,6 +66,7 @@ class RunWriter {
     uint64_t crc = 0;
     uint64_t chunk_end = std::min(chunk_bytes, n);  // run offset where the current chunk ends
     for (uint64_t off = 0; off < n;) {
+      if (yield_) yield_();
       const uint64_t piece_end = off + std::min(n - off, kWritePieceBytes);
       MEMENTO_RETURN_IF_ERROR(file_->AppendStable(data + off, static_cast<size_t>(piece_end - off)));
       for (uint64_t at = off; at < piece_end;) {
@@ -103,6 +104,7 @@ class RunWriter {
 
   WritableFile* file_;
   double bytes_per_s_;
+  std::function<void()> yield_;
   std::chrono::steady_clock::time_point start_;
   uint64_t written_ = 0;
 };
@@ -265,7 +267,7 @@ Result<proto::ManifestRank> WriteRankFiles(FileSystem* fs, const std::string& di
 
   const std::string data_path = Join(dir, meta.data_file());
   MEMENTO_ASSIGN_OR_RETURN(std::unique_ptr<WritableFile> data, fs->NewWritableFile(data_path, options.write));
-  RunWriter writer(data.get(), options.bandwidth_bytes_per_s);
+  RunWriter writer(data.get(), options.bandwidth_bytes_per_s, options.yield);
 
   for (const proto::TensorRecord& t : layout.tensors()) {
     const std::string what = rank_name + " tensor '" + t.name() + "'";

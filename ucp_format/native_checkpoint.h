@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -40,6 +41,9 @@ struct PersistOptions {
   WriteOptions write;
   // Cap on this call's write rate, bytes per second; 0 = unlimited (default).
   double bandwidth_bytes_per_s = 0;
+  // Called before each piece (16 MiB) is written: the agent uses it to let captures of the
+  // training ranks go first (memory bandwidth and cores). Default: none.
+  std::function<void()> yield;
   // CRC unit of persisted runs (default 64 MiB).
   uint64_t crc_chunk_bytes = uint64_t{64} << 20;
 };

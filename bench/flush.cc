@@ -60,7 +60,8 @@ constexpr const char* kUsage =
     "  --flush-every K    the agent flushes steps that are multiples of K in the 'on' runs (default 5)\n"
     "  --loop-bytes B     state of the rank in the training runs (default 256M)\n"
     "  --no-loop          skip the training-loop runs\n"
-    "  --slots R          slots per rank of every agent (default 3, the agent's default when flushing)\n"
+    "  --slots R          slots per rank of every agent (default 4, the agent's default when flushing)\n"
+    "  --flush-bandwidth M  the 'on' agents' write-rate cap, MB/s (default: none)\n"
     "  --keep K           checkpoints the bandwidth agent keeps (default: all of the run, so that no\n"
     "                     retention, which runs inside the commit, lands in a timed flush)\n"
     "  --json             end with one line of JSON holding every figure\n"
@@ -83,7 +84,8 @@ struct FlushFlags {
   int flush_every = 5;
   uint64_t loop_bytes = uint64_t{256} << 20;
   bool loop = true;
-  int slots = 3;  // the agent's default when flushing (agent/agent.h)
+  int slots = 4;  // the agent's default when flushing (agent/agent.h)
+  double flush_mbps = 0;  // the agent's --flush-bandwidth in the 'on' runs; 0 = none
   int keep = 0;   // 0: every checkpoint of the bandwidth run
   bool json = false;
   bool verbose = false;
@@ -107,6 +109,7 @@ Status ParseFlags(int argc, char** argv, FlushFlags* f, bool* help) {
       f->loop = false;
     }
     else if (n == "--slots") MEMENTO_RETURN_IF_ERROR(r.Int(&f->slots, 2));
+    else if (n == "--flush-bandwidth") MEMENTO_RETURN_IF_ERROR(r.Double(&f->flush_mbps, 0));
     else if (n == "--keep") MEMENTO_RETURN_IF_ERROR(r.Int(&f->keep, 1));
     else if (n == "--json") MEMENTO_RETURN_IF_ERROR(r.Switch(&f->json));
     else if (n == "--verbose") MEMENTO_RETURN_IF_ERROR(r.Switch(&f->verbose));
@@ -539,6 +542,10 @@ Result<LoopRun> RunLoop(const FlushFlags& flags, StorageDir* dir, const HostTens
   if (flushing) {
     agent_options.log_level = "info";
     agent_options.extra_args = {"--storage", dir->root(), "--flush-every", std::to_string(flags.flush_every)};
+    if (flags.flush_mbps > 0) {
+      agent_options.extra_args.push_back("--flush-bandwidth");
+      agent_options.extra_args.push_back(std::to_string(flags.flush_mbps));
+    }
   }
   MEMENTO_ASSIGN_OR_RETURN(auto agent, AgentProcess::Start(agent_options));
   const std::string job_dir = flushing ? dir->Track(agent->job_id()) : "";

@@ -801,7 +801,9 @@ void NodeState::OpenEpoch(const std::vector<TickPayload>& all) {
   restore_point_ = memory_point;
   if (group_ != nullptr) {
     Status st = EnsureParitySlots(GroupPadded(all));
-    if (!st.ok()) MEMENTO_LOG(kError) << "parity slots: " << st.ToString();
+    if (!st.ok()) {
+      MEMENTO_LOG(kError) << "parity slots: " << st.ToString();
+    }
   }
   std::vector<int64_t> drop;
   for (auto& [step, v] : versions_) {

@@ -48,7 +48,6 @@ constexpr size_t kInPlaceMinBytes = size_t{1} << 20;
 constexpr size_t kWriteBuffers = 2;
 // Writes queued for the I/O thread at most (the one in progress included); Append and
 // AppendStable wait beyond that, so that a failure surfaces within a few writes.
-constexpr size_t kMaxQueuedWrites = 4;
 
 // Writes through 4 KiB-aligned buffers of WriteOptions::buffer_bytes with pwrite at explicit
 // offsets, behind the caller: a full buffer (or a run of stable caller memory, AppendStable) is
@@ -68,8 +67,9 @@ constexpr size_t kMaxQueuedWrites = 4;
 // reads only with no write in progress.
 class PosixWritableFile final : public WritableFile {
  public:
-  PosixWritableFile(std::string path, int fd, bool direct, char* buf, size_t capacity)
-      : path_(std::move(path)), fd_(fd), direct_(direct), capacity_(capacity), buffers_{buf}, buf_(buf) {}
+  PosixWritableFile(std::string path, int fd, bool direct, char* buf, size_t capacity, size_t max_queued)
+      : path_(std::move(path)), fd_(fd), direct_(direct), capacity_(capacity), max_queued_(max_queued),
+        buffers_{buf}, buf_(buf) {}
   ~PosixWritableFile() override {
     StopIo();
     if (fd_ >= 0) ::close(fd_);
@@ -197,7 +197,7 @@ class PosixWritableFile final : public WritableFile {
       }
     }
     std::unique_lock<std::mutex> lock(mu_);
-    MEMENTO_RETURN_IF_ERROR(WaitFor(lock, [&] { return jobs_.size() < kMaxQueuedWrites; }));
+    MEMENTO_RETURN_IF_ERROR(WaitFor(lock, [&] { return jobs_.size() < max_queued_; }));
     jobs_.push_back(Job{data, len, written_, buffer});
     halted_ = false;
     cv_.notify_all();
@@ -344,6 +344,7 @@ class PosixWritableFile final : public WritableFile {
   // choose in-place writes, which a stale `true` merely restricts.
   std::atomic<bool> direct_;
   const size_t capacity_;         // bytes of each buffer, a multiple of 4 KiB
+  const size_t max_queued_;       // writes queued for the I/O thread at most
   uint64_t file_end_ = 0;         // highest byte offset written, padding included (see WriteAll)
 
   // The caller's.
@@ -456,7 +457,8 @@ class PosixFileSystemImpl final : public FileSystem {
       return PosixError("allocating a " + std::to_string(capacity) + "-byte write buffer for " + path, err);
     }
     return std::unique_ptr<WritableFile>(
-        new PosixWritableFile(path, fd, direct, static_cast<char*>(buf), capacity));
+        new PosixWritableFile(path, fd, direct, static_cast<char*>(buf), capacity,
+                              std::max<size_t>(1, options.max_queued_writes)));
   }
 
   Result<std::unique_ptr<ReadableFile>> NewReadableFile(const std::string& path) override {

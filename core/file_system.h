@@ -24,6 +24,9 @@ struct WriteOptions {
   size_t buffer_bytes = size_t{16} << 20;
   // Mode of a new file. Default 0600.
   uint32_t mode = 0600;
+  // Writes the POSIX file may have queued for its I/O thread at once (at least 1). Default 4;
+  // background writers that must get out of the way quickly (the flusher) use 1.
+  size_t max_queued_writes = 4;
 };
 
 // Write-behind: Append may return before its bytes reach the file (the POSIX file writes full

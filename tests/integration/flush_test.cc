@@ -96,7 +96,9 @@ TEST_F(FlushTest, EnospcMidFlushIsReportedKeepsMemoryAndIsRetriedOnceSpaceReturn
       << cluster_->Log();
   fs::remove(full);  // space returns
   WithRanks([&](int rank, Client* c, RankState* s) {
-    if (rank == 0) EXPECT_TRUE(WaitPersisted(c, 2));
+    if (rank == 0) {
+      EXPECT_TRUE(WaitPersisted(c, 2));
+    }
     // The in-memory copy was kept all along.
     s->Clear();
     auto r = c->Restore();

@@ -69,6 +69,36 @@ std::string FirstLayoutDifference(const proto::RankRecord& saved, const proto::R
   return "the layout differs";
 }
 
+// A new version record of this incarnation.
+proto::VersionRecord NewVersion(int64_t step, int32_t slot, proto::VersionState state, uint64_t incarnation) {
+  proto::VersionRecord v;
+  v.set_step(step);
+  v.set_slot_index(slot);
+  v.set_state(state);
+  v.set_incarnation(incarnation);
+  v.set_created_unix_ms(NowUnixMs());
+  return v;
+}
+
+// The CRC regions of a rank's slot (every tensor, and every blob with its length header), chunk
+// CRCs zeroed for the caller to fill.
+std::vector<proto::RegionCrc> RegionLayout(const proto::RankRecord& layout, uint64_t chunk) {
+  std::vector<proto::RegionCrc> regions;
+  auto add = [&](const std::string& name, uint64_t off, uint64_t bytes) {
+    proto::RegionCrc r;
+    r.set_name(name);
+    r.set_offset(off);
+    r.set_bytes(bytes);
+    r.set_chunk_bytes(chunk);
+    const uint64_t n = bytes == 0 ? 1 : (bytes + chunk - 1) / chunk;
+    for (uint64_t i = 0; i < n; ++i) r.add_chunk_crcs(0);
+    regions.push_back(std::move(r));
+  };
+  for (const auto& t : layout.tensors()) add(t.name(), t.slot_offset(), t.bytes());
+  for (const auto& b : layout.blobs()) add(b.name(), b.slot_offset(), 8 + b.capacity());
+  return regions;
+}
+
 bool ContainsRank(const proto::VersionRecord& v, int32_t rank) {
   for (const auto& c : v.captured()) {
     if (c.rank() == rank) return true;
@@ -479,12 +509,7 @@ Result<proto::BeginCaptureReply> NodeState::BeginCapture(Session* session, int64
           break;
         }
       }
-      proto::VersionRecord v;
-      v.set_step(step);
-      v.set_slot_index(slot);
-      v.set_state(proto::VERSION_CAPTURING);
-      v.set_incarnation(incarnation_);
-      v.set_created_unix_ms(NowUnixMs());
+      proto::VersionRecord v = NewVersion(step, slot, proto::VERSION_CAPTURING, incarnation_);
       MEMENTO_RETURN_IF_ERROR(catalog_->PutVersion(v));
       versions_[step] = v;
       proto::BeginCaptureReply reply;
@@ -534,18 +559,10 @@ Status NodeState::Captured(Session* session, int64_t step) {
   auto job = std::make_shared<Job>();
   job->capture.set_rank(record.rank());
   const uint64_t chunk = std::max<uint64_t>(options_.crc_chunk_bytes, 4096);
-  auto add_region = [&](const std::string& name, uint64_t off, uint64_t bytes) {
-    proto::RegionCrc* r = job->capture.add_crcs();
-    r->set_name(name);
-    r->set_offset(off);
-    r->set_bytes(bytes);
-    r->set_chunk_bytes(chunk);
-    const uint64_t n = bytes == 0 ? 1 : (bytes + chunk - 1) / chunk;
-    for (uint64_t i = 0; i < n; ++i) r->add_chunk_crcs(0);
-    job->remaining += static_cast<int>(n);
-  };
-  for (const auto& t : record.tensors()) add_region(t.name(), t.slot_offset(), t.bytes());
-  for (const auto& b : record.blobs()) add_region(b.name(), b.slot_offset(), 8 + b.capacity());
+  for (auto& r : RegionLayout(record, chunk)) {
+    job->remaining += r.chunk_crcs_size();
+    *job->capture.add_crcs() = std::move(r);
+  }
   if (job->remaining == 0) {
     OnCrcDone(step, incarnation, slot, job->capture);
     return Status::Ok();
@@ -976,19 +993,7 @@ bool NodeState::ApplyTick(const std::vector<TickPayload>& all) {
 
 std::vector<proto::RegionCrc> NodeState::RegionCrcs(const proto::RankRecord& layout, const uint8_t* base) {
   const uint64_t chunk = std::max<uint64_t>(options_.crc_chunk_bytes, 4096);
-  std::vector<proto::RegionCrc> regions;
-  auto add = [&](const std::string& name, uint64_t off, uint64_t bytes) {
-    proto::RegionCrc r;
-    r.set_name(name);
-    r.set_offset(off);
-    r.set_bytes(bytes);
-    r.set_chunk_bytes(chunk);
-    const uint64_t n = bytes == 0 ? 1 : (bytes + chunk - 1) / chunk;
-    for (uint64_t i = 0; i < n; ++i) r.add_chunk_crcs(0);
-    regions.push_back(std::move(r));
-  };
-  for (const auto& t : layout.tensors()) add(t.name(), t.slot_offset(), t.bytes());
-  for (const auto& b : layout.blobs()) add(b.name(), b.slot_offset(), 8 + b.capacity());
+  std::vector<proto::RegionCrc> regions = RegionLayout(layout, chunk);
   TaskGroup group;
   for (auto& r : regions) {
     for (int c = 0; c < r.chunk_crcs_size(); ++c) {
@@ -1016,12 +1021,7 @@ Status NodeState::LoadFromStorage(int64_t step) {
     return ResourceExhausted("no free slot on node " + std::to_string(node_id_) + " to load step " +
                              std::to_string(step) + " into: every slot holds a version");
   }
-  proto::VersionRecord v;
-  v.set_step(step);
-  v.set_slot_index(slot);
-  v.set_state(proto::VERSION_LOCALLY_COMPLETE);
-  v.set_incarnation(incarnation_);
-  v.set_created_unix_ms(NowUnixMs());
+  proto::VersionRecord v = NewVersion(step, slot, proto::VERSION_LOCALLY_COMPLETE, incarnation_);
   v.set_persisted(true);
   v.set_source(flusher_->StepDir(step));
   for (int32_t r : pending_ranks_) {
@@ -1415,12 +1415,7 @@ void NodeState::RebuildRound(const std::vector<TickPayload>& all) {
                         << (st.ok() ? rb : st).ToString();
     return;
   }
-  proto::VersionRecord v;
-  v.set_step(step);
-  v.set_slot_index(slot);
-  v.set_state(proto::VERSION_LOCALLY_COMPLETE);
-  v.set_incarnation(incarnation_);
-  v.set_created_unix_ms(NowUnixMs());
+  proto::VersionRecord v = NewVersion(step, slot, proto::VERSION_LOCALLY_COMPLETE, incarnation_);
   v.set_is_protected(true);
   v.set_padded_length(padded);
   v.set_rebuilt_from("group " + std::to_string(group_->group_id()));

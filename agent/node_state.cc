@@ -1224,7 +1224,11 @@ void NodeState::StartEncode(int64_t step) {
   NodeData data;
   std::shared_ptr<SharedMemory> parity_seg;
   std::vector<std::shared_ptr<SharedMemory>> keep;  // slots stay mapped while the encoder reads them
+  // This node's CRC records of the version: its peers keep them to verify a rebuild of this node.
+  proto::PeerCaptures mine;
+  mine.set_member(group_->index());
   if (have) {
+    for (const auto& c : it->second.captured()) *mine.add_captures() = c;
     const int slot = it->second.slot_index();
     data = DataOf(slot, epoch_ranks_);
     for (int32_t r : epoch_ranks_) {
@@ -1237,7 +1241,8 @@ void NodeState::StartEncode(int64_t step) {
   encode_state_ = 1;
   if (encoder_.joinable()) encoder_.join();
   const uint64_t chunk = std::max<uint64_t>(options_.crc_chunk_bytes, 4096);
-  encoder_ = std::thread([this, step, have, padded, data, parity_seg, keep, chunk]() mutable {
+  encoder_ = std::thread([this, step, have, padded, data, parity_seg, keep, chunk,
+                          mine = mine.SerializeAsString()]() mutable {
     KillPoint("agent.encode", node_id_, step);
     // Every member takes part in the collective, even one that lost the version (zeros, failed).
     const uint64_t bytes = padded > 0 ? group_->ParityLength(padded) : 0;
@@ -1252,8 +1257,13 @@ void NodeState::StartEncode(int64_t step) {
                                                   : group_->Encode(data, padded, parity);
     std::vector<proto::RegionCrc> crcs;
     if (st.ok() && have) crcs = ParityCrcs(parity, bytes, chunk);
+    // Every member takes part here too, whatever happened above.
+    std::vector<std::string> peers;
+    Status shared = group_->ShareBlobs(have ? mine : std::string(), &peers);
+    if (st.ok() && !shared.ok()) st = shared;
     std::lock_guard<std::mutex> lock(mu_);
     encode_crcs_ = std::move(crcs);
+    encode_peers_ = std::move(peers);
     encode_error_ = st.ok() ? (have ? "" : "version not held on this node") : st.message();
     if (!encode_error_.empty()) {
       MEMENTO_LOG(kError) << "erasure coding of step " << step << " failed on node " << node_id_ << ": "
@@ -1275,6 +1285,12 @@ void NodeState::EncodeRound(const std::vector<TickPayload>& all) {
         it->second.set_padded_length(padded_);
         it->second.clear_parity_crcs();
         for (const auto& r : encode_crcs_) *it->second.add_parity_crcs() = r;
+        it->second.clear_peer_captures();
+        for (size_t i = 0; i < encode_peers_.size(); ++i) {
+          proto::PeerCaptures pc;
+          if (static_cast<int>(i) == group_->index() || !pc.ParseFromString(encode_peers_[i])) continue;
+          *it->second.add_peer_captures() = std::move(pc);
+        }
         catalog_->PutVersion(it->second).IgnoreError();
         MEMENTO_LOG(kDebug) << "step " << encode_current_ << " protected";
       }
@@ -1409,7 +1425,20 @@ void NodeState::RebuildRound(const std::vector<TickPayload>& all) {
     if (st.ok()) st = ResourceExhausted("no free slot on node " + std::to_string(node_id_) + " to rebuild into");
   }
   Status rb = group_->Rebuild(lost, &data, parity, padded);
+  // The lost members get their pre-loss CRC records back from the survivors, to verify the rebuild.
+  std::string kept;
+  Status crcs = group_->SendToLost(
+      lost,
+      [&](int member) {
+        if (vit == versions_.end()) return std::string();
+        for (const auto& pc : vit->second.peer_captures()) {
+          if (pc.member() == member) return pc.SerializeAsString();
+        }
+        return std::string();
+      },
+      &kept);
   if (!me_lost) return;
+  if (rb.ok() && !crcs.ok()) rb = crcs;
   if (!st.ok() || !rb.ok()) {
     MEMENTO_LOG(kError) << "rebuilding step " << step << " on node " << node_id_ << " failed: "
                         << (st.ok() ? rb : st).ToString();
@@ -1422,18 +1451,36 @@ void NodeState::RebuildRound(const std::vector<TickPayload>& all) {
   for (const auto& r : ParityCrcs(parity, group_->ParityLength(padded), std::max<uint64_t>(options_.crc_chunk_bytes, 4096))) {
     *v.add_parity_crcs() = r;
   }
-  for (int32_t r : pending_ranks_) {
-    proto::RankCapture* cap = v.add_captured();
-    cap->set_rank(r);
-    for (auto& region : RegionCrcs(ranks_.at(r).record, ranks_.at(r).slots.at(slot)->data())) {
-      *cap->add_crcs() = std::move(region);
+  proto::PeerCaptures before;
+  if (!kept.empty() && before.ParseFromString(kept) && before.captures_size() > 0) {
+    // Verify the rebuilt bytes against the CRCs recorded before the loss.
+    for (const auto& cap : before.captures()) {
+      *v.add_captured() = cap;
+      auto rit = ranks_.find(cap.rank());
+      Status ok = rit == ranks_.end() ? NotFound("rank " + std::to_string(cap.rank()) + " is not registered here")
+                                      : VerifyRank(v, rit->second);
+      if (!ok.ok()) {
+        MEMENTO_LOG(kError) << "rebuilt step " << step << " on node " << node_id_
+                            << " does not match its pre-loss CRCs: " << ok.message();
+        return;
+      }
+    }
+  } else {
+    MEMENTO_LOG(kWarning) << "no pre-loss CRCs of step " << step << " for node " << node_id_
+                          << " in its group; recording fresh ones";
+    for (int32_t r : pending_ranks_) {
+      proto::RankCapture* cap = v.add_captured();
+      cap->set_rank(r);
+      for (auto& region : RegionCrcs(ranks_.at(r).record, ranks_.at(r).slots.at(slot)->data())) {
+        *cap->add_crcs() = std::move(region);
+      }
     }
   }
   catalog_->PutVersion(v).IgnoreError();
   versions_[step] = v;
   MEMENTO_LOG(kInfo) << "step " << step << " rebuilt on node " << node_id_ << " from its parity group ("
                      << FormatBytes(data.size()) << " of data, " << FormatBytes(group_->ParityLength(padded))
-                     << " of parity)";
+                     << " of parity" << (before.captures_size() > 0 ? ", CRCs verified" : "") << ")";
 }
 
 }  // namespace memento

@@ -183,6 +183,7 @@ class NodeState {
   std::atomic<int> captures_in_flight_{0};
   int64_t encode_current_ = -1;                         // GUARDED_BY(mu_) the version being encoded (pinned)
   std::vector<proto::RegionCrc> encode_crcs_;           // GUARDED_BY(mu_) parity CRCs of the last encode
+  std::vector<std::string> encode_peers_;               // GUARDED_BY(mu_) members' CRC records, by index
   std::string encode_error_;                            // GUARDED_BY(mu_)
   int64_t encode_order_ = -1;                           // GUARDED_BY(mu_) coordinator
   int64_t protected_announce_ = -1;                     // GUARDED_BY(mu_) coordinator

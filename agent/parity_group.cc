@@ -270,4 +270,74 @@ Status ParityGroup::EncodeToHolders(const NodeData& data, size_t padded, uint8_t
   return Status::Ok();
 }
 
+
+Status ParityGroup::ShareBlobs(const std::string& mine, std::vector<std::string>* all) {
+  const int n = encode_comm_->size();
+  uint64_t size = mine.size();
+  std::vector<uint64_t> sizes(n);
+  MEMENTO_RETURN_IF_ERROR(encode_comm_->Allgather(&size, sizeof size, sizes.data()));
+  all->assign(n, std::string());
+  std::vector<Communicator::Message> sends, recvs;
+  for (int i = 0; i < n; ++i) {
+    if (i == index_) {
+      (*all)[i] = mine;
+      continue;
+    }
+    (*all)[i].resize(sizes[i]);
+    if (sizes[i] > 0) recvs.push_back({i, 1, (*all)[i].data(), sizes[i]});
+    if (!mine.empty()) sends.push_back({i, 1, const_cast<char*>(mine.data()), mine.size()});
+  }
+  return encode_comm_->Exchange(sends, recvs);
+}
+
+Status ParityGroup::SendToLost(const std::vector<int>& lost, const std::function<std::string(int)>& blob_of,
+                               std::string* mine) {
+  const int n = rebuild_comm_->size();
+  auto is_lost = [&](int i) { return std::find(lost.begin(), lost.end(), i) != lost.end(); };
+  if (lost.empty()) return Status::Ok();
+  // Every survivor sends what it keeps for each lost member (sizes first, then bytes); a lost
+  // member takes the first non-empty one (a survivor rebuilt earlier may keep nothing).
+  std::vector<std::string> out;
+  std::vector<uint64_t> out_sizes;
+  std::vector<uint64_t> in_sizes(n, 0);
+  std::vector<Communicator::Message> sends, recvs;
+  if (!is_lost(index_)) {
+    out.reserve(lost.size());
+    out_sizes.reserve(lost.size());
+    for (int x : lost) {
+      out.push_back(blob_of(x));
+      out_sizes.push_back(out.back().size());
+      sends.push_back({x, 2, &out_sizes.back(), sizeof(uint64_t)});
+    }
+  } else {
+    for (int i = 0; i < n; ++i) {
+      if (!is_lost(i)) recvs.push_back({i, 2, &in_sizes[i], sizeof(uint64_t)});
+    }
+  }
+  MEMENTO_RETURN_IF_ERROR(rebuild_comm_->Exchange(sends, recvs));
+  sends.clear();
+  recvs.clear();
+  std::vector<std::string> in(n);
+  if (!is_lost(index_)) {
+    for (size_t i = 0; i < lost.size(); ++i) {
+      if (!out[i].empty()) sends.push_back({lost[i], 3, out[i].data(), out[i].size()});
+    }
+  } else {
+    for (int i = 0; i < n; ++i) {
+      if (is_lost(i) || in_sizes[i] == 0) continue;
+      in[i].resize(in_sizes[i]);
+      recvs.push_back({i, 3, in[i].data(), in_sizes[i]});
+    }
+  }
+  MEMENTO_RETURN_IF_ERROR(rebuild_comm_->Exchange(sends, recvs));
+  mine->clear();
+  for (const std::string& b : in) {
+    if (!b.empty()) {
+      *mine = b;
+      break;
+    }
+  }
+  return Status::Ok();
+}
+
 }  // namespace memento

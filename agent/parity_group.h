@@ -7,7 +7,9 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "core/communicator.h"
@@ -63,6 +65,12 @@ class ParityGroup {
   // parity of one version from the survivors; survivors send what is needed. With more than m
   // lost, FailedPrecondition and nothing is written.
   Status Rebuild(const std::vector<int>& lost, NodeData* data, uint8_t* parity, size_t padded);
+
+  // Collective over the group (encoder communicator): every member's `mine`, by member index.
+  Status ShareBlobs(const std::string& mine, std::vector<std::string>* all);
+  // Collective over the group (rebuild communicator): each lost member receives `blob_of(itself)`
+  // from the first survivor; survivors pass what they keep for that member.
+  Status SendToLost(const std::vector<int>& lost, const std::function<std::string(int)>& blob_of, std::string* mine);
 
  private:
   ParityGroup(StripeLayout layout, std::unique_ptr<Codec> codec, std::vector<int> members, int index, int group_id,

@@ -147,6 +147,9 @@ void EveryLossRebuilds(int nodes, const std::string& scheme, int m) {
                 std::string::npos)
           << c.agents().Log();
     }
+    if (round == 1) {  // the first loss: every survivor kept the lost node's CRCs from the encoding
+      EXPECT_NE(c.agents().Log().find("of parity, CRCs verified)"), std::string::npos) << c.agents().Log();
+    }
     if (::testing::Test::HasFailure()) return;
   }
 }

@@ -115,31 +115,24 @@ Status Flusher::WriteRanks(int64_t step, int32_t world_size, const std::vector<R
 
 Status Flusher::Commit(int64_t step, int32_t world_size) {
   const std::string dir = StepDir(step);
-  proto::Manifest m;
-  m.set_format_version(kNativeFormatVersion);
-  m.set_job_id(options_.job_id);
-  m.set_step(step);
-  m.set_world_size(world_size);
-  m.set_created_unix_ms(std::chrono::duration_cast<std::chrono::milliseconds>(
-                            std::chrono::system_clock::now().time_since_epoch())
-                            .count());
-  m.set_library_version(kLibraryVersion);
-  uint64_t total = 0;
+  // Every agent's files are durable: the manifest entries come from the metadata files on storage.
+  std::vector<proto::ManifestRank> ranks;
   for (int32_t r = 0; r < world_size; ++r) {
-    const std::string meta_name = "rank-" + std::to_string(r) + ".meta";
+    const std::string meta_name = MetaFileName(r);
     auto meta = ReadFileToString(fs_, dir + "/" + meta_name);
     if (!meta.ok()) return meta.status().WithContext("committing step " + std::to_string(step));
     proto::RankMetadata md;
     if (!md.ParseFromString(*meta)) return DataLoss(dir + "/" + meta_name + ": malformed rank metadata");
-    proto::ManifestRank* e = m.add_ranks();
-    e->set_rank(r);
-    e->set_meta_file(meta_name);
-    e->set_data_file(md.data_file());
-    e->set_data_bytes(md.data_bytes());
-    e->set_meta_crc(Crc64(meta->data(), meta->size()));
-    total += md.data_bytes();
+    proto::ManifestRank e;
+    e.set_rank(r);
+    e.set_meta_file(meta_name);
+    e.set_data_file(md.data_file());
+    e.set_data_bytes(md.data_bytes());
+    e.set_meta_crc(Crc64(meta->data(), meta->size()));
+    ranks.push_back(std::move(e));
   }
-  m.set_total_bytes(total);
+  proto::Manifest m = BuildManifest(options_.job_id, step, world_size, std::move(ranks));
+  const uint64_t total = m.total_bytes();
   MEMENTO_RETURN_IF_ERROR(CommitManifest(fs_, dir, m));
   MEMENTO_LOG(kInfo) << "step " << step << " committed: " << dir << " (" << FormatBytes(total) << ", " << world_size
                      << " ranks)";

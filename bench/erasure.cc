@@ -122,27 +122,6 @@ Status ParseFlags(int argc, char** argv, ErasureFlags* f, bool* help) {
   return Status::Ok();
 }
 
-std::string FileSystemName(const std::string& path) {
-  struct statfs s {};
-  if (::statfs(path.c_str(), &s) != 0) return "?";
-  switch (static_cast<unsigned long>(s.f_type)) {
-    case 0xEF53: return "ext4";
-    case 0x58465342: return "xfs";
-    case 0x9123683E: return "btrfs";
-    case 0x01021994: return "tmpfs";
-    case 0x6969: return "nfs";
-    case 0x65735546: return "fuse";
-    case 0x0BD00BD0: return "lustre";
-    case 0x47504653: return "gpfs";
-    case 0x2FC12FC1: return "zfs";
-    case 0x794C7630: return "overlayfs";
-    default: {
-      char buf[32];
-      std::snprintf(buf, sizeof buf, "0x%lx", static_cast<unsigned long>(s.f_type));
-      return buf;
-    }
-  }
-}
 
 // The directory of the storage comparison and the one file in it. A default directory is made
 // fresh under /tmp and removed whole; a given directory that does not exist is made and removed;

@@ -174,4 +174,7 @@ std::string ExecutableDir();
 void RemoveOnFatalSignal(const std::string& path);
 void ForgetOnFatalSignal(const std::string& path);
 
+// The kind of file system holding `path` ("ext4", "tmpfs", ...; the magic number in hex otherwise).
+std::string FileSystemName(const std::string& path);
+
 }  // namespace memento::bench

@@ -1,6 +1,7 @@
 // Reads the MEMENTO_* environment once.
 #include "core/env.h"
 
+#include <algorithm>
 #include <cstdlib>
 #include <string_view>
 
@@ -34,6 +35,14 @@ EnvSettings Read() {
   e.job_token = Get("MEMENTO_JOB_TOKEN");
   e.node_id = GetInt("MEMENTO_NODE_ID", -1);
   e.ranks_per_node = GetInt("MEMENTO_RANKS_PER_NODE", 0);
+  const std::string ids = Get("MEMENTO_NODE_IDS");
+  for (size_t pos = 0; pos < ids.size();) {
+    size_t comma = std::min(ids.find(',', pos), ids.size());
+    e.node_ids.push_back(std::atoi(ids.substr(pos, comma - pos).c_str()));
+    pos = comma + 1;
+  }
+  e.restore = Get("MEMENTO_RESTORE");
+  e.heartbeat = Get("MEMENTO_HEARTBEAT");
   e.log_level = ParseLevel(Get("MEMENTO_LOG_LEVEL", "info"));
   e.copy_threads = GetInt("MEMENTO_COPY_THREADS", 0);
   e.fault_fs = Get("MEMENTO_FAULT_FS");

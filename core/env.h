@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "core/log.h"
 
@@ -21,6 +22,16 @@ struct EnvSettings {
   int node_id = -1;
   // MEMENTO_RANKS_PER_NODE: simulated nodes on one machine: node id = rank / this; 0 = unset.
   int ranks_per_node = 0;
+  // MEMENTO_NODE_IDS: comma-separated node ids by node position ("0,1,4,3" after node 2 was
+  // replaced by spare 4); with MEMENTO_RANKS_PER_NODE, node id = ids[rank / ranks_per_node].
+  // Set by memento-run. Default empty.
+  std::vector<int> node_ids;
+  // MEMENTO_RESTORE: what a training program restores on start: "latest", a step, or "none".
+  // Set by memento-run ("latest" on restarts). Default "" (the program decides).
+  std::string restore;
+  // MEMENTO_HEARTBEAT: "host:port" of memento-run's heartbeat listener (UDP); the client sends
+  // a beat on each call that shows training progress. Default "" (no heartbeats).
+  std::string heartbeat;
   // MEMENTO_LOG_LEVEL: debug | info | warning | error. Default warning for clients and info for
   // the agent is the caller's choice; this is the env override (default info).
   LogLevel log_level = LogLevel::kInfo;

@@ -42,10 +42,12 @@
 #include <string>
 #include <string_view>
 #include <system_error>
+#include <thread>
 #include <utility>
 #include <vector>
 
 #include "core/dtype.h"
+#include "core/env.h"
 #include "core/shard.h"
 #include "core/status.h"
 #include "snapshot/client.h"
@@ -82,7 +84,9 @@ constexpr const char* kUsage =
     "  --hidden H           model width (default 128: ~12.8 MB of state over 4 ranks at tp 2)\n"
     "  --layers L           residual MLP blocks (default 4)\n"
     "  --batch B            samples per data-parallel rank per step (default 16)\n"
-    "  --quiet              print only restore results and the final state_hash line\n";
+    "  --step-ms N          pad every step to at least N ms (stands in for compute; default 0)\n"
+    "  --quiet              print only restore results and the final state_hash line\n"
+    "Without --restore, MEMENTO_RESTORE (latest|S|none, set by memento-run) decides; default none.\n";
 
 // ---- flags ------------------------------------------------------------------------------------
 
@@ -98,6 +102,7 @@ struct Flags {
   int64_t hidden = 128;
   int64_t layers = 4;
   int64_t batch = 16;
+  int64_t step_ms = 0;
   bool quiet = false;
   bool help = false;
 };
@@ -128,7 +133,8 @@ std::string ParseFlags(int argc, char** argv, Flags* f) {
     }
     static constexpr std::string_view kValueFlags[] = {
         "--steps", "--snapshot-every", "--restore", "--crash-at-step", "--crash-rank",
-        "--seed",  "--tp",             "--hidden",  "--layers",        "--batch"};
+        "--seed",  "--tp",             "--hidden",  "--layers",        "--batch",
+        "--step-ms"};
     if (std::find(std::begin(kValueFlags), std::end(kValueFlags), name) == std::end(kValueFlags)) {
       return "unknown flag '" + std::string(arg) + "'";
     }
@@ -173,12 +179,26 @@ std::string ParseFlags(int argc, char** argv, Flags* f) {
       err = number(&f->hidden, 1);
     } else if (name == "--layers") {
       err = number(&f->layers, 0);
+    } else if (name == "--step-ms") {
+      err = number(&f->step_ms, 0);
     } else if (name == "--batch") {
       err = number(&f->batch, 1);
     }
     if (!err.empty()) return err;
   }
   if (f->restore && f->no_memento) return "--restore needs memento; it cannot go with --no-memento";
+  if (!f->restore && !f->no_memento) {
+    // memento-run passes the step to restore in the environment.
+    const std::string& env = memento::Env().restore;
+    int64_t step = 0;
+    if (env == "latest") {
+      f->restore = memento::kLatestStep;
+    } else if (ParseNumber(std::string_view(env), &step) && step >= 0) {
+      f->restore = step;
+    } else if (!env.empty() && env != "none") {
+      return "MEMENTO_RESTORE: expected latest, none or a step number, got '" + env + "'";
+    }
+  }
   return "";
 }
 
@@ -835,6 +855,7 @@ int Run(int argc, char** argv) {
       std::fflush(stdout);
       std::raise(SIGKILL);
     }
+    if (flags.step_ms > 0) std::this_thread::sleep_until(start + std::chrono::milliseconds(flags.step_ms));
     const double seconds =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     total_seconds += seconds;

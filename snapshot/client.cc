@@ -490,6 +490,15 @@ Result<std::unique_ptr<Client>> Client::Connect(ClientOptions o) {
   }
   if (o.node_id < 0) {
     o.node_id = env.node_id >= 0 ? env.node_id : env.ranks_per_node > 0 ? o.rank / env.ranks_per_node : 0;
+    if (env.node_id < 0 && env.ranks_per_node > 0 && !env.node_ids.empty()) {
+      const size_t position = static_cast<size_t>(o.rank / env.ranks_per_node);
+      if (position >= env.node_ids.size()) {
+        return InvalidArgument("rank " + std::to_string(o.rank) + " is on node position " + std::to_string(position) +
+                               " (MEMENTO_RANKS_PER_NODE=" + std::to_string(env.ranks_per_node) +
+                               ") but MEMENTO_NODE_IDS lists " + std::to_string(env.node_ids.size()) + " nodes");
+      }
+      o.node_id = env.node_ids[position];
+    }
   }
   if (o.local_rank < 0) {
     o.local_rank = env.ranks_per_node > 0 ? o.rank % env.ranks_per_node

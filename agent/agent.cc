@@ -2,11 +2,13 @@
 #include "agent/agent.h"
 
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <cctype>
 
 #include <chrono>
 #include <filesystem>
+#include <fstream>
 #include <thread>
 #include <vector>
 
@@ -99,8 +101,15 @@ Status RunAgent(AgentOptions options, Communicator* comm, const std::atomic<bool
   NodeState state(options, node_id, catalog.get(), flusher.get(), comm->rank() == 0, group.get());
   if (flusher) flusher->SetYield([&state] { return state.captures_in_flight() > 0; });
   MEMENTO_RETURN_IF_ERROR(state.Recover());
+  std::filesystem::create_directories(std::filesystem::path(socket_path).parent_path(), ec);
   SocketServer server(socket_path, &state);
   MEMENTO_RETURN_IF_ERROR(server.Start());
+  const std::string pid_file = options.pid_file.empty() ? "" : ExpandNodePattern(options.pid_file, node_id);
+  if (!pid_file.empty()) {
+    std::ofstream out(pid_file, std::ios::trunc);
+    out << ::getpid() << "\n";
+    if (!out.flush()) return IOError("writing the pid file " + pid_file);
+  }
   MEMENTO_LOG(kInfo) << "serving job '" << options.job_id << "' on " << socket_path << " (node " << node_id << " of "
                      << comm->size() << ", " << options.slots_per_rank << " slots per rank)";
 
@@ -119,6 +128,7 @@ Status RunAgent(AgentOptions options, Communicator* comm, const std::atomic<bool
   MEMENTO_LOG(kInfo) << "stopping";
   server.Stop();
   flusher.reset();  // joins a flush in progress
+  if (!pid_file.empty()) ::unlink(pid_file.c_str());
   return result;
 }
 

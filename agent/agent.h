@@ -26,6 +26,9 @@ struct AgentOptions {
   // Catalog directory (node-local disk); "%n" becomes the node id.
   // Default "" = /tmp/memento-<job>-node%n.catalog.
   std::string catalog_dir;
+  // Written with the agent's pid once its socket serves; "%n" = node id. Removed on a clean stop.
+  // Default "" (none). memento-run uses it to find the agent of a node.
+  std::string pid_file;
   // Versions kept per rank (R slots each). 0 = 2, or 4 when flushing (a flush may hold one slot
   // and the checksum of the newest capture another while the newest restorable version keeps a
   // third: the fourth lets the next capture start at once).

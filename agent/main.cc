@@ -24,6 +24,7 @@ void Usage() {
                "  --node-id N           node id (default: MPI rank)\n"
                "  --socket PATH         Unix socket; %%n = node id (default /tmp/memento-<job>-node%%n.sock)\n"
                "  --catalog DIR         catalog directory; %%n = node id (default /tmp/memento-<job>-node%%n.catalog)\n"
+               "  --pid-file PATH       write the agent's pid here once it serves; %%n = node id\n"
                "  --slots R             versions kept per rank (default 2)\n"
                "  --memory-budget B     bytes of slots at most, with K/M/G suffix (default: /dev/shm)\n"
                "  --crc-threads N       checksum threads (default 4)\n"
@@ -86,6 +87,7 @@ int main(int argc, char** argv) {
     else if (a == "--node-id") opts.node_id = next_int();
     else if (a == "--socket") opts.socket_path = next();
     else if (a == "--catalog") opts.catalog_dir = next();
+    else if (a == "--pid-file") opts.pid_file = next();
     else if (a == "--slots") opts.slots_per_rank = next_int();
     else if (a == "--crc-threads") opts.crc_threads = next_int();
     else if (a == "--tick-ms") opts.tick_ms = next_int();

@@ -1,6 +1,7 @@
 // JsonWriter: commas by nesting level, RFC 8259 string escaping.
 #include "converters/json_writer.h"
 
+#include <cmath>
 #include <cstdio>
 
 namespace memento {
@@ -136,6 +137,15 @@ JsonWriter& JsonWriter::Int(int64_t value) {
 JsonWriter& JsonWriter::Uint(uint64_t value) {
   BeforeValue();
   out_ += std::to_string(value);
+  return *this;
+}
+
+JsonWriter& JsonWriter::Double(double value, int decimals) {
+  if (!std::isfinite(value)) return Null();
+  BeforeValue();
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "%.*f", decimals, value);
+  out_ += buf;
   return *this;
 }
 

@@ -26,6 +26,8 @@ class JsonWriter {
   JsonWriter& Int(int64_t value);
   JsonWriter& Uint(uint64_t value);
   JsonWriter& Bool(bool value);
+  // A finite number with `decimals` digits after the point (non-finite values are written null).
+  JsonWriter& Double(double value, int decimals = 3);
   JsonWriter& Null();
 
   const std::string& str() const { return out_; }

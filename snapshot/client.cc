@@ -17,6 +17,7 @@
 #include <thread>
 
 #include "core/env.h"
+#include "core/heartbeat.h"
 #include "core/kill_point.h"
 #include "core/log.h"
 #include "core/posix_error.h"
@@ -72,6 +73,7 @@ class ClientImpl : public Client {
   ~ClientImpl() override {
     if (pinning_.valid()) pinning_.wait();
     if (inflight_.valid()) inflight_.wait();
+    Beat(BeatPhase::kClosed, last_step_);
     worker_.reset();
     copy_pool_.reset();
     for (auto& [dev, c] : copiers_) {
@@ -94,6 +96,7 @@ class ClientImpl : public Client {
     h->set_library_version(kLibraryVersion);
     MEMENTO_ASSIGN_OR_RETURN(proto::Reply reply, Call(req));
     node_id_ = reply.hello().node_id();
+    Beat(BeatPhase::kConnected, -1);
     return Status::Ok();
   }
 
@@ -189,10 +192,16 @@ class ClientImpl : public Client {
       });
     }
     finished_ = true;
+    Beat(BeatPhase::kRegistered, -1);
     // Collective: wait for every rank of the job.
     proto::Request await;
     await.mutable_await_epoch()->set_timeout_ms(opts_.registration_timeout_ms);
-    MEMENTO_ASSIGN_OR_RETURN(proto::Reply er, Call(await));
+    Result<proto::Reply> awaited = [&] {
+      HeartbeatSender::KeepAlive alive(heartbeat_.get(), -1);  // agreement, rebuilds, storage loads
+      return Call(await);
+    }();
+    MEMENTO_ASSIGN_OR_RETURN(proto::Reply er, std::move(awaited));
+    Beat(BeatPhase::kReady, -1);
     incarnation_ = er.await_epoch().incarnation();
     for (const auto& s : er.await_epoch().refused()) {
       MEMENTO_LOG(kDebug) << "rank " << opts_.rank << ": " << s;  // Restore() returns them too
@@ -221,6 +230,8 @@ class ClientImpl : public Client {
     snapshot_started_ = t0;
     worker_->Submit([this, step, done, t0] { Capture(step, done, t0); });
     stats_.snapshot_call_seconds = Seconds(t0, Clock::now());
+    last_step_ = step;
+    Beat(BeatPhase::kStep, step);
     return Status::Ok();
   }
 
@@ -232,6 +243,7 @@ class ClientImpl : public Client {
     stats_.step = inflight_step_;
     stats_.copy_seconds = copy_seconds_.load();
     stats_.bytes = copy_bytes_.load();
+    Beat(BeatPhase::kStep, last_step_);
     return st;
   }
 
@@ -242,7 +254,14 @@ class ClientImpl : public Client {
     Drain();
     proto::Request req;
     req.mutable_restore()->set_step(step);
-    MEMENTO_ASSIGN_OR_RETURN(proto::Reply reply, Call(req));
+    Result<proto::Reply> called = [&] {
+      HeartbeatSender::KeepAlive alive(heartbeat_.get(), -1);
+      return Call(req);
+    }();
+    if (!called.ok() && called.status().code() == StatusCode::kNotFound) {
+      Beat(BeatPhase::kRestored, -1, "nothing to restore: " + called.status().message());
+    }
+    MEMENTO_ASSIGN_OR_RETURN(proto::Reply reply, std::move(called));
     const proto::RestoreReply& rr = reply.restore();
     if (rr.slot_index() < 0 || rr.slot_index() >= static_cast<int>(slots_.size())) {
       return Internal("agent named slot " + std::to_string(rr.slot_index()) + " for the restore");
@@ -290,6 +309,8 @@ class ClientImpl : public Client {
     result.step = rr.step();
     result.refused.assign(rr.refused().begin(), rr.refused().end());
     result.source = rr.source();
+    last_step_ = result.step;
+    Beat(BeatPhase::kRestored, result.step, result.source);
     return result;
   }
 
@@ -310,6 +331,10 @@ class ClientImpl : public Client {
   int node_id() const override { return node_id_; }
 
  private:
+  void Beat(BeatPhase phase, int64_t step, const std::string& detail = "") {
+    if (heartbeat_) heartbeat_->Send(phase, step, detail);
+  }
+
   // Sends a request and returns the reply, or the agent's error as a Status.
   Result<proto::Reply> Call(const proto::Request& req) {
     std::lock_guard<std::mutex> lock(call_mu_);
@@ -433,12 +458,14 @@ class ClientImpl : public Client {
 
  public:
   std::string socket_path_;
+  std::unique_ptr<HeartbeatSender> heartbeat_;  // null without memento-run
   uint64_t incarnation_ = 0;
 
  private:
   ClientOptions opts_;
   int fd_ = -1;
   int node_id_ = -1;
+  int64_t last_step_ = -1;                     // the newest Snapshot() or Restore() step
   std::mutex call_mu_;
   std::mutex report_mu_;
   Status report_error_;  // GUARDED_BY(report_mu_)
@@ -515,8 +542,16 @@ Result<std::unique_ptr<Client>> Client::Connect(ClientOptions o) {
   if (o.copy_chunk_bytes == 0) o.copy_chunk_bytes = size_t{8} << 20;
   const std::string path = ExpandNodePattern(o.agent_socket, o.node_id);
   MEMENTO_ASSIGN_OR_RETURN(int fd, ConnectSocket(path, o.connect_timeout_ms));
+  if (o.heartbeat.empty()) o.heartbeat = env.heartbeat;
+  std::unique_ptr<HeartbeatSender> heartbeat;
+  if (!o.heartbeat.empty()) {
+    Result<std::unique_ptr<HeartbeatSender>> hb = HeartbeatSender::Create(o.heartbeat, o.job_id, o.rank);
+    if (!hb.ok()) return hb.status().WithContext("MEMENTO_HEARTBEAT");
+    heartbeat = std::move(hb).value();
+  }
   auto client = std::make_unique<ClientImpl>(o, fd);
   client->socket_path_ = path;
+  client->heartbeat_ = std::move(heartbeat);
   MEMENTO_RETURN_IF_ERROR(client->Handshake());
   return std::unique_ptr<Client>(std::move(client));
 }

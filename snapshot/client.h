@@ -59,6 +59,9 @@ struct ClientOptions {
   // CUDA stream (a cudaStream_t) that produces the registered device tensors; captures are
   // ordered after the work enqueued on it so far. nullptr = the legacy default stream.
   void* cuda_stream = nullptr;
+  // "host:port" of memento-run's heartbeat listener (core/heartbeat.h); "" = MEMENTO_HEARTBEAT,
+  // and no heartbeats when that is unset too.
+  std::string heartbeat;
 };
 
 // Where a registered buffer lives.

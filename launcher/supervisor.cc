@@ -1,0 +1,584 @@
+// memento-run's supervisor: attempts, heartbeats, drills, stops, node replacement.
+#include "launcher/supervisor.h"
+
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <csignal>
+#include <atomic>
+#include <cerrno>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <thread>
+
+namespace memento::launcher {
+namespace {
+
+std::atomic<int> g_signal{0};
+void OnSignal(int sig) { g_signal.store(sig); }
+
+std::string RandomToken() {
+  unsigned char bytes[16] = {};
+  std::ifstream in("/dev/urandom", std::ios::binary);
+  in.read(reinterpret_cast<char*>(bytes), sizeof bytes);
+  static const char* hex = "0123456789abcdef";
+  std::string out;
+  for (unsigned char b : bytes) {
+    out += hex[b >> 4];
+    out += hex[b & 15];
+  }
+  return out;
+}
+
+std::string ExitText(int status) {
+  if (WIFEXITED(status)) return "exit code " + std::to_string(WEXITSTATUS(status));
+  if (WIFSIGNALED(status)) return std::string("signal ") + ::strsignal(WTERMSIG(status));
+  return "status " + std::to_string(status);
+}
+
+bool Alive(int64_t pid) {
+  if (pid <= 0) return false;
+  if (::kill(static_cast<pid_t>(pid), 0) != 0) return false;
+  // A zombie is dead for our purposes.
+  std::ifstream stat("/proc/" + std::to_string(pid) + "/stat");
+  std::string line;
+  std::getline(stat, line);
+  const size_t paren = line.rfind(')');
+  return paren == std::string::npos || paren + 2 >= line.size() || line[paren + 2] != 'Z';
+}
+
+int64_t ReadPid(const std::string& path) {
+  std::ifstream in(path);
+  int64_t pid = 0;
+  return (in >> pid) ? pid : 0;
+}
+
+// Waits up to `seconds` for child `pid` to exit; true when it did (or was already gone).
+bool WaitChild(pid_t* pid, double seconds, int* status = nullptr) {
+  if (*pid <= 0) return true;
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(seconds);
+  for (;;) {
+    int st = 0;
+    pid_t r = ::waitpid(*pid, &st, WNOHANG);
+    if (r == *pid || (r < 0 && errno == ECHILD)) {
+      if (status) *status = st;
+      *pid = -1;
+      return true;
+    }
+    if (std::chrono::steady_clock::now() >= deadline) return false;
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+}
+
+}  // namespace
+
+Supervisor::Supervisor(Options options, std::string agent_bin)
+    : o_(std::move(options)), agent_bin_(std::move(agent_bin)) {}
+
+double Supervisor::Now() const { return std::chrono::duration<double>(Clock::now() - start_).count(); }
+
+void Supervisor::Say(const std::string& line) const {
+  if (!o_.quiet) std::fprintf(stderr, "memento-run [%7.2f s]: %s\n", Now(), line.c_str());
+}
+
+int Supervisor::NodeOfRank(const Attempt& a, int rank) const {
+  const size_t pos = static_cast<size_t>(rank / o_.ranks_per_node);
+  return pos < a.plan.ids.size() ? a.plan.ids[pos] : -1;
+}
+
+Status Supervisor::Prepare() {
+  if (o_.job.empty()) o_.job = "run-" + std::to_string(::time(nullptr)) + "-" + std::to_string(::getpid());
+  if (o_.work_dir.empty()) o_.work_dir = "/tmp/memento-run-" + o_.job;
+  if (o_.timeline.empty()) o_.timeline = o_.work_dir + "/timeline.json";
+  timeline_.job = o_.job;
+  token_ = RandomToken();
+  std::error_code ec;
+  std::filesystem::create_directories(o_.work_dir, ec);
+  if (ec) return IOError("creating the work directory " + o_.work_dir + ": " + ec.message());
+  if (o_.simulate_nodes > 0) {
+    for (int i = 0; i < o_.simulate_nodes; ++i) plan_.ids.push_back(i);
+    for (int i = 0; i < o_.spares; ++i) spare_ids_.push_back(o_.simulate_nodes + i);
+    srun_ = o_.launcher == Launcher::kSrun;
+  } else {
+    MEMENTO_ASSIGN_OR_RETURN(all_hosts_, ReadHostfile(o_.hostfile));
+    const int n = static_cast<int>(all_hosts_.size()) - o_.spares;
+    if (n < 1) {
+      return InvalidArgument("hostfile " + o_.hostfile + " lists " + std::to_string(all_hosts_.size()) +
+                             " hosts: not enough for --spares " + std::to_string(o_.spares) + " and one training node");
+    }
+    for (int i = 0; i < n; ++i) {
+      plan_.ids.push_back(i);
+      plan_.hosts.push_back(all_hosts_[static_cast<size_t>(i)]);
+    }
+    for (int i = n; i < static_cast<int>(all_hosts_.size()); ++i) spare_ids_.push_back(i);
+    srun_ = UsesSrun(o_, std::getenv("SLURM_JOB_ID") != nullptr);
+  }
+  MEMENTO_ASSIGN_OR_RETURN(beats_, HeartbeatReceiver::Create());
+  std::string host = "127.0.0.1";
+  if (o_.simulate_nodes == 0) {
+    char name[256] = {};
+    ::gethostname(name, sizeof name - 1);
+    host = name;
+  }
+  heartbeat_address_ = host + ":" + std::to_string(beats_->port());
+  return Status::Ok();
+}
+
+pid_t Supervisor::Launch(const Command& c, const std::string& log_path) {
+  std::fflush(stdout);
+  std::fflush(stderr);
+  pid_t pid = ::fork();
+  if (pid == 0) {
+    ::setpgid(0, 0);
+    ::signal(SIGINT, SIG_DFL);
+    ::signal(SIGTERM, SIG_DFL);
+    for (const auto& [name, value] : c.env) ::setenv(name.c_str(), value.c_str(), 1);
+    if (!log_path.empty()) {
+      int fd = ::open(log_path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
+      if (fd >= 0) {
+        ::dup2(fd, 1);
+        ::dup2(fd, 2);
+      }
+    }
+    std::vector<char*> argv;
+    for (const std::string& a : c.argv) argv.push_back(const_cast<char*>(a.c_str()));
+    argv.push_back(nullptr);
+    ::execvp(argv[0], argv.data());
+    std::fprintf(stderr, "memento-run: cannot run %s: %s\n", argv[0], std::strerror(errno));
+    ::_exit(127);
+  }
+  if (pid > 0) ::setpgid(pid, pid);
+  return pid;
+}
+
+bool Supervisor::WaitAgentsUp(Attempt* a, Failure* failed) {
+  const std::string node_dir = NodeDirPattern(o_.work_dir);
+  const auto deadline = Clock::now() + std::chrono::duration<double>(o_.start_timeout_s);
+  for (;;) {
+    bool all = true;
+    for (int id : a->plan.ids) {
+      const std::string dir = ExpandNodePattern(node_dir, id);
+      const int64_t pid = o_.simulate_nodes > 0 ? ReadPid(dir + "/agent.pid") : 1;
+      if (pid <= 0) {
+        all = false;
+      } else {
+        a->agent_pids[id] = pid;
+      }
+    }
+    if (all) return true;
+    int status = 0;
+    if (WaitChild(&a->agents, 0, &status)) {
+      failed->kind = "agent-exit";
+      failed->detail = "the agents exited during start-up (" + ExitText(status) + "; see " + o_.work_dir + "/agents.log)";
+      break;
+    }
+    if (Clock::now() >= deadline) {
+      failed->kind = "agent-exit";
+      failed->detail = "the agents did not serve within --start-timeout " + std::to_string(o_.start_timeout_s) +
+                       " s (see " + o_.work_dir + "/agents.log)";
+      break;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  failed->happened_s = failed->detected_s = Now();
+  return false;
+}
+
+void Supervisor::KillNode(Attempt* a, int node_id) {
+  const std::string dir = ExpandNodePattern(NodeDirPattern(o_.work_dir), node_id);
+  int64_t agent = a->agent_pids.count(node_id) ? a->agent_pids[node_id] : ReadPid(dir + "/agent.pid");
+  if (agent > 0) ::kill(static_cast<pid_t>(agent), SIGKILL);
+  for (const auto& [rank, seen] : a->ranks) {
+    if (NodeOfRank(*a, rank) == node_id && seen.pid > 0) ::kill(static_cast<pid_t>(seen.pid), SIGKILL);
+  }
+  a->killed_nodes.push_back(node_id);
+  // The node's memory and disk are gone: its slots and parity in shared memory, its catalog.
+  std::error_code ec;
+  std::filesystem::remove_all(dir, ec);
+  const std::string prefix = "memento-" + o_.job + "-n" + std::to_string(node_id) + "-";
+  for (const auto& e : std::filesystem::directory_iterator("/dev/shm", ec)) {
+    if (e.path().filename().string().rfind(prefix, 0) == 0) std::filesystem::remove(e.path(), ec);
+  }
+}
+
+void Supervisor::Fire(Attempt* a, Injection* in, Failure* pending) {
+  int64_t newest = -1;
+  for (const auto& [r, seen] : a->ranks) newest = std::max(newest, seen.step);
+  if (!pending->injected) {
+    pending->injected = true;
+    pending->kind = InjectionKindName(in->kind);
+    pending->detail = in->spec;
+    pending->happened_s = Now();
+    pending->last_step = newest;
+  } else {
+    pending->detail += " + " + in->spec;
+  }
+  Say("drill " + in->spec + " fires (newest step " + std::to_string(newest) + ")");
+  switch (in->kind) {
+    case Injection::Kind::kNodeLoss:
+      KillNode(a, in->target);
+      break;
+    case Injection::Kind::kAgentCrash: {
+      const std::string dir = ExpandNodePattern(NodeDirPattern(o_.work_dir), in->target);
+      int64_t pid = a->agent_pids.count(in->target) ? a->agent_pids[in->target] : ReadPid(dir + "/agent.pid");
+      if (pid > 0) ::kill(static_cast<pid_t>(pid), SIGKILL);
+      break;
+    }
+    case Injection::Kind::kRankCrash:
+      ::kill(static_cast<pid_t>(a->ranks[in->target].pid), SIGKILL);
+      break;
+    case Injection::Kind::kHang:
+      ::kill(static_cast<pid_t>(a->ranks[in->target].pid), SIGSTOP);
+      a->stopped.push_back(a->ranks[in->target].pid);
+      break;
+  }
+}
+
+void Supervisor::HandleBeat(Attempt* a, const Beat& b, Failure* recovering, Failure* pending) {
+  const int world = static_cast<int>(a->plan.ids.size()) * o_.ranks_per_node;
+  if (b.rank >= world) return;
+  RankSeen& r = a->ranks[b.rank];
+  const double t = Now();
+  r.pid = b.pid;
+  r.last_beat = Clock::now();
+  r.phase = b.phase;
+  switch (b.phase) {
+    case BeatPhase::kRegistered:
+      if (r.registered_s < 0) r.registered_s = t;
+      break;
+    case BeatPhase::kReady:
+      if (r.ready_s < 0) r.ready_s = t;
+      break;
+    case BeatPhase::kRestored:
+      r.restored_s = t;
+      r.restored_step = b.step;
+      r.source = b.detail;
+      break;
+    case BeatPhase::kStep:
+      r.step = std::max(r.step, b.step);
+      if (r.resumed_s < 0 && r.ready_s >= 0) r.resumed_s = t;
+      break;
+    default:
+      break;
+  }
+  const int node = NodeOfRank(*a, b.rank);
+  if (std::find(a->killed_nodes.begin(), a->killed_nodes.end(), node) != a->killed_nodes.end()) {
+    ::kill(static_cast<pid_t>(b.pid), SIGKILL);  // a rank of a lost node that was not known yet
+    return;
+  }
+  for (size_t i = 0; i < o_.injections.size(); ++i) {
+    Injection& in = o_.injections[i];
+    if (fired_[i]) continue;
+    const bool node_drill = in.kind == Injection::Kind::kNodeLoss || in.kind == Injection::Kind::kAgentCrash;
+    bool fire = false;
+    if (in.during_recovery) {
+      if (a->index >= 1 && b.phase == BeatPhase::kRegistered) {
+        if (std::find(a->plan.ids.begin(), a->plan.ids.end(), in.target) == a->plan.ids.end()) {
+          Say("drill " + in.spec + " skipped: node " + std::to_string(in.target) + " is not in the job any more");
+          fired_[i] = true;
+          continue;
+        }
+        fire = true;
+      }
+    } else if (b.phase == BeatPhase::kStep && b.step >= in.step) {
+      fire = node_drill ? node == in.target : b.rank == in.target;
+    }
+    if (fire) {
+      fired_[i] = true;
+      Fire(a, &in, pending);
+    }
+  }
+  // The recovery is over when every rank has taken its first step after the restore.
+  if (recovering != nullptr && recovering->resumed_after_s < 0 && static_cast<int>(a->ranks.size()) == world) {
+    double registered = -1, ready = -1, restored = -1, resumed = -1;
+    int64_t step = INT64_MAX;
+    bool all = true;
+    for (const auto& [rank, s] : a->ranks) {
+      if (s.resumed_s < 0) all = false;
+      registered = std::max(registered, s.registered_s);
+      ready = std::max(ready, s.ready_s);
+      restored = std::max(restored, s.restored_s);
+      resumed = std::max(resumed, s.resumed_s);
+      step = std::min(step, s.restored_step);
+    }
+    if (all) {
+      recovering->registration_s = registered - a->training_launched_s;
+      recovering->rebuild_s = ready - registered;
+      recovering->restore_s = restored >= 0 ? restored - ready : -1;
+      recovering->resumed_after_s = resumed - recovering->happened_s;
+      recovering->restored_step = step == INT64_MAX ? -2 : step;
+      recovering->source = a->ranks.begin()->second.source;
+      recovering->steps_lost = step >= 0 && recovering->last_step >= 0 ? recovering->last_step - step : -1;
+      Say("training resumed from step " + std::to_string(step) + " (" + recovering->source + "), " +
+          std::to_string(recovering->resumed_after_s) + " s after the failure");
+    }
+  }
+}
+
+void Supervisor::StopAll(Attempt* a, bool graceful) {
+  if (graceful) {
+    // Each agent stops in the same agreement round, then its launcher exits by itself.
+    for (const auto& [id, pid] : a->agent_pids) ::kill(static_cast<pid_t>(pid), SIGTERM);
+    if (!WaitChild(&a->agents, o_.stop_grace_s + 10)) {
+      ::kill(-a->agents, SIGKILL);
+      WaitChild(&a->agents, 10);
+    }
+    return;
+  }
+  // The ranks get SIGTERM straight away (their launcher would wait before passing it on). The
+  // agents get SIGKILL: their state is crash-safe (synced catalog, slots in shared memory), and
+  // after a failure a graceful stop would wait for an agreement round that a lost peer never joins.
+  for (int64_t pid : a->stopped) ::kill(static_cast<pid_t>(pid), SIGKILL);
+  for (const auto& [rank, s] : a->ranks) {
+    if (s.pid > 0) ::kill(static_cast<pid_t>(s.pid), SIGTERM);
+  }
+  for (const auto& [id, pid] : a->agent_pids) ::kill(static_cast<pid_t>(pid), SIGKILL);
+  if (a->training > 0) ::kill(-a->training, SIGTERM);
+  if (a->agents > 0) ::kill(-a->agents, SIGTERM);
+  const auto deadline = Clock::now() + std::chrono::duration<double>(o_.stop_grace_s);
+  while (Clock::now() < deadline && (a->training > 0 || a->agents > 0)) {
+    WaitChild(&a->training, 0);
+    WaitChild(&a->agents, 0);
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  for (pid_t* job : {&a->training, &a->agents}) {
+    if (*job > 0) {
+      ::kill(-*job, SIGKILL);
+      WaitChild(job, 10);
+    }
+  }
+  // Stragglers the launchers left behind: every rank and agent this attempt knew of.
+  std::vector<int64_t> pids;
+  for (const auto& [rank, s] : a->ranks) pids.push_back(s.pid);
+  for (int id : a->plan.ids) {
+    pids.push_back(ReadPid(ExpandNodePattern(NodeDirPattern(o_.work_dir), id) + "/agent.pid"));
+  }
+  for (const auto& [id, pid] : a->agent_pids) pids.push_back(pid);
+  for (int64_t pid : pids) {
+    if (Alive(pid)) ::kill(static_cast<pid_t>(pid), SIGKILL);
+  }
+  const auto gone = Clock::now() + std::chrono::seconds(5);
+  for (int64_t pid : pids) {
+    while (Alive(pid) && Clock::now() < gone) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+}
+
+std::vector<int> Supervisor::FindLostNodes(const Attempt& a) {
+  std::vector<int> lost;
+  for (size_t i = 0; i < a.plan.ids.size(); ++i) {
+    const int id = a.plan.ids[i];
+    if (o_.simulate_nodes > 0) {
+      struct stat st {};
+      if (::stat(ExpandNodePattern(NodeDirPattern(o_.work_dir), id).c_str(), &st) != 0) lost.push_back(id);
+      continue;
+    }
+    // A cluster host is lost when a trivial process cannot run there.
+    NodePlan one;
+    one.ids = {id};
+    one.hosts = {a.plan.hosts[i]};
+    Options probe_opts = o_;
+    probe_opts.command = {"true"};
+    Command probe = TrainingCommand(probe_opts, one, srun_, o_.work_dir, "", "", "none");
+    probe.argv.insert(probe.argv.begin(), {"timeout", "30"});
+    pid_t pid = Launch(probe, o_.work_dir + "/probe.log");
+    int status = 0;
+    WaitChild(&pid, 40, &status);
+    if (pid > 0) {
+      ::kill(-pid, SIGKILL);
+      WaitChild(&pid, 5);
+      status = 1 << 8;
+    }
+    if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) lost.push_back(id);
+  }
+  return lost;
+}
+
+Supervisor::End Supervisor::RunAttempt(Attempt* a, Failure* recovering, Failure* failed) {
+  const double t0 = Now();
+  const std::string node_dir = NodeDirPattern(o_.work_dir);
+  for (int id : a->plan.ids) {
+    const std::string dir = ExpandNodePattern(node_dir, id);
+    if (o_.simulate_nodes > 0) {
+      std::error_code ec;
+      std::filesystem::create_directories(dir, ec);
+    }
+    ::unlink((dir + "/agent.pid").c_str());
+  }
+  Command agents = AgentCommand(o_, a->plan, srun_, agent_bin_, o_.work_dir, token_);
+  {
+    std::ofstream log(o_.work_dir + "/agents.log", std::ios::app);
+    log << "== memento-run attempt " << a->index << ": " << agents.ToString() << "\n";
+  }
+  Say("attempt " + std::to_string(a->index) + ": starting " + std::to_string(a->plan.ids.size()) + " agents: " +
+      agents.ToString());
+  a->agents = Launch(agents, o_.work_dir + "/agents.log");
+  a->agents_launched_s = t0;
+  if (!WaitAgentsUp(a, failed)) {
+    StopAll(a, false);
+    return a->index == 0 ? End::kFatal : End::kFailure;
+  }
+  a->agents_up_s = Now();
+  if (recovering != nullptr) recovering->agent_restart_s = a->agents_up_s - t0;
+  Command training = TrainingCommand(o_, a->plan, srun_, o_.work_dir, token_, heartbeat_address_, "latest");
+  Say("attempt " + std::to_string(a->index) + ": starting training: " + training.ToString());
+  a->training = Launch(training, "");
+  a->training_launched_s = Now();
+
+  std::string detected;
+  for (;;) {
+    if (int sig = g_signal.load(); sig != 0) {
+      failed->kind = "interrupted";
+      failed->detail = std::string("memento-run received ") + ::strsignal(sig);
+      failed->happened_s = failed->detected_s = Now();
+      StopAll(a, false);
+      return End::kFatal;
+    }
+    for (int wait_ms = 20;; wait_ms = 0) {
+      Result<Beat> b = beats_->Receive(wait_ms);
+      if (!b.ok()) {
+        if (b.status().code() == StatusCode::kNotFound) break;
+        continue;  // not a beat: ignore
+      }
+      if (b->job == o_.job) HandleBeat(a, *b, recovering, failed);
+    }
+    // Nothing to restore after a failure that came after training had made progress.
+    if (recovering != nullptr && recovering->last_step >= 1) {
+      for (const auto& [rank, s] : a->ranks) {
+        if (s.restored_step == -1) {
+          recovering->restored_step = -1;
+          failed->kind = "unrecoverable";
+          failed->detail = "rank " + std::to_string(rank) + " found no version to restore (" + s.source +
+                           "); step " + std::to_string(recovering->last_step) + " had been reached";
+          failed->happened_s = failed->detected_s = Now();
+          StopAll(a, false);
+          return End::kFatal;
+        }
+      }
+    }
+    int status = 0;
+    if (WaitChild(&a->training, 0, &status)) {
+      if (WIFEXITED(status) && WEXITSTATUS(status) == 0) {
+        Say("training finished; stopping the agents");
+        StopAll(a, true);
+        return End::kSuccess;
+      }
+      detected = "the training job exited (" + ExitText(status) + ")";
+      if (!failed->injected) failed->kind = "rank-exit";
+    } else if (WaitChild(&a->agents, 0, &status)) {
+      detected = "the agents' job exited (" + ExitText(status) + ")";
+      if (!failed->injected) failed->kind = "agent-exit";
+    } else if (o_.hang_timeout_s > 0) {
+      for (const auto& [rank, s] : a->ranks) {
+        const double silent = std::chrono::duration<double>(Clock::now() - s.last_beat).count();
+        if (s.phase != BeatPhase::kClosed && silent > o_.hang_timeout_s) {
+          char buf[160];
+          std::snprintf(buf, sizeof buf, "rank %d sent no heartbeat for %.1f s (last: %s, step %lld)", rank, silent,
+                        BeatPhaseName(s.phase), static_cast<long long>(s.step));
+          detected = buf;
+          if (!failed->injected) failed->kind = "hang";
+          break;
+        }
+      }
+    }
+    if (detected.empty()) continue;
+    failed->detected_s = Now();
+    if (failed->injected) {
+      failed->detail += "; detected: " + detected;
+    } else {
+      failed->detail = detected;
+      failed->happened_s = failed->detected_s;
+      for (const auto& [r, s] : a->ranks) failed->last_step = std::max(failed->last_step, s.step);
+    }
+    Say("failure: " + failed->detail + "; stopping both jobs");
+    StopAll(a, false);
+    failed->stop_s = Now() - failed->detected_s;
+    failed->lost_nodes = FindLostNodes(*a);
+    return End::kFailure;
+  }
+}
+
+int Supervisor::Finish(int code, const std::string& outcome) {
+  timeline_.exit_code = code;
+  timeline_.outcome = outcome;
+  timeline_.total_s = Now();
+  std::fputs(FormatTimeline(timeline_).c_str(), stdout);
+  const std::string tmp = o_.timeline + ".tmp";
+  {
+    std::ofstream out(tmp, std::ios::trunc);
+    out << TimelineJson(timeline_);
+  }
+  if (std::rename(tmp.c_str(), o_.timeline.c_str()) != 0) {
+    std::fprintf(stderr, "memento-run: cannot write the timeline %s: %s\n", o_.timeline.c_str(), std::strerror(errno));
+  } else {
+    std::printf("memento-run: timeline written to %s\n", o_.timeline.c_str());
+  }
+  if (code == 0 && o_.simulate_nodes > 0) {
+    // The job is over: its simulated nodes' memory goes (the timeline and the agents' log stay).
+    std::error_code ec;
+    const std::string prefix = "memento-" + o_.job + "-";
+    for (const auto& e : std::filesystem::directory_iterator("/dev/shm", ec)) {
+      if (e.path().filename().string().rfind(prefix, 0) == 0) std::filesystem::remove(e.path(), ec);
+    }
+    for (int id : plan_.ids) std::filesystem::remove_all(ExpandNodePattern(NodeDirPattern(o_.work_dir), id), ec);
+  }
+  std::fflush(stdout);
+  return code;
+}
+
+int Supervisor::Run() {
+  start_ = Clock::now();
+  if (Status st = Prepare(); !st.ok()) {
+    std::fprintf(stderr, "memento-run: %s\n", st.message().c_str());
+    return 2;
+  }
+  fired_.assign(o_.injections.size(), false);
+  std::signal(SIGINT, OnSignal);
+  std::signal(SIGTERM, OnSignal);
+  std::signal(SIGPIPE, SIG_IGN);
+  for (int index = 0;; ++index) {
+    Attempt a;
+    a.index = index;
+    a.plan = plan_;
+    Failure failed;
+    failed.attempt = index;
+    Failure* recovering = timeline_.failures.empty() ? nullptr : &timeline_.failures.back();
+    const End end = RunAttempt(&a, recovering, &failed);
+    if (end == End::kSuccess) {
+      return Finish(0, "training finished");
+    }
+    timeline_.failures.push_back(failed);
+    if (end == End::kFatal) {
+      return Finish(failed.kind == "interrupted" ? 130 : 1, "stopped: " + failed.detail);
+    }
+    Failure& f = timeline_.failures.back();
+    for (int lost : f.lost_nodes) {
+      if (spare_ids_.empty()) {
+        return Finish(1, "stopped: node " + std::to_string(lost) + " was lost and no spare is left (--spares " +
+                             std::to_string(o_.spares) + ")");
+      }
+      const int spare = spare_ids_.front();
+      spare_ids_.erase(spare_ids_.begin());
+      const size_t pos = static_cast<size_t>(std::find(plan_.ids.begin(), plan_.ids.end(), lost) - plan_.ids.begin());
+      plan_.ids[pos] = spare;
+      if (!plan_.hosts.empty()) plan_.hosts[pos] = all_hosts_[static_cast<size_t>(spare)];
+      f.replacements.push_back(spare);
+      Say("node " + std::to_string(lost) + " is lost; spare node " + std::to_string(spare) + " takes its place");
+    }
+    if (timeline_.restarts >= o_.max_restarts) {
+      return Finish(1, "gave up: failure " + std::to_string(timeline_.failures.size()) + " (" + f.kind +
+                           ") came after " + std::to_string(timeline_.restarts) + " restarts (--max-restarts " +
+                           std::to_string(o_.max_restarts) + ")");
+    }
+    ++timeline_.restarts;
+  }
+}
+
+}  // namespace memento::launcher

@@ -34,7 +34,10 @@ Status RunAgent(AgentOptions options, Communicator* comm, const std::atomic<bool
   }
   // With storage, one slot may be held by a flush and one by the checksum of the newest capture
   // while the newest restorable version keeps a third: a fourth lets the next capture start at once.
-  if (options.slots_per_rank == 0) options.slots_per_rank = options.storage_root.empty() ? 2 : 4;
+  // Erasure coding keeps one more: the newest protected version, while a newer one is encoded.
+  if (options.slots_per_rank == 0) {
+    options.slots_per_rank = (options.storage_root.empty() ? 2 : 4) + (options.ec.empty() || options.ec == "none" ? 0 : 1);
+  }
   if (options.inject_fs.empty()) options.inject_fs = Env().fault_fs;
   if (options.slots_per_rank < 2) {
     return InvalidArgument("--slots must be at least 2 (one for the newest restorable version, one to capture into)");

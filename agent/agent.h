@@ -31,7 +31,8 @@ struct AgentOptions {
   std::string pid_file;
   // Versions kept per rank (R slots each). 0 = 2, or 4 when flushing (a flush may hold one slot
   // and the checksum of the newest capture another while the newest restorable version keeps a
-  // third: the fourth lets the next capture start at once).
+  // third: the fourth lets the next capture start at once); one more with erasure coding (the
+  // newest protected version stays while a newer one is encoded).
   int slots_per_rank = 0;
   // Most bytes of slots this agent may create; 0 = no budget beyond what /dev/shm holds.
   uint64_t memory_budget_bytes = 0;

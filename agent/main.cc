@@ -25,7 +25,7 @@ void Usage() {
                "  --socket PATH         Unix socket; %%n = node id (default /tmp/memento-<job>-node%%n.sock)\n"
                "  --catalog DIR         catalog directory; %%n = node id (default /tmp/memento-<job>-node%%n.catalog)\n"
                "  --pid-file PATH       write the agent's pid here once it serves; %%n = node id\n"
-               "  --slots R             versions kept per rank (default 2)\n"
+               "  --slots R             versions kept per rank (default 2; +2 with --storage, +1 with --ec)\n"
                "  --memory-budget B     bytes of slots at most, with K/M/G suffix (default: /dev/shm)\n"
                "  --crc-threads N       checksum threads (default 4)\n"
                "  --tick-ms MS          agreement interval (default 2)\n"

@@ -330,17 +330,32 @@ Result<proto::RegisterReply> NodeState::Register(Session* session, const proto::
   }
   auto it = ranks_.find(session->rank);
   if (it != ranks_.end() && !SameLayout(it->second.record, rec)) {
-    std::vector<int64_t> held;
+    // A new layout (other TP / DP / ZeRO degrees) cannot use versions held in memory in the old
+    // one; it restores from storage, where loading reshards (ucp_format/universal.h). Versions
+    // already persisted are dropped here; one that storage does not have yet keeps the refusal.
+    std::vector<int64_t> held, unpersisted;
     for (const auto& [step, v] : versions_) {
-      if (v.state() != proto::VERSION_CAPTURING && ContainsRank(v, session->rank)) held.push_back(step);
+      if (v.state() == proto::VERSION_CAPTURING || !ContainsRank(v, session->rank)) continue;
+      held.push_back(step);
+      const bool durable = (v.persisted() || step <= last_committed_) && step != flush_current_ &&
+                           step != encode_current_;
+      if (!durable) unpersisted.push_back(step);
+    }
+    if (!unpersisted.empty()) {
+      std::string steps;
+      for (int64_t s : unpersisted) steps += (steps.empty() ? "" : ", ") + std::to_string(s);
+      return FailedPrecondition(who + ": registration differs from the saved layout: " +
+                                FirstLayoutDifference(it->second.record, rec) + "; this node holds versions " +
+                                steps + " of the saved layout that are not persisted yet. Register the same "
+                                "tensors to restore them, or let them be flushed first (a different layout "
+                                "restores from storage)");
     }
     if (!held.empty()) {
       std::string steps;
       for (int64_t s : held) steps += (steps.empty() ? "" : ", ") + std::to_string(s);
-      return FailedPrecondition(who + ": registration differs from the saved layout: " +
-                                FirstLayoutDifference(it->second.record, rec) + "; this node holds versions " +
-                                steps + " of the saved layout. Register the same tensors to restore them (a "
-                                "different layout restores through the universal format)");
+      MEMENTO_LOG(kInfo) << who << " registered a different layout (" << FirstLayoutDifference(it->second.record, rec)
+                         << "); dropping versions " << steps << " held in the old layout: they restore from storage";
+      for (int64_t s : held) DropVersion(s).IgnoreError();
     }
     slot_bytes_in_use_ -= it->second.record.slot_bytes() * it->second.slots.size();
     ReleaseSlots(&it->second);
@@ -446,6 +461,14 @@ Result<int> NodeState::ChooseSlot(int64_t step, std::string* why_none) {
   for (const auto& [s, v] : versions_) {
     if (v.slot_index() >= 0 && v.slot_index() < options_.slots_per_rank) by_slot[v.slot_index()] = &v;
   }
+  // With erasure coding, the newest protected version stays too: until a newer one is encoded, it
+  // is the newest a lost node can be rebuilt to.
+  int64_t newest_protected = -1;
+  if (group_ != nullptr) {
+    for (const auto& [s, v] : versions_) {
+      if (v.is_protected() && v.state() == proto::VERSION_GLOBALLY_COMPLETE) newest_protected = std::max(newest_protected, s);
+    }
+  }
   int best = -1;
   int64_t best_step = INT64_MAX;
   why_none->clear();
@@ -453,13 +476,14 @@ Result<int> NodeState::ChooseSlot(int64_t step, std::string* why_none) {
     const proto::VersionRecord* v = by_slot[k];
     if (v == nullptr) return k;
     bool usable = v->state() == proto::VERSION_GLOBALLY_COMPLETE && v->step() != newest_global &&
-                  v->step() != flush_current_ && v->step() != encode_current_;
+                  v->step() != flush_current_ && v->step() != encode_current_ && v->step() != newest_protected;
     if (!usable) {
       *why_none += (why_none->empty() ? "" : ", ") + std::string("slot ") + std::to_string(k) + " holds step " +
                    std::to_string(v->step()) + " (" + StateName(v->state()) +
                    (v->step() == newest_global ? ", newest restorable" : "") +
                    (v->step() == flush_current_ ? ", being flushed" : "") +
-                   (v->step() == encode_current_ ? ", being erasure-coded" : "") + ")";
+                   (v->step() == encode_current_ ? ", being erasure-coded" : "") +
+                   (v->step() == newest_protected ? ", newest erasure-coded" : "") + ")";
       continue;
     }
     if (v->step() < best_step) {

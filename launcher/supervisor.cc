@@ -141,6 +141,11 @@ pid_t Supervisor::Launch(const Command& c, const std::string& log_path) {
     ::signal(SIGINT, SIG_DFL);
     ::signal(SIGTERM, SIG_DFL);
     for (const auto& [name, value] : c.env) ::setenv(name.c_str(), value.c_str(), 1);
+    if (::geteuid() == 0) {
+      // Containers often run as root; Open MPI refuses that unless told (memento-run's user did).
+      ::setenv("OMPI_ALLOW_RUN_AS_ROOT", "1", 0);
+      ::setenv("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1", 0);
+    }
     if (!log_path.empty()) {
       int fd = ::open(log_path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
       if (fd >= 0) {
@@ -212,6 +217,7 @@ void Supervisor::KillNode(Attempt* a, int node_id) {
 void Supervisor::Fire(Attempt* a, Injection* in, Failure* pending) {
   int64_t newest = -1;
   for (const auto& [r, seen] : a->ranks) newest = std::max(newest, seen.step);
+  if (newest < 0 && recovering_ != nullptr) newest = recovering_->last_step;  // still recovering
   if (!pending->injected) {
     pending->injected = true;
     pending->kind = InjectionKindName(in->kind);
@@ -476,16 +482,31 @@ Supervisor::End Supervisor::RunAttempt(Attempt* a, Failure* recovering, Failure*
       detected = "the agents' job exited (" + ExitText(status) + ")";
       if (!failed->injected) failed->kind = "agent-exit";
     } else if (o_.hang_timeout_s > 0) {
+      // The hung rank is the one silent the longest: the others soon wait for it and fall silent too.
+      int hung = -1;
+      double longest = 0;
       for (const auto& [rank, s] : a->ranks) {
         const double silent = std::chrono::duration<double>(Clock::now() - s.last_beat).count();
-        if (s.phase != BeatPhase::kClosed && silent > o_.hang_timeout_s) {
-          char buf[160];
-          std::snprintf(buf, sizeof buf, "rank %d sent no heartbeat for %.1f s (last: %s, step %lld)", rank, silent,
-                        BeatPhaseName(s.phase), static_cast<long long>(s.step));
-          detected = buf;
-          if (!failed->injected) failed->kind = "hang";
-          break;
+        if (s.phase != BeatPhase::kClosed && silent > o_.hang_timeout_s && silent > longest) {
+          hung = rank;
+          longest = silent;
         }
+      }
+      if (hung >= 0) {
+        const RankSeen& s = a->ranks[hung];
+        char buf[160];
+        std::snprintf(buf, sizeof buf, "rank %d sent no heartbeat for %.1f s (last: %s, step %lld)", hung, longest,
+                      BeatPhaseName(s.phase), static_cast<long long>(s.step));
+        detected = buf;
+        std::string others;
+        for (const auto& [rank, r] : a->ranks) {
+          const double silent = std::chrono::duration<double>(Clock::now() - r.last_beat).count();
+          if (rank != hung && r.phase != BeatPhase::kClosed && silent > o_.hang_timeout_s / 2) {
+            others += (others.empty() ? "" : ", ") + std::to_string(rank);
+          }
+        }
+        if (!others.empty()) detected += "; silent too: rank(s) " + others;
+        if (!failed->injected) failed->kind = "hang";
       }
     }
     if (detected.empty()) continue;
@@ -496,6 +517,7 @@ Supervisor::End Supervisor::RunAttempt(Attempt* a, Failure* recovering, Failure*
       failed->detail = detected;
       failed->happened_s = failed->detected_s;
       for (const auto& [r, s] : a->ranks) failed->last_step = std::max(failed->last_step, s.step);
+      if (failed->last_step < 0 && recovering != nullptr) failed->last_step = recovering->last_step;
     }
     Say("failure: " + failed->detail + "; stopping both jobs");
     StopAll(a, false);
@@ -550,6 +572,7 @@ int Supervisor::Run() {
     Failure failed;
     failed.attempt = index;
     Failure* recovering = timeline_.failures.empty() ? nullptr : &timeline_.failures.back();
+    recovering_ = recovering;
     const End end = RunAttempt(&a, recovering, &failed);
     if (end == End::kSuccess) {
       return Finish(0, "training finished");

@@ -81,6 +81,7 @@ class Supervisor {
   std::vector<std::string> all_hosts_;  // hostfile order; node id = index
   Timeline timeline_;
   std::vector<bool> fired_;  // per --inject: fired already
+  Failure* recovering_ = nullptr;  // the failure the current attempt recovers from
 };
 
 }  // namespace memento::launcher

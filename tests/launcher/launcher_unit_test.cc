@@ -1,0 +1,284 @@
+// memento-run's parts without processes: options, drills, command lines (mpirun and srun),
+// hostfiles, heartbeat datagrams and the timeline.
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include "core/heartbeat.h"
+#include "launcher/commands.h"
+#include "launcher/options.h"
+#include "launcher/timeline.h"
+
+namespace memento::launcher {
+namespace {
+
+Result<Options> Parse(std::vector<std::string> args) {
+  args.insert(args.begin(), "memento-run");
+  std::vector<const char*> argv;
+  for (auto& a : args) argv.push_back(a.c_str());
+  return ParseOptions(static_cast<int>(argv.size()), argv.data());
+}
+
+std::string Error(std::vector<std::string> args) {
+  auto r = Parse(std::move(args));
+  EXPECT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), StatusCode::kInvalidArgument);
+  return r.ok() ? "" : r.status().message();
+}
+
+TEST(LauncherOptions, ParsesEveryFlag) {
+  auto o = Parse({"--simulate-nodes", "4", "--ranks-per-node=2", "--spares", "1", "--ec", "rs:2", "--group-size", "4",
+                  "--storage", "/ckpt", "--flush-every", "10", "--max-restarts", "5", "--hang-timeout", "2.5",
+                  "--inject", "node-loss:node=2:step=12", "--inject", "hang:rank=3:step=7", "--job", "j1", "--quiet",
+                  "--", "train", "--steps", "30"});
+  ASSERT_TRUE(o.ok()) << o.status().ToString();
+  EXPECT_EQ(o->simulate_nodes, 4);
+  EXPECT_EQ(o->ranks_per_node, 2);
+  EXPECT_EQ(o->spares, 1);
+  EXPECT_EQ(o->ec, "rs:2");
+  EXPECT_EQ(o->group_size, 4);
+  EXPECT_EQ(o->storage, "/ckpt");
+  EXPECT_EQ(o->flush_every, 10);
+  EXPECT_EQ(o->max_restarts, 5);
+  EXPECT_DOUBLE_EQ(o->hang_timeout_s, 2.5);
+  ASSERT_EQ(o->injections.size(), 2u);
+  EXPECT_EQ(o->injections[0].kind, Injection::Kind::kNodeLoss);
+  EXPECT_EQ(o->injections[0].target, 2);
+  EXPECT_EQ(o->injections[0].step, 12);
+  EXPECT_EQ(o->injections[1].kind, Injection::Kind::kHang);
+  EXPECT_EQ(o->injections[1].target, 3);
+  EXPECT_EQ(o->job, "j1");
+  EXPECT_TRUE(o->quiet);
+  EXPECT_EQ(o->command, (std::vector<std::string>{"train", "--steps", "30"}));
+}
+
+TEST(LauncherOptions, ClearErrors) {
+  EXPECT_EQ(Error({"--simulate-nodes", "2"}), "no training command: put it after '--'");
+  EXPECT_EQ(Error({"--", "train"}), "give exactly one of --hostfile F and --simulate-nodes N");
+  EXPECT_EQ(Error({"--simulate-nodes", "2", "--hostfile", "h", "--", "t"}),
+            "give exactly one of --hostfile F and --simulate-nodes N");
+  EXPECT_EQ(Error({"--simulate-nodes", "zero", "--", "t"}), "--simulate-nodes expects an integer >= 1, got 'zero'");
+  EXPECT_EQ(Error({"--simulate-nodes", "2", "--hang-timeout", "-1", "--", "t"}),
+            "--hang-timeout expects a non-negative number of seconds, got '-1'");
+  EXPECT_EQ(Error({"--simulate-nodes", "2", "--ec", "rs:x", "--", "t"}).rfind("--ec: ", 0), 0u);
+  EXPECT_EQ(Error({"--simulate-nodes", "2", "--frobnicate", "1", "--", "t"}), "unknown option '--frobnicate' (see --help)");
+  EXPECT_EQ(Error({"--simulate-nodes", "2", "train"}),
+            "unexpected argument 'train': the training command goes after '--'");
+  EXPECT_EQ(Error({"--simulate-nodes", "2", "--job", "a b", "--", "t"}),
+            "--job 'a b' may hold only letters, digits, '-', '_' and '.'");
+  EXPECT_EQ(Error({"--simulate-nodes", "2", "--inject", "node-loss:node=2:step=3", "--", "t"}),
+            "--inject 'node-loss:node=2:step=3': there are only 2 nodes (ids 0..1)");
+  EXPECT_EQ(Error({"--simulate-nodes", "2", "--inject", "rank-crash:rank=2:step=3", "--", "t"}),
+            "--inject 'rank-crash:rank=2:step=3': there are only 2 ranks");
+  EXPECT_EQ(Error({"--hostfile", "h", "--inject", "hang:rank=0:step=3", "--", "t"}),
+            "--inject needs --simulate-nodes: drills kill local processes and delete local memory");
+  EXPECT_EQ(Error({"--simulate-nodes", "2", "--launcher", "ssh", "--", "t"}),
+            "--launcher expects auto, mpirun or srun, got 'ssh'");
+}
+
+TEST(LauncherOptions, Injections) {
+  auto in = ParseInjection("node-loss:node=1:during=recovery");
+  ASSERT_TRUE(in.ok());
+  EXPECT_TRUE(in->during_recovery);
+  EXPECT_EQ(in->target, 1);
+  auto ac = ParseInjection("agent-crash:node=0:step=4");
+  ASSERT_TRUE(ac.ok());
+  EXPECT_EQ(ac->kind, Injection::Kind::kAgentCrash);
+  EXPECT_EQ(ParseInjection("meteor:node=1:step=2").status().message(),
+            "--inject 'meteor:node=1:step=2': unknown kind 'meteor' (node-loss, rank-crash, hang or agent-crash)");
+  EXPECT_EQ(ParseInjection("rank-crash:node=1:step=2").status().message(),
+            "--inject 'rank-crash:node=1:step=2': unexpected 'node=1' (rank-crash takes rank=N and step=S)");
+  EXPECT_EQ(ParseInjection("hang:rank=1").status().message(), "--inject 'hang:rank=1': needs step=S");
+  EXPECT_EQ(ParseInjection("hang:step=3").status().message(), "--inject 'hang:step=3': needs rank=N");
+  EXPECT_EQ(ParseInjection("rank-crash:rank=1:step=0").status().message(),
+            "--inject 'rank-crash:rank=1:step=0': step must be a positive integer, got '0'");
+  EXPECT_EQ(ParseInjection("node-loss:node=1:step=2:during=recovery").status().message(),
+            "--inject 'node-loss:node=1:step=2:during=recovery': needs either step=S or during=recovery, not both");
+}
+
+Options Simulated() {
+  auto o = Parse({"--simulate-nodes", "4", "--ranks-per-node", "2", "--ec", "rs:2", "--job", "j", "--storage", "/s",
+                  "--flush-every", "5", "--", "train", "--steps", "9"});
+  EXPECT_TRUE(o.ok());
+  return *o;
+}
+
+TEST(LauncherCommands, MpirunSimulatedNodes) {
+  Options o = Simulated();
+  NodePlan plan{{0, 1, 4, 3}, {}};
+  Command a = AgentCommand(o, plan, false, "/b/memento-agent", "/w", "tok");
+  EXPECT_EQ(a.ToString(),
+            "mpirun -np 4 --oversubscribe --bind-to none -x MEMENTO_JOB_TOKEN /b/memento-agent --job j --socket "
+            "/w/node-%n/agent.sock --catalog /w/node-%n/catalog --pid-file /w/node-%n/agent.pid --node-ids 0,1,4,3 "
+            "--ec rs:2 --storage /s --flush-every 5");
+  ASSERT_EQ(a.env.size(), 1u);
+  EXPECT_EQ(a.env[0], (std::pair<std::string, std::string>{"MEMENTO_JOB_TOKEN", "tok"}));
+  Command t = TrainingCommand(o, plan, false, "/w", "tok", "127.0.0.1:9", "latest");
+  EXPECT_EQ(t.ToString(),
+            "mpirun -np 8 --oversubscribe --bind-to none -x MEMENTO_JOB_ID -x MEMENTO_JOB_TOKEN -x MEMENTO_AGENT_SOCKET "
+            "-x MEMENTO_RANKS_PER_NODE -x MEMENTO_NODE_IDS -x MEMENTO_RESTORE -x MEMENTO_HEARTBEAT train --steps 9");
+  std::map<std::string, std::string> env(t.env.begin(), t.env.end());
+  EXPECT_EQ(env["MEMENTO_JOB_ID"], "j");
+  EXPECT_EQ(env["MEMENTO_AGENT_SOCKET"], "/w/node-%n/agent.sock");
+  EXPECT_EQ(env["MEMENTO_RANKS_PER_NODE"], "2");
+  EXPECT_EQ(env["MEMENTO_NODE_IDS"], "0,1,4,3");
+  EXPECT_EQ(env["MEMENTO_RESTORE"], "latest");
+  EXPECT_EQ(env["MEMENTO_HEARTBEAT"], "127.0.0.1:9");
+}
+
+TEST(LauncherCommands, MpirunHosts) {
+  Options o = Simulated();
+  NodePlan plan{{0, 2}, {"gpu01", "gpu03"}};
+  EXPECT_EQ(AgentCommand(o, plan, false, "memento-agent", "/tmp/m", "t").ToString(),
+            "mpirun -np 2 --host gpu01:1,gpu03:1 --map-by ppr:1:node -x MEMENTO_JOB_TOKEN memento-agent --job j "
+            "--socket /tmp/m/node-%n/agent.sock --catalog /tmp/m/node-%n/catalog --pid-file /tmp/m/node-%n/agent.pid "
+            "--node-ids 0,2 --ec rs:2 --storage /s --flush-every 5");
+  EXPECT_EQ(TrainingCommand(o, plan, false, "/tmp/m", "t", "h:1", "latest").ToString(),
+            "mpirun -np 4 --host gpu01:2,gpu03:2 --map-by ppr:2:node -x MEMENTO_JOB_ID -x MEMENTO_JOB_TOKEN -x "
+            "MEMENTO_AGENT_SOCKET -x MEMENTO_RANKS_PER_NODE -x MEMENTO_NODE_IDS -x MEMENTO_RESTORE -x "
+            "MEMENTO_HEARTBEAT train --steps 9");
+}
+
+TEST(LauncherCommands, Srun) {
+  Options o = Simulated();
+  o.mpirun_args = {"--mpi=pmix"};
+  NodePlan plan{{0, 2}, {"gpu01", "gpu03"}};
+  EXPECT_EQ(AgentCommand(o, plan, true, "memento-agent", "/tmp/m", "t").ToString(),
+            "srun --nodes=2 --ntasks=2 --ntasks-per-node=1 --distribution=block --kill-on-bad-exit=1 --export=ALL "
+            "--nodelist=gpu01,gpu03 --mpi=pmix memento-agent --job j --socket /tmp/m/node-%n/agent.sock --catalog "
+            "/tmp/m/node-%n/catalog --pid-file /tmp/m/node-%n/agent.pid --node-ids 0,2 --ec rs:2 --storage /s "
+            "--flush-every 5");
+  EXPECT_EQ(TrainingCommand(o, plan, true, "/tmp/m", "t", "h:1", "latest").ToString(),
+            "srun --nodes=2 --ntasks=4 --ntasks-per-node=2 --distribution=block --kill-on-bad-exit=1 --export=ALL "
+            "--nodelist=gpu01,gpu03 --mpi=pmix train --steps 9");
+  EXPECT_TRUE(UsesSrun(o, true));
+  EXPECT_FALSE(UsesSrun(o, false));
+  o.launcher = Launcher::kMpirun;
+  EXPECT_FALSE(UsesSrun(o, true));
+  o.launcher = Launcher::kSrun;
+  EXPECT_TRUE(UsesSrun(o, false));
+}
+
+TEST(LauncherCommands, QuotesWhatTheShellWouldSplit) {
+  Command c;
+  c.argv = {"train", "--name", "a b", "--x", "it's"};
+  EXPECT_EQ(c.ToString(), "train --name 'a b' --x 'it's'");
+}
+
+TEST(LauncherCommands, Hostfile) {
+  const std::string path = "/tmp/memento-hostfile-" + std::to_string(::getpid());
+  {
+    std::ofstream f(path);
+    f << "# cluster\ngpu01 slots=8\n\ngpu02   # rack 2\ngpu03 max_slots=4\n";
+  }
+  auto hosts = ReadHostfile(path);
+  ASSERT_TRUE(hosts.ok()) << hosts.status().ToString();
+  EXPECT_EQ(*hosts, (std::vector<std::string>{"gpu01", "gpu02", "gpu03"}));
+  {
+    std::ofstream f(path);
+    f << "gpu01\ngpu01\n";
+  }
+  EXPECT_EQ(ReadHostfile(path).status().message(), "hostfile " + path + " line 2: host 'gpu01' is listed twice");
+  {
+    std::ofstream f(path);
+    f << "gpu01 cores=4\n";
+  }
+  EXPECT_EQ(ReadHostfile(path).status().message(),
+            "hostfile " + path + " line 1: unexpected 'cores=4' (expected 'host' or 'host slots=N')");
+  ::unlink(path.c_str());
+  EXPECT_EQ(ReadHostfile(path).status().code(), StatusCode::kNotFound);
+}
+
+TEST(Heartbeat, FormatAndParse) {
+  Beat b;
+  b.job = "j1";
+  b.rank = 3;
+  b.pid = 4242;
+  b.phase = BeatPhase::kRestored;
+  b.step = 17;
+  b.detail = "/ckpt/j1/step-17 (with spaces)";
+  const std::string text = FormatBeat(b);
+  EXPECT_EQ(text, "MHB1 j1 3 4242 restored 17 /ckpt/j1/step-17 (with spaces)");
+  auto back = ParseBeat(text);
+  ASSERT_TRUE(back.ok());
+  EXPECT_EQ(back->job, "j1");
+  EXPECT_EQ(back->rank, 3);
+  EXPECT_EQ(back->pid, 4242);
+  EXPECT_EQ(back->phase, BeatPhase::kRestored);
+  EXPECT_EQ(back->step, 17);
+  EXPECT_EQ(back->detail, b.detail);
+  EXPECT_EQ(ParseBeat("hello").status().message(), "not a memento heartbeat (no MHB1 prefix)");
+  EXPECT_EQ(ParseBeat("MHB1 j 1 2 dancing 3").status().message(), "heartbeat with unknown phase 'dancing'");
+  EXPECT_EQ(ParseBeat("MHB1 j x").status().message(),
+            "malformed heartbeat 'MHB1 j x': expected job, rank, pid, phase and step");
+}
+
+TEST(Heartbeat, SenderToReceiver) {
+  auto rx = HeartbeatReceiver::Create();
+  ASSERT_TRUE(rx.ok()) << rx.status().ToString();
+  auto tx = HeartbeatSender::Create("127.0.0.1:" + std::to_string((*rx)->port()), "job7", 5);
+  ASSERT_TRUE(tx.ok()) << tx.status().ToString();
+  (*tx)->Send(BeatPhase::kStep, 9);
+  auto got = (*rx)->Receive(5000);
+  ASSERT_TRUE(got.ok()) << got.status().ToString();
+  EXPECT_EQ(got->job, "job7");
+  EXPECT_EQ(got->rank, 5);
+  EXPECT_EQ(got->pid, ::getpid());
+  EXPECT_EQ(got->phase, BeatPhase::kStep);
+  EXPECT_EQ(got->step, 9);
+  {
+    HeartbeatSender::KeepAlive alive(tx->get(), 4);
+    auto waiting = (*rx)->Receive(5000);
+    ASSERT_TRUE(waiting.ok()) << waiting.status().ToString();
+    EXPECT_EQ(waiting->phase, BeatPhase::kWaiting);
+  }
+  EXPECT_EQ((*rx)->Receive(0).status().code(), StatusCode::kNotFound);
+  EXPECT_EQ(HeartbeatSender::Create("nohostport", "j", 0).status().message(),
+            "heartbeat address 'nohostport' is not host:port");
+}
+
+TEST(Timeline, JsonAndText) {
+  Timeline t;
+  t.job = "j";
+  t.outcome = "training finished";
+  t.restarts = 1;
+  t.total_s = 9.5;
+  Failure f;
+  f.kind = "node-loss";
+  f.detail = "node-loss:node=2:step=12";
+  f.injected = true;
+  f.happened_s = 2;
+  f.detected_s = 2.25;
+  f.last_step = 12;
+  f.stop_s = 0.5;
+  f.lost_nodes = {2};
+  f.replacements = {4};
+  f.agent_restart_s = 0.4;
+  f.registration_s = 0.3;
+  f.rebuild_s = 0.2;
+  f.restore_s = 0.1;
+  f.resumed_after_s = 1.5;
+  f.restored_step = 11;
+  f.source = "memory";
+  f.steps_lost = 1;
+  t.failures.push_back(f);
+  EXPECT_EQ(TimelineJson(t),
+            "{\"job\":\"j\",\"outcome\":\"training finished\",\"exit_code\":0,\"restarts\":1,\"total_s\":9.500,"
+            "\"failures\":[{\"attempt\":0,\"kind\":\"node-loss\",\"detail\":\"node-loss:node=2:step=12\","
+            "\"injected\":true,\"happened_s\":2.000,\"detected_s\":2.250,\"detection_latency_s\":0.250,"
+            "\"last_step\":12,\"stop_s\":0.500,\"lost_nodes\":[2],\"replacements\":[4],\"agent_restart_s\":0.400,"
+            "\"registration_s\":0.300,\"rebuild_s\":0.200,\"restore_s\":0.100,\"resumed_after_s\":1.500,"
+            "\"restored_step\":11,\"source\":\"memory\",\"steps_lost\":1}]}\n");
+  EXPECT_EQ(FormatTimeline(t),
+            "memento-run: job j: training finished (1 restart, 9.50 s)\n"
+            "  failure 1: node-loss (node-loss:node=2:step=12) at 2.00 s, step 12\n"
+            "    detected after 0.25 s; both jobs stopped in 0.50 s; lost node(s) 2, replaced by spare(s) 4\n"
+            "    recovery: agents restarted in 0.40 s, registration 0.30 s, rebuild 0.20 s, restore 0.10 s\n"
+            "    restored step 11 from memory; 1 step lost; training resumed 1.50 s after the failure\n");
+}
+
+}  // namespace
+}  // namespace memento::launcher

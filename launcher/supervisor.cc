@@ -323,8 +323,10 @@ void Supervisor::HandleBeat(Attempt* a, const Beat& b, Failure* recovering, Fail
       recovering->restored_step = step == INT64_MAX ? -2 : step;
       recovering->source = a->ranks.begin()->second.source;
       recovering->steps_lost = step >= 0 && recovering->last_step >= 0 ? recovering->last_step - step : -1;
-      Say("training resumed from step " + std::to_string(step) + " (" + recovering->source + "), " +
-          std::to_string(recovering->resumed_after_s) + " s after the failure");
+      char buf[64];
+      std::snprintf(buf, sizeof buf, "%.2f s", recovering->resumed_after_s);
+      Say("training resumed from step " + std::to_string(step) + " (" + recovering->source + "), " + buf +
+          " after the failure");
     }
   }
 }

@@ -19,15 +19,21 @@ namespace {
 
 constexpr int kSteps = 24;
 
+
+// The last "state_hash=..." line (the one at a line start; not global_state_hash=).
+std::string LastStateHash(const std::string& out) {
+  size_t p = out.rfind("\nstate_hash=");
+  if (p == std::string::npos) return out.rfind("state_hash=", 0) == 0 ? out.substr(0, out.find('\n')) : "";
+  ++p;
+  return out.substr(p, out.find('\n', p) - p);
+}
+
 struct LaunchResult {
   int exit_code = -1;
   std::string output;    // stdout and stderr
   std::string timeline;  // the JSON file
   std::string work_dir;
-  std::string StateHash() const {
-    size_t p = output.rfind("state_hash=");
-    return p == std::string::npos ? "" : output.substr(p, output.find('\n', p) - p);
-  }
+  std::string StateHash() const { return LastStateHash(output); }
 };
 
 std::string Run(const std::string& cmd, int* exit_code) {
@@ -53,8 +59,8 @@ const std::string& Reference() {
                               std::to_string(kSteps) + " --quiet",
                           &rc);
     EXPECT_EQ(rc, 0) << out;
-    size_t p = out.find("state_hash=");
-    return p == std::string::npos ? std::string("none") : out.substr(p, out.find('\n', p) - p);
+    const std::string hash = LastStateHash(out);
+    return hash.empty() ? std::string("none") : hash;
   }();
   return ref;
 }

@@ -15,7 +15,7 @@ struct Subcommand {
   int (*main)(int argc, char** argv);
 };
 
-// Later: convert, recovery.
+// Later: convert.
 constexpr Subcommand kSubcommands[] = {
     {"capture", "capture bandwidth vs memcpy (or pinned D2H with --cuda) and the training stall",
      memento::bench::CaptureMain},
@@ -23,6 +23,8 @@ constexpr Subcommand kSubcommands[] = {
      memento::bench::FlushMain},
     {"erasure", "erasure-coding throughput vs ISA-L (1 thread) and MPI p2p; rebuild of a lost node vs storage",
      memento::bench::ErasureMain},
+    {"recovery", "node loss to training resumed under memento-run (memory vs storage), vs 10 s + state / copy bw",
+     memento::bench::RecoveryMain},
 };
 
 void Usage(FILE* out) {

@@ -17,4 +17,8 @@ int FlushMain(int argc, char** argv);
 // a lost node against restoring its bytes from storage. Runs itself under mpirun when needed.
 int ErasureMain(int argc, char** argv);
 
+// From a node loss to training resumed under memento-run, broken into its parts, recovering from
+// memory (parity rebuild) and from storage; against 10 s + state / copy bandwidth.
+int RecoveryMain(int argc, char** argv);
+
 }  // namespace memento::bench

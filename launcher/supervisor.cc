@@ -321,7 +321,15 @@ void Supervisor::HandleBeat(Attempt* a, const Beat& b, Failure* recovering, Fail
       recovering->restore_s = restored >= 0 ? restored - ready : -1;
       recovering->resumed_after_s = resumed - recovering->happened_s;
       recovering->restored_step = step == INT64_MAX ? -2 : step;
-      recovering->source = a->ranks.begin()->second.source;
+      // "memory", a checkpoint directory, or both joined by " + " (survivors from memory, the
+      // ranks of a replaced node from storage).
+      std::vector<std::string> sources;
+      for (const auto& [rank, s] : a->ranks) {
+        if (std::find(sources.begin(), sources.end(), s.source) == sources.end()) sources.push_back(s.source);
+      }
+      std::sort(sources.begin(), sources.end());
+      recovering->source.clear();
+      for (const std::string& src : sources) recovering->source += (recovering->source.empty() ? "" : " + ") + src;
       recovering->steps_lost = step >= 0 && recovering->last_step >= 0 ? recovering->last_step - step : -1;
       char buf[64];
       std::snprintf(buf, sizeof buf, "%.2f s", recovering->resumed_after_s);

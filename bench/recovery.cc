@@ -34,7 +34,7 @@ constexpr const char* kUsage =
     "usage: memento-bench recovery [flags]\n"
     "  --nodes N            simulated nodes (default 4)\n"
     "  --ranks-per-node R   training ranks per node (default 2)\n"
-    "  --ec SCHEME          erasure coding of the memory run (default rs:2; replicate:1 for 2 nodes)\n"
+    "  --ec SCHEME          erasure coding of the memory run (default rs:2; replicate:2 for 2 nodes)\n"
     "  --state-per-rank B   registered state per rank (parameters + 2 Adam moments), K/M/G suffixes;\n"
     "                       default: memento-train-example's default model (the demo's scale)\n"
     "  --layers L           blocks of the model (default 1 with --state-per-rank, else the example's)\n"

@@ -480,7 +480,26 @@ Supervisor::End Supervisor::RunAttempt(Attempt* a, Failure* recovering, Failure*
       }
     }
     int status = 0;
-    if (WaitChild(&a->training, 0, &status)) {
+    // On simulated nodes every process is local: a rank or agent that died is seen at once, before
+    // its launcher notices and ends its job.
+    if (o_.simulate_nodes > 0) {
+      for (const auto& [rank, s] : a->ranks) {
+        if (s.phase != BeatPhase::kClosed && s.pid > 0 && !Alive(s.pid)) {
+          detected = "rank " + std::to_string(rank) + " (pid " + std::to_string(s.pid) + ") died";
+          if (!failed->injected) failed->kind = "rank-exit";
+          break;
+        }
+      }
+      for (const auto& [id, pid] : a->agent_pids) {
+        if (detected.empty() && !Alive(pid)) {
+          detected = "the agent of node " + std::to_string(id) + " (pid " + std::to_string(pid) + ") died";
+          if (!failed->injected) failed->kind = "agent-exit";
+        }
+      }
+    }
+    if (!detected.empty()) {
+      // reported below
+    } else if (WaitChild(&a->training, 0, &status)) {
       if (WIFEXITED(status) && WEXITSTATUS(status) == 0) {
         Say("training finished; stopping the agents");
         StopAll(a, true);

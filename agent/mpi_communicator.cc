@@ -19,14 +19,28 @@ Status FromMpi(int rc, const char* what) {
 }
 
 // Polls a request with short sleeps, so an idle agent does not spin a core.
-Status Wait(MPI_Request* req, const char* what) {
+// Waits for requests by polling MPI_Testall, since a thread blocked in MPI_Wait would hold the
+// library's lock against the agent's other threads. MPI moves a large message only while it is
+// polled (a fragment per call on shared memory), so bulk transfers (encoding, rebuilds) poll
+// back to back and only yield the core; small ones (the agreement rounds, every few ms) sleep
+// between polls instead of spinning.
+Status WaitAll(MPI_Request* reqs, int count, const char* what, bool bulk) {
   for (;;) {
     int done = 0;
-    MEMENTO_RETURN_IF_ERROR(FromMpi(MPI_Test(req, &done, MPI_STATUS_IGNORE), what));
+    MEMENTO_RETURN_IF_ERROR(FromMpi(MPI_Testall(count, reqs, &done, MPI_STATUSES_IGNORE), what));
     if (done) return Status::Ok();
-    std::this_thread::sleep_for(std::chrono::microseconds(200));
+    if (bulk) {
+      std::this_thread::yield();
+    } else {
+      std::this_thread::sleep_for(std::chrono::microseconds(200));
+    }
   }
 }
+
+Status Wait(MPI_Request* req, const char* what, bool bulk = false) { return WaitAll(req, 1, what, bulk); }
+
+// Above this, a collective is a bulk transfer.
+constexpr size_t kBulkBytes = size_t{64} << 10;
 
 class MpiCommunicator : public Communicator {
  public:
@@ -45,7 +59,7 @@ class MpiCommunicator : public Communicator {
     MEMENTO_RETURN_IF_ERROR(FromMpi(MPI_Iallgather(in, static_cast<int>(bytes), MPI_BYTE, out,
                                                    static_cast<int>(bytes), MPI_BYTE, comm_, &req),
                                     "MPI_Iallgather"));
-    return Wait(&req, "MPI_Iallgather");
+    return Wait(&req, "MPI_Iallgather", bytes * static_cast<size_t>(size_) > kBulkBytes);
   }
 
   Result<std::unique_ptr<Communicator>> Duplicate() override {
@@ -68,7 +82,7 @@ class MpiCommunicator : public Communicator {
     MEMENTO_RETURN_IF_ERROR(FromMpi(MPI_Ireduce_scatter_block(in, out, static_cast<int>(block_bytes / 8),
                                                               MPI_UINT64_T, MPI_BXOR, comm_, &req),
                                     "MPI_Ireduce_scatter_block"));
-    return Wait(&req, "MPI_Ireduce_scatter_block");
+    return Wait(&req, "MPI_Ireduce_scatter_block", /*bulk=*/true);
   }
 
   Status Exchange(const std::vector<Message>& sends, const std::vector<Message>& recvs) override {
@@ -86,8 +100,8 @@ class MpiCommunicator : public Communicator {
                                                 &reqs.back()),
                                       "MPI_Isend"));
     }
-    for (MPI_Request& r : reqs) MEMENTO_RETURN_IF_ERROR(Wait(&r, "point-to-point exchange"));
-    return Status::Ok();
+    if (reqs.empty()) return Status::Ok();
+    return WaitAll(reqs.data(), static_cast<int>(reqs.size()), "point-to-point exchange", /*bulk=*/true);
   }
 
  private:

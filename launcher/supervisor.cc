@@ -121,14 +121,12 @@ Status Supervisor::Prepare() {
     for (int i = n; i < static_cast<int>(all_hosts_.size()); ++i) spare_ids_.push_back(i);
     srun_ = UsesSrun(o_, std::getenv("SLURM_JOB_ID") != nullptr);
   }
-  MEMENTO_ASSIGN_OR_RETURN(beats_, HeartbeatReceiver::Create());
-  std::string host = "127.0.0.1";
+  heartbeat_host_ = "127.0.0.1";
   if (o_.simulate_nodes == 0) {
     char name[256] = {};
     ::gethostname(name, sizeof name - 1);
-    host = name;
+    heartbeat_host_ = name;
   }
-  heartbeat_address_ = host + ":" + std::to_string(beats_->port());
   return Status::Ok();
 }
 
@@ -443,7 +441,19 @@ Supervisor::End Supervisor::RunAttempt(Attempt* a, Failure* recovering, Failure*
   }
   a->agents_up_s = Now();
   if (recovering != nullptr) recovering->agent_restart_s = a->agents_up_s - t0;
-  Command training = TrainingCommand(o_, a->plan, srun_, o_.work_dir, token_, heartbeat_address_, "latest");
+  // A fresh listener (a new port) per attempt: late beats of the last attempt's processes go nowhere.
+  beats_.reset();
+  Result<std::unique_ptr<HeartbeatReceiver>> rx = HeartbeatReceiver::Create();
+  if (!rx.ok()) {
+    failed->kind = "launcher";
+    failed->detail = "cannot listen for heartbeats: " + rx.status().message();
+    failed->happened_s = failed->detected_s = Now();
+    StopAll(a, false);
+    return End::kFatal;
+  }
+  beats_ = std::move(rx).value();
+  const std::string heartbeat = heartbeat_host_ + ":" + std::to_string(beats_->port());
+  Command training = TrainingCommand(o_, a->plan, srun_, o_.work_dir, token_, heartbeat, "latest");
   Say("attempt " + std::to_string(a->index) + ": starting training: " + training.ToString());
   a->training = Launch(training, "");
   a->training_launched_s = Now();

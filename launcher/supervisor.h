@@ -74,7 +74,7 @@ class Supervisor {
   bool srun_ = false;
   Clock::time_point start_;
   std::unique_ptr<HeartbeatReceiver> beats_;
-  std::string heartbeat_address_;
+  std::string heartbeat_host_;  // where ranks send beats (this host)
   NodePlan plan_;
   std::vector<int> spare_ids_;
   std::vector<std::string> spare_hosts_;

@@ -13,6 +13,7 @@
 #include "core/log.h"
 #include "proto/version.h"
 #include "ucp_format/native_checkpoint.h"
+#include "ucp_format/universal.h"
 
 namespace memento {
 
@@ -186,7 +187,11 @@ std::vector<int64_t> Flusher::CommittedSteps(int n) {
 Status Flusher::Load(int64_t step, const proto::RankRecord& layout, uint8_t* slot) {
   const std::string dir = StepDir(step);
   MEMENTO_ASSIGN_OR_RETURN(proto::Manifest m, ReadManifest(fs_, dir));
-  return LoadRank(fs_, dir, m, layout, slot);
+  Status st = LoadRank(fs_, dir, m, layout, slot);
+  if (st.code() != StatusCode::kFailedPrecondition) return st;
+  // A layout LoadRank cannot fill as is (vocab padded differently): the universal loader cuts and
+  // re-pads. When it cannot either, LoadRank's reason stands.
+  return LoadRankResharded(fs_, dir, layout, slot).ok() ? Status::Ok() : st;
 }
 
 }  // namespace memento

@@ -331,30 +331,47 @@ Result<proto::RegisterReply> NodeState::Register(Session* session, const proto::
   auto it = ranks_.find(session->rank);
   if (it != ranks_.end() && !SameLayout(it->second.record, rec)) {
     // A new layout (other TP / DP / ZeRO degrees) cannot use versions held in memory in the old
-    // one; it restores from storage, where loading reshards (ucp_format/universal.h). Versions
-    // already persisted are dropped here; one that storage does not have yet keeps the refusal.
-    std::vector<int64_t> held, unpersisted;
+    // one; it restores from storage, where loading reshards (ucp_format/universal.h). The old
+    // layout's versions are dropped when storage holds them all; one that only memory holds is
+    // refused (nothing saved is lost). While one is being flushed or erasure-coded (its slots are
+    // in use), the registration is retryable.
+    std::vector<int64_t> held, lost, busy;
+    // What storage holds now (the flush that committed it may not have been accounted yet).
+    int64_t committed = last_committed_;
+    if (flusher_ != nullptr) {
+      const std::vector<int64_t> steps = flusher_->CommittedSteps(1);
+      if (!steps.empty()) committed = std::max(committed, steps[0]);
+    }
+    auto list = [](const std::vector<int64_t>& v) {
+      std::string out;
+      for (int64_t s : v) out += (out.empty() ? "" : ", ") + std::to_string(s);
+      return out;
+    };
     for (const auto& [step, v] : versions_) {
       if (v.state() == proto::VERSION_CAPTURING || !ContainsRank(v, session->rank)) continue;
       held.push_back(step);
-      const bool durable = (v.persisted() || step <= last_committed_) && step != flush_current_ &&
-                           step != encode_current_;
-      if (!durable) unpersisted.push_back(step);
+      const bool durable = v.persisted() || step <= committed;
+      if (step == encode_current_ || (step == flush_current_ && !durable)) busy.push_back(step);
+      if (!durable) lost.push_back(step);
     }
-    if (!unpersisted.empty()) {
-      std::string steps;
-      for (int64_t s : unpersisted) steps += (steps.empty() ? "" : ", ") + std::to_string(s);
+    if (!lost.empty()) {
+      // Nothing saved is dropped by a registration: the versions only memory holds restore in the
+      // layout they were saved in.
       return FailedPrecondition(who + ": registration differs from the saved layout: " +
-                                FirstLayoutDifference(it->second.record, rec) + "; this node holds versions " +
-                                steps + " of the saved layout that are not persisted yet. Register the same "
-                                "tensors to restore them, or let them be flushed first (a different layout "
-                                "restores from storage)");
+                                FirstLayoutDifference(it->second.record, rec) + "; versions " + list(lost) +
+                                " of the saved layout are only in this node's memory (newest in storage: " +
+                                std::to_string(committed) +
+                                "). Restart with the saved layout to restore them, or start the agents afresh "
+                                "(a new catalog) to resume from storage in the new layout");
+    }
+    if (!busy.empty()) {
+      return Unavailable(who + ": registration differs from the saved layout: " +
+                         FirstLayoutDifference(it->second.record, rec) + "; versions " + list(busy) +
+                         " of the saved layout are being flushed or erasure-coded on this node; retry when done");
     }
     if (!held.empty()) {
-      std::string steps;
-      for (int64_t s : held) steps += (steps.empty() ? "" : ", ") + std::to_string(s);
       MEMENTO_LOG(kInfo) << who << " registered a different layout (" << FirstLayoutDifference(it->second.record, rec)
-                         << "); dropping versions " << steps << " held in the old layout: they restore from storage";
+                         << "); dropping versions " << list(held) << " held in the old layout: a new layout restores from storage";
       for (int64_t s : held) DropVersion(s).IgnoreError();
     }
     slot_bytes_in_use_ -= it->second.record.slot_bytes() * it->second.slots.size();
@@ -469,6 +486,20 @@ Result<int> NodeState::ChooseSlot(int64_t step, std::string* why_none) {
       if (v.is_protected() && v.state() == proto::VERSION_GLOBALLY_COMPLETE) newest_protected = std::max(newest_protected, s);
     }
   }
+  // With storage, the newest version the flush policy admits stays until it is flushed or a newer
+  // admitted one replaces it: else captures could recycle it while an older flush runs, and the
+  // policy's "every N-th" version would never reach storage.
+  int64_t flush_candidate = -1;
+  if (flusher_ != nullptr) {
+    for (auto it = versions_.rbegin(); it != versions_.rend(); ++it) {
+      const int64_t s = it->first;
+      if (s <= last_committed_) break;
+      if (it->second.state() != proto::VERSION_GLOBALLY_COMPLETE || it->second.persisted()) continue;
+      if (options_.flush_every > 1 && s % options_.flush_every != 0) continue;
+      flush_candidate = s;
+      break;
+    }
+  }
   int best = -1;
   int64_t best_step = INT64_MAX;
   why_none->clear();
@@ -476,14 +507,16 @@ Result<int> NodeState::ChooseSlot(int64_t step, std::string* why_none) {
     const proto::VersionRecord* v = by_slot[k];
     if (v == nullptr) return k;
     bool usable = v->state() == proto::VERSION_GLOBALLY_COMPLETE && v->step() != newest_global &&
-                  v->step() != flush_current_ && v->step() != encode_current_ && v->step() != newest_protected;
+                  v->step() != flush_current_ && v->step() != encode_current_ && v->step() != newest_protected &&
+                  v->step() != flush_candidate;
     if (!usable) {
       *why_none += (why_none->empty() ? "" : ", ") + std::string("slot ") + std::to_string(k) + " holds step " +
                    std::to_string(v->step()) + " (" + StateName(v->state()) +
                    (v->step() == newest_global ? ", newest restorable" : "") +
                    (v->step() == flush_current_ ? ", being flushed" : "") +
                    (v->step() == encode_current_ ? ", being erasure-coded" : "") +
-                   (v->step() == newest_protected ? ", newest erasure-coded" : "") + ")";
+                   (v->step() == newest_protected ? ", newest erasure-coded" : "") +
+                   (v->step() == flush_candidate ? ", next to flush" : "") + ")";
       continue;
     }
     if (v->step() < best_step) {

@@ -15,7 +15,6 @@ struct Subcommand {
   int (*main)(int argc, char** argv);
 };
 
-// Later: convert.
 constexpr Subcommand kSubcommands[] = {
     {"capture", "capture bandwidth vs memcpy (or pinned D2H with --cuda) and the training stall",
      memento::bench::CaptureMain},
@@ -25,6 +24,8 @@ constexpr Subcommand kSubcommands[] = {
      memento::bench::ErasureMain},
     {"recovery", "node loss to training resumed under memento-run (memory vs storage), vs 10 s + state / copy bw",
      memento::bench::RecoveryMain},
+    {"convert", "memento convert (native -> universal) throughput vs cp -r + sync; peak RSS vs 2 x largest tensor + 256 MiB",
+     memento::bench::ConvertMain},
 };
 
 void Usage(FILE* out) {

@@ -21,4 +21,8 @@ int ErasureMain(int argc, char** argv);
 // memory (parity rebuild) and from storage; against 10 s + state / copy bandwidth.
 int RecoveryMain(int argc, char** argv);
 
+// Conversion of a native checkpoint to the universal format (`memento convert`) against `cp -r`
+// of the same checkpoint, and the conversion's peak RSS against 2 x the largest tensor + 256 MiB.
+int ConvertMain(int argc, char** argv);
+
 }  // namespace memento::bench

@@ -9,6 +9,7 @@
 #include <cinttypes>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <ctime>
 #include <iterator>
 #include <map>
@@ -22,6 +23,8 @@
 #include "core/shard.h"
 #include "core/status.h"
 #include "ucp_format/native_checkpoint.h"
+#include "ucp_format/pattern_spec.h"
+#include "ucp_format/universal.h"
 
 namespace memento {
 namespace {
@@ -39,6 +42,8 @@ constexpr char kUsage[] =
     "  ls <root>|<root>/<job>   list checkpoints: job, step, state, size, ranks\n"
     "  inspect <checkpoint>     a checkpoint's manifest, tensors and blobs\n"
     "  verify <checkpoint>      re-read every byte and check every CRC\n"
+    "  convert <checkpoint> --to ucp <out>\n"
+    "                           consolidate into a universal checkpoint (safetensors)\n"
     "\n"
     "options:\n"
     "  --json       print a single JSON object on stdout\n"
@@ -67,7 +72,27 @@ constexpr char kVerifyHelp[] =
     "\n"
     "Re-reads every byte of a committed checkpoint and checks every CRC: the manifest, each rank's\n"
     "metadata, each run of each tensor and blob. Prints each problem (file, tensor, byte range, what)\n"
-    "and exits 1 when there is any; prints \"OK: ...\" and exits 0 when the checkpoint is intact.\n";
+    "and exits 1 when there is any; prints \"OK: ...\" and exits 0 when the checkpoint is intact.\n"
+    "A universal checkpoint (a directory with manifest.pb, from `memento convert`) is checked the\n"
+    "same way: every tensor and blob against its safetensors header and its CRC in the manifest.\n";
+
+constexpr char kConvertHelp[] =
+    "usage: memento convert [--json] [--threads N] [--pattern FILE] <root>/<job>/step-<N> --to ucp <out>\n"
+    "\n"
+    "Consolidates a committed native checkpoint of any layout (TP x PP x DP, ZeRO flat partitions,\n"
+    "fused sub-parameters, uneven splits, vocab padding) into a universal checkpoint at <out>, which\n"
+    "must not exist: per parameter, its value and every optimizer state at the full logical shape in\n"
+    "<out>/params/<param>.safetensors, per-rank blobs in <out>/blobs.safetensors, and a manifest\n"
+    "(manifest.pb, manifest.json). Streams in slabs: memory stays bounded by a few slabs per thread.\n"
+    "Every byte read is CRC-checked; the result is committed by renaming a temporary directory.\n"
+    "\n"
+    "options:\n"
+    "  --to ucp        the target format (the only one so far)\n"
+    "  --threads N     parameters converted in parallel (default 4)\n"
+    "  --slab-mib M    consolidation slab per thread, MiB (default 16)\n"
+    "  --pattern FILE  a pattern spec (textproto, docs/formats/universal-checkpoint.md) for layouts\n"
+    "                  whose metadata is partial, and the optimizer-state naming rule\n"
+    "  --json          print a single JSON summary object on stdout\n";
 
 struct Args {
   std::string command;
@@ -399,10 +424,33 @@ class ProgressLine {
   std::chrono::steady_clock::time_point last_{};
 };
 
+// `memento verify` of a universal checkpoint.
+int VerifyUniversalDir(const Args& args, FileSystem* fs) {
+  Result<std::vector<std::string>> problems = VerifyUniversal(fs, args.path);
+  if (!problems.ok()) return Fail(args, problems.status());
+  const bool ok = problems->empty();
+  if (args.json) {
+    JsonWriter j;
+    j.BeginObject().Key("dir").String(args.path).Key("format").String("ucp").Key("ok").Bool(ok).Key("problems").BeginArray();
+    for (const std::string& p : *problems) j.String(p);
+    j.EndArray().EndObject();
+    std::printf("%s\n", j.str().c_str());
+    return ok ? kExitOk : kExitFailure;
+  }
+  for (const std::string& p : *problems) std::printf("%s\n", p.c_str());
+  if (!ok) {
+    std::printf("FAILED: %zu problem%s in %s\n", problems->size(), problems->size() == 1 ? "" : "s", args.path.c_str());
+    return kExitFailure;
+  }
+  std::printf("OK: universal checkpoint %s intact\n", args.path.c_str());
+  return kExitOk;
+}
+
 int Verify(const Args& args) {
   FileSystem* fs = PosixFileSystem();
   Status st = CheckDirectory(fs, args.path);
   if (!st.ok()) return Fail(args, st);
+  if (fs->Exists(Join(args.path, kUniversalManifestName))) return VerifyUniversalDir(args, fs);
   VerifyStats stats;
   ProgressLine progress(!args.json && ::isatty(STDERR_FILENO) == 1);
   Result<std::vector<VerifyProblem>> problems = VerifyCheckpoint(
@@ -444,6 +492,134 @@ int Verify(const Args& args) {
   return kExitOk;
 }
 
+// A progress bar on stderr for `convert`, only on a terminal.
+class ConvertProgress {
+ public:
+  explicit ConvertProgress(bool enabled) : enabled_(enabled), start_(std::chrono::steady_clock::now()) {}
+  void Update(uint64_t done, uint64_t total) {
+    if (!enabled_) return;
+    const auto now = std::chrono::steady_clock::now();
+    if (done < total && now - last_ < std::chrono::milliseconds(200)) return;
+    last_ = now;
+    shown_ = true;
+    const double frac = total == 0 ? 1.0 : static_cast<double>(done) / static_cast<double>(total);
+    const int filled = static_cast<int>(frac * 30);
+    const double secs = std::chrono::duration<double>(now - start_).count();
+    std::string bar(static_cast<size_t>(filled), '#');
+    bar.append(static_cast<size_t>(30 - filled), '.');
+    std::fprintf(stderr, "\r\033[Kconverting [%s] %3.0f%% %s of %s, %s/s", bar.c_str(), frac * 100,
+                 HumanBytes(done).c_str(), HumanBytes(total).c_str(),
+                 HumanBytes(secs > 0 ? static_cast<uint64_t>(static_cast<double>(done) / secs) : 0).c_str());
+    std::fflush(stderr);
+  }
+  void Clear() {
+    if (shown_) std::fprintf(stderr, "\r\033[K");
+    shown_ = false;
+  }
+
+ private:
+  bool enabled_;
+  bool shown_ = false;
+  std::chrono::steady_clock::time_point start_;
+  std::chrono::steady_clock::time_point last_{};
+};
+
+int Convert(int argc, char** argv) {
+  Args args;
+  args.command = "convert";
+  std::string to, out;
+  std::string pattern_path;
+  ConvertOptions options;
+  std::vector<std::string> positional;
+  auto usage = [&](const std::string& message) {
+    std::fprintf(stderr, "memento convert: %s\n%s", message.c_str(), kConvertHelp);
+    return kExitUsage;
+  };
+  auto number = [](const std::string& text, int64_t* v) {
+    char* end = nullptr;
+    *v = std::strtoll(text.c_str(), &end, 10);
+    return !text.empty() && end != nullptr && *end == '\0' && *v > 0;
+  };
+  for (int i = 2; i < argc; ++i) {
+    const std::string a = argv[i];
+    auto value = [&](std::string* v) {
+      if (i + 1 >= argc) return false;
+      *v = argv[++i];
+      return true;
+    };
+    std::string v;
+    int64_t n = 0;
+    if (a == "-h" || a == "--help") {
+      std::fputs(kConvertHelp, stdout);
+      return kExitOk;
+    } else if (a == "--json") {
+      args.json = true;
+    } else if (a == "--to") {
+      if (!value(&to)) return usage("--to needs a format");
+    } else if (a == "--pattern") {
+      if (!value(&pattern_path)) return usage("--pattern needs a file");
+    } else if (a == "--threads") {
+      if (!value(&v) || !number(v, &n) || n > 1024) return usage("--threads needs an integer in 1..1024");
+      options.threads = static_cast<int>(n);
+    } else if (a == "--slab-mib") {
+      if (!value(&v) || !number(v, &n) || n > (1 << 20)) return usage("--slab-mib needs a positive integer");
+      options.slab_bytes = static_cast<uint64_t>(n) << 20;
+    } else if (a.size() > 1 && a[0] == '-') {
+      return usage("unknown option '" + a + "'");
+    } else {
+      positional.push_back(a);
+    }
+  }
+  if (to.empty()) return usage("--to ucp is required");
+  if (to != "ucp") return usage("unknown target format '" + to + "' (supported: ucp)");
+  if (positional.size() != 2) return usage("expected <checkpoint> and <out>");
+  args.path = positional[0];
+  out = positional[1];
+  FileSystem* fs = PosixFileSystem();
+  Status st = CheckDirectory(fs, args.path);
+  if (!st.ok()) return Fail(args, st);
+  PatternSpec pattern;
+  if (!pattern_path.empty()) {
+    Result<PatternSpec> p = PatternSpec::FromFile(fs, pattern_path);
+    if (!p.ok()) return Fail(args, p.status());
+    pattern = std::move(p).value();
+    options.pattern = &pattern;
+  }
+  ConvertProgress progress(!args.json && ::isatty(STDERR_FILENO) == 1);
+  options.progress = [&](uint64_t done, uint64_t total) { progress.Update(done, total); };
+  Result<ConvertSummary> summary = ConvertNativeToUniversal(fs, args.path, out, options);
+  progress.Clear();
+  if (!summary.ok()) return Fail(args, summary.status());
+  const ConvertSummary& s = *summary;
+  const double rate = s.seconds > 0 ? static_cast<double>(s.tensor_bytes) / s.seconds : 0;
+  if (args.json) {
+    JsonWriter j;
+    j.BeginObject()
+        .Key("source").String(args.path)
+        .Key("out").String(s.out_dir)
+        .Key("format").String("ucp")
+        .Key("step").Int(s.step)
+        .Key("source_world_size").Int(s.source_world_size)
+        .Key("params").Int(s.params)
+        .Key("tensors").Int(s.tensors)
+        .Key("blobs").Int(s.blobs)
+        .Key("tensor_bytes").Uint(s.tensor_bytes)
+        .Key("bytes_read").Uint(s.bytes_read)
+        .Key("largest_tensor_bytes").Uint(s.largest_tensor_bytes)
+        .Key("threads").Int(options.threads)
+        .Key("seconds").Double(s.seconds)
+        .Key("bytes_per_second").Double(rate, 0)
+        .EndObject();
+    std::printf("%s\n", j.str().c_str());
+    return kExitOk;
+  }
+  std::printf("converted %s (step %" PRId64 ", %d ranks) to %s: %" PRId64 " parameters, %" PRId64
+              " tensors, %" PRId64 " blobs, %s in %.2f s (%s/s)\n",
+              args.path.c_str(), s.step, s.source_world_size, s.out_dir.c_str(), s.params, s.tensors, s.blobs,
+              HumanBytes(s.tensor_bytes).c_str(), s.seconds, HumanBytes(static_cast<uint64_t>(rate)).c_str());
+  return kExitOk;
+}
+
 int Usage(const std::string& message) {
   std::fprintf(stderr, "memento: %s\n%s", message.c_str(), kUsage);
   return kExitUsage;
@@ -453,6 +629,7 @@ const char* CommandHelp(const std::string& command) {
   if (command == "ls") return kLsHelp;
   if (command == "inspect") return kInspectHelp;
   if (command == "verify") return kVerifyHelp;
+  if (command == "convert") return kConvertHelp;
   return nullptr;
 }
 
@@ -472,6 +649,7 @@ int Main(int argc, char** argv) {
   }
   const char* help = CommandHelp(args.command);
   if (help == nullptr) return Usage("unknown command '" + args.command + "'");
+  if (args.command == "convert") return Convert(argc, argv);
   bool have_path = false;
   bool options_done = false;
   for (int i = 2; i < argc; ++i) {

@@ -6,6 +6,12 @@
 // never interrupted (and as the reference run, --no-memento).
 //
 // Layout: world = TP x DP; the ranks of one TP group are adjacent (rank = dp_index * tp + tp_index).
+// --zero 1 partitions the Adam moments over DP (the rank's TP-local parameters flattened in order
+// into one group, cut into DP equal parts, DeepSpeed ZeRO-1/2 style); --zero 3 partitions values and
+// moments of every parameter on its own (ceil(numel / dp) per rank). Each rank updates the part it
+// owns and the values are allgathered over DP, so every ZeRO stage gives bitwise the same training.
+// `global_state_hash=` hashes the consolidated (layout-free) state: equal across layouts
+// whose arithmetic is identical, e.g. after resuming a --zero 1 checkpoint with --zero 3.
 // Model: L residual blocks  x += relu(x W1 + b1) W2 + b2  with W1 [H,4H] and b1 [4H] column-parallel,
 // W2 [4H,H] row-parallel (partial outputs summed over the TP group) and b2 [H] replicated; then the
 // replicated head y = (x * norm.scale) head.w with head.w [H,16]; MSE loss against a synthetic
@@ -26,6 +32,7 @@
 #include <mpi.h>
 
 #include <algorithm>
+#include <array>
 #include <charconv>
 #include <chrono>
 #include <cmath>
@@ -80,13 +87,18 @@ constexpr const char* kUsage =
     "  --no-memento         do not connect to an agent (the reference run)\n"
     "  --seed N             model, data and target seed (default 1234)\n"
     "  --tp T               tensor-parallel size; must divide the world size\n"
-    "                       (default 2 when the world size is even, else 1)\n"
+    "                       (default 2 when the world size is even, else 1; world / D with --dp D)\n"
+    "  --dp D               data-parallel size; tp x dp must be the world size (default world / tp)\n"
+    "  --zero Z             ZeRO stage 0, 1 (moments partitioned over DP) or 3 (values and moments,\n"
+    "                       per parameter); default 0\n"
     "  --hidden H           model width (default 128: ~12.8 MB of state over 4 ranks at tp 2)\n"
     "  --layers L           residual MLP blocks (default 4)\n"
     "  --batch B            samples per data-parallel rank per step (default 16)\n"
     "  --step-ms N          pad every step to at least N ms (stands in for compute; default 0)\n"
-    "  --quiet              print only restore results and the final state_hash line\n"
-    "Without --restore, MEMENTO_RESTORE (latest|S|none, set by memento-run) decides; default none.\n";
+    "  --quiet              print only restore results and the final state_hash lines\n"
+    "Without --restore, MEMENTO_RESTORE (latest|S|none, set by memento-run) decides; default none.\n"
+    "Ends with state_hash= (every rank's buffers: depends on the layout) and global_state_hash= (the\n"
+    "consolidated state: equal across layouts whose arithmetic is identical, e.g. another --zero).\n";
 
 // ---- flags ------------------------------------------------------------------------------------
 
@@ -99,6 +111,8 @@ struct Flags {
   bool no_memento = false;
   uint64_t seed = 1234;
   int64_t tp = 0;  // 0 = 2 when the world size is even, else 1
+  int64_t dp = 0;  // 0 = world / tp
+  int64_t zero = 0;
   int64_t hidden = 128;
   int64_t layers = 4;
   int64_t batch = 16;
@@ -134,7 +148,7 @@ std::string ParseFlags(int argc, char** argv, Flags* f) {
     static constexpr std::string_view kValueFlags[] = {
         "--steps", "--snapshot-every", "--restore", "--crash-at-step", "--crash-rank",
         "--seed",  "--tp",             "--hidden",  "--layers",        "--batch",
-        "--step-ms"};
+        "--step-ms", "--dp",           "--zero"};
     if (std::find(std::begin(kValueFlags), std::end(kValueFlags), name) == std::end(kValueFlags)) {
       return "unknown flag '" + std::string(arg) + "'";
     }
@@ -175,6 +189,11 @@ std::string ParseFlags(int argc, char** argv, Flags* f) {
       if (!ParseNumber(value, &f->seed)) err = "--seed: expected an unsigned integer";
     } else if (name == "--tp") {
       err = number(&f->tp, 1);
+    } else if (name == "--dp") {
+      err = number(&f->dp, 1);
+    } else if (name == "--zero") {
+      err = number(&f->zero, 0);
+      if (err.empty() && f->zero != 0 && f->zero != 1 && f->zero != 3) err = "--zero: expected 0, 1 or 3";
     } else if (name == "--hidden") {
       err = number(&f->hidden, 1);
     } else if (name == "--layers") {
@@ -308,6 +327,15 @@ struct Model {
   // after registration. grad has one extra trailing element that carries the loss through the
   // data-parallel reduction.
   std::vector<float> value, grad, exp_avg, exp_avg_sq;
+  // ZeRO (set by PartitionModel): per parameter and state (value, exp_avg, exp_avg_sq), the part of
+  // the parameter's local buffer this rank registers, [begin, begin + len), and its spec.
+  struct Part {
+    size_t begin = 0;
+    size_t len = 0;
+    ShardSpec spec;
+  };
+  std::vector<std::array<Part, 3>> parts;
+  int zero = 0;
 
   float* V(size_t p) { return value.data() + params[p].offset; }
   float* G(size_t p) { return grad.data() + params[p].offset; }
@@ -370,6 +398,111 @@ Result<Model> BuildModel(const Flags& flags, const Layout& layout) {
   m.exp_avg.assign(total, 0.0f);
   m.exp_avg_sq.assign(total, 0.0f);
   return m;
+}
+
+// Elements [begin, begin + len) of the local buffer of `tp_spec` (box fragments at consecutive local
+// offsets) as box fragments of the global tensor at local offsets from 0: a ZeRO partition of a TP
+// shard, whose copies on other TP ranks (when the parameter is TP-replicated) carry `replica_id`.
+ShardSpec LocalRange(const ShardSpec& tp_spec, int64_t begin, int64_t len, int32_t replica_id) {
+  ShardSpec out;
+  out.global_shape = tp_spec.global_shape;
+  out.original_shape = tp_spec.original_shape;
+  int64_t local = 0;
+  for (const memento::Fragment& f : tp_spec.fragments) {
+    const int64_t lo = std::max(begin, f.local_offset);
+    const int64_t hi = std::min(begin + len, f.local_offset + f.numel());
+    if (hi <= lo) continue;
+    for (memento::Box b : memento::FlatRangeToBoxes(f.box.lengths, lo - f.local_offset, hi - lo)) {
+      for (size_t d = 0; d < b.offsets.size(); ++d) b.offsets[d] += f.box.offsets[d];
+      memento::Fragment g;
+      g.box = b;
+      g.local_offset = local;
+      g.replica_id = replica_id;
+      local += b.numel();
+      out.fragments.push_back(std::move(g));
+    }
+  }
+  out.local_numel = len;
+  return out;
+}
+
+// The ranges [begin, end) of the flat buffers that data-parallel index `dp_index` owns (updates
+// and, for ZeRO, registers): everything for zero 0; one DP-th of the flat group for zero 1; one
+// DP-th of every parameter for zero 3.
+std::vector<std::pair<size_t, size_t>> OwnedRanges(const Model& m, int zero, int dp, int dp_index) {
+  const size_t total = m.total();
+  const auto k = static_cast<size_t>(dp_index);
+  const auto parts = static_cast<size_t>(dp);
+  if (zero == 0) return {{0, total}};
+  if (zero == 1) {
+    const size_t part = (total + parts - 1) / parts;
+    return {{std::min(total, k * part), std::min(total, (k + 1) * part)}};
+  }
+  std::vector<std::pair<size_t, size_t>> out;
+  for (const Param& p : m.params) {
+    const size_t c = (p.numel + parts - 1) / parts;
+    out.push_back({p.offset + std::min(p.numel, k * c), p.offset + std::min(p.numel, (k + 1) * c)});
+  }
+  return out;
+}
+
+// Fills m.parts for --zero.
+void PartitionModel(Model& m, const Layout& layout, int zero) {
+  m.zero = zero;
+  m.parts.assign(m.params.size(), {});
+  const std::vector<std::pair<size_t, size_t>> owned = OwnedRanges(m, zero, layout.dp, layout.dp_index);
+  for (size_t i = 0; i < m.params.size(); ++i) {
+    const Param& p = m.params[i];
+    // A parameter every TP rank holds whole: its partitions' copies are replicas across TP.
+    const bool whole = p.spec.fragments.size() == 1 && p.spec.fragments[0].box.lengths == p.spec.global_shape;
+    size_t begin = 0, len = 0;
+    for (const auto& [b, e] : owned) {
+      const size_t lo = std::max(b, p.offset), hi = std::min(e, p.offset + p.numel);
+      if (lo < hi) {
+        begin = lo - p.offset;
+        len = hi - lo;
+      }
+    }
+    for (int s = 0; s < 3; ++s) {
+      Model::Part& part = m.parts[i][static_cast<size_t>(s)];
+      if (zero == 0 || (zero == 1 && s == 0)) {
+        part = {0, p.numel, p.spec};
+      } else {
+        part = {begin, len,
+                LocalRange(p.spec, static_cast<int64_t>(begin), static_cast<int64_t>(len), whole ? layout.tp_index : 0)};
+      }
+    }
+  }
+}
+
+// Rebuilds the whole of m.value on every DP rank from the parts each owns (ZeRO), in DP order.
+void GatherValues(Model& m, const Layout& layout, std::vector<float>* scratch) {
+  if (m.zero == 0 || layout.dp == 1) return;
+  std::vector<int> counts(static_cast<size_t>(layout.dp)), displs(static_cast<size_t>(layout.dp));
+  std::vector<std::vector<std::pair<size_t, size_t>>> owned;
+  int at = 0;
+  for (int k = 0; k < layout.dp; ++k) {
+    owned.push_back(OwnedRanges(m, m.zero, layout.dp, k));
+    size_t n = 0;
+    for (const auto& [b, e] : owned.back()) n += e - b;
+    counts[static_cast<size_t>(k)] = static_cast<int>(n);
+    displs[static_cast<size_t>(k)] = at;
+    at += static_cast<int>(n);
+  }
+  std::vector<float> mine;
+  for (const auto& [b, e] : owned[static_cast<size_t>(layout.dp_index)]) {
+    mine.insert(mine.end(), m.value.begin() + static_cast<std::ptrdiff_t>(b), m.value.begin() + static_cast<std::ptrdiff_t>(e));
+  }
+  scratch->resize(static_cast<size_t>(at));
+  MPI_Allgatherv(mine.data(), static_cast<int>(mine.size()), MPI_FLOAT, scratch->data(), counts.data(),
+                 displs.data(), MPI_FLOAT, layout.dp_comm);
+  size_t from = 0;
+  for (int k = 0; k < layout.dp; ++k) {
+    for (const auto& [b, e] : owned[static_cast<size_t>(k)]) {
+      std::memcpy(m.value.data() + b, scratch->data() + from, (e - b) * sizeof(float));
+      from += e - b;
+    }
+  }
 }
 
 // Sets every parameter to its initial value and the Adam moments to zero.
@@ -588,20 +721,21 @@ void AverageGradients(Model& m, const Layout& layout, std::vector<float>* scratc
 }
 
 // Adam (no weight decay) with bias correction, `step` counted from 1.
-void AdamStep(Model& m, int64_t step) {
+void AdamStep(Model& m, int64_t step, const std::vector<std::pair<size_t, size_t>>& owned) {
   const double bc1 = 1.0 - std::pow(static_cast<double>(kBeta1), static_cast<double>(step));
   const double bc2 = 1.0 - std::pow(static_cast<double>(kBeta2), static_cast<double>(step));
   const auto step_size = static_cast<float>(kLearningRate / bc1);
   const auto inv_sqrt_bc2 = static_cast<float>(1.0 / std::sqrt(bc2));
-  const size_t n = m.total();
   float* p = m.value.data();
   float* mo = m.exp_avg.data();
   float* v = m.exp_avg_sq.data();
   const float* g = m.grad.data();
-  for (size_t i = 0; i < n; ++i) {
-    mo[i] = kBeta1 * mo[i] + (1.0f - kBeta1) * g[i];
-    v[i] = kBeta2 * v[i] + (1.0f - kBeta2) * g[i] * g[i];
-    p[i] -= step_size * mo[i] / (std::sqrt(v[i]) * inv_sqrt_bc2 + kAdamEps);
+  for (const auto& [begin, end] : owned) {
+    for (size_t i = begin; i < end; ++i) {
+      mo[i] = kBeta1 * mo[i] + (1.0f - kBeta1) * g[i];
+      v[i] = kBeta2 * v[i] + (1.0f - kBeta2) * g[i] * g[i];
+      p[i] -= step_size * mo[i] / (std::sqrt(v[i]) * inv_sqrt_bc2 + kAdamEps);
+    }
   }
 }
 
@@ -707,6 +841,55 @@ uint64_t RankStateHash(const Model& m, const DataLoader& d) {
   return h.value();
 }
 
+// FNV-1a of the consolidated state, the same for any --tp, --dp and --zero that hold the same
+// values: every parameter's global value and Adam moments (each element from the rank whose part
+// has replica id 0), then the data RNG of every DP replica in DP order, the step and the data
+// position. Collective; the result is meaningful on rank 0.
+uint64_t GlobalStateHash(const Model& m, const Layout& layout, const DataLoader& d, int64_t done) {
+  Fnv1a64 h;
+  const bool root = layout.rank == 0;
+  std::vector<uint32_t> mine, all;
+  for (size_t i = 0; i < m.params.size(); ++i) {
+    const Param& p = m.params[i];
+    const std::vector<int64_t>& shape = p.spec.global_shape;
+    const float* buffers[3] = {m.value.data(), m.exp_avg.data(), m.exp_avg_sq.data()};
+    for (size_t s = 0; s < 3; ++s) {
+      const Model::Part& part = m.parts[i][s];
+      mine.assign(static_cast<size_t>(memento::NumElements(shape)), 0);
+      const float* base = buffers[s] + p.offset + part.begin;
+      for (const memento::Fragment& f : part.spec.fragments) {
+        if (f.replica_id != 0) continue;
+        std::vector<int64_t> idx(shape.size(), 0);
+        for (int64_t e = 0; e < f.numel(); ++e) {
+          int64_t flat = 0;
+          for (size_t k = 0; k < shape.size(); ++k) flat = flat * shape[k] + f.box.offsets[k] + idx[k];
+          std::memcpy(&mine[static_cast<size_t>(flat)], base + f.local_offset + e, sizeof(uint32_t));
+          for (size_t k = shape.size(); k-- > 0;) {
+            if (++idx[k] < f.box.lengths[k]) break;
+            idx[k] = 0;
+          }
+        }
+      }
+      // Every element has exactly one owner; the others contribute zero bits.
+      all.resize(root ? mine.size() : 0);
+      MPI_Reduce(mine.data(), all.data(), static_cast<int>(mine.size()), MPI_UINT32_T, MPI_BOR, 0, MPI_COMM_WORLD);
+      if (root) {
+        h.AddString(p.name + (s == 0 ? "" : s == 1 ? ".exp_avg" : ".exp_avg_sq"));
+        h.Add(all.data(), all.size() * sizeof(uint32_t));
+      }
+    }
+  }
+  Fnv1a64 rng;
+  rng.AddString(RngText(d.rng));
+  const uint64_t rng_hash = rng.value();
+  std::vector<uint64_t> rngs(root ? static_cast<size_t>(layout.world) : 0);
+  MPI_Gather(&rng_hash, 1, MPI_UINT64_T, rngs.data(), 1, MPI_UINT64_T, 0, MPI_COMM_WORLD);
+  for (int r = 0; r < layout.world && root; r += layout.tp) h.AddValue(rngs[static_cast<size_t>(r)]);
+  h.AddValue(done);
+  h.AddValue(d.next_sample);
+  return h.value();
+}
+
 // ---- memento ------------------------------------------------------------------------------------
 
 std::unique_ptr<memento::Client> ConnectAndRegister(const Layout& layout, Model& m, Blobs& blobs) {
@@ -724,16 +907,20 @@ std::unique_ptr<memento::Client> ConnectAndRegister(const Layout& layout, Model&
   if (!connected.ok()) Die(layout, "Client::Connect", connected.status());
   std::unique_ptr<memento::Client> client = std::move(connected).value();
 
-  for (const Param& p : m.params) {
+  for (size_t i = 0; i < m.params.size(); ++i) {
+    const Param& p = m.params[i];
     const std::pair<const char*, float*> views[] = {
         {"", m.value.data() + p.offset},
         {".exp_avg", m.exp_avg.data() + p.offset},
         {".exp_avg_sq", m.exp_avg_sq.data() + p.offset},
     };
-    for (const auto& [suffix, data] : views) {
-      const std::string name = p.name + suffix;
-      Check(layout, "RegisterTensor '" + name + "' " + p.spec.DebugString(),
-            client->RegisterTensor(name, data, p.numel * sizeof(float), memento::DType::kF32, p.spec));
+    for (size_t s = 0; s < 3; ++s) {
+      const Model::Part& part = m.parts[i][s];
+      if (part.len == 0) continue;  // this rank's ZeRO partition holds none of it
+      const std::string name = p.name + views[s].first;
+      Check(layout, "RegisterTensor '" + name + "' " + part.spec.DebugString(),
+            client->RegisterTensor(name, views[s].second + part.begin, part.len * sizeof(float),
+                                   memento::DType::kF32, part.spec));
     }
   }
   Check(layout, "RegisterBlob 'rng'",
@@ -760,7 +947,15 @@ int Run(int argc, char** argv) {
     }
     return err.empty() ? 0 : 2;
   }
+  if (flags.tp == 0 && flags.dp > 0 && layout.world % flags.dp == 0) flags.tp = layout.world / flags.dp;
   if (flags.tp == 0) flags.tp = layout.world % 2 == 0 ? 2 : 1;
+  if (flags.dp > 0 && flags.dp * flags.tp != layout.world) {
+    if (root) {
+      std::fprintf(stderr, "%s: --tp %lld x --dp %lld must be the world size %d\n", kProgram,
+                   static_cast<long long>(flags.tp), static_cast<long long>(flags.dp), layout.world);
+    }
+    return 2;
+  }
   if (layout.world % flags.tp != 0 || 4 * flags.hidden < flags.tp) {
     if (root) {
       std::fprintf(stderr, "%s: --tp %lld must divide the world size %d and be at most 4 x --hidden\n",
@@ -778,6 +973,9 @@ int Run(int argc, char** argv) {
   Result<Model> built = BuildModel(flags, layout);
   if (!built.ok()) Die(layout, "building the model", built.status());
   Model model = std::move(built).value();
+  PartitionModel(model, layout, static_cast<int>(flags.zero));
+  const std::vector<std::pair<size_t, size_t>> owned =
+      OwnedRanges(model, model.zero, layout.dp, layout.dp_index);
   Check(layout, "initializing the model", InitModel(model, flags.seed));
   DataLoader data = MakeDataLoader(flags.seed, layout);
   Blobs blobs;
@@ -789,8 +987,8 @@ int Run(int argc, char** argv) {
     long long all_bytes = 0;
     MPI_Reduce(&rank_bytes, &all_bytes, 1, MPI_LONG_LONG, MPI_SUM, 0, MPI_COMM_WORLD);
     if (root) {
-      std::printf("world=%d tp=%d dp=%d hidden=%lld layers=%lld batch=%lld state_bytes=%lld (rank 0: %lld)%s\n",
-                  layout.world, layout.tp, layout.dp, static_cast<long long>(flags.hidden),
+      std::printf("world=%d tp=%d dp=%d zero=%d hidden=%lld layers=%lld batch=%lld state_bytes=%lld (rank 0: %lld)%s\n",
+                  layout.world, layout.tp, layout.dp, model.zero, static_cast<long long>(flags.hidden),
                   static_cast<long long>(flags.layers), static_cast<long long>(flags.batch), all_bytes,
                   rank_bytes, flags.no_memento ? " no-memento" : "");
       std::fflush(stdout);
@@ -801,6 +999,7 @@ int Run(int argc, char** argv) {
   if (!flags.no_memento) client = ConnectAndRegister(layout, model, blobs);
 
   int64_t done = 0;  // steps applied to the state
+  std::vector<float> reduce_scratch;
   if (flags.restore) {
     Result<memento::RestoreResult> restored = client->Restore(*flags.restore);
     if (restored.ok()) {
@@ -809,6 +1008,8 @@ int Run(int argc, char** argv) {
         for (const std::string& refused : restored->refused) std::printf("%s\n", refused.c_str());
       }
       done = restored->step;
+      // ZeRO-3 restored only this rank's parts of the values.
+      if (model.zero == 3) GatherValues(model, layout, &reduce_scratch);
       Check(layout, "restored step " + std::to_string(done),
             LoadBlobs(blobs, done, global_batch, &data));
       if (root) std::printf("restored step=%lld\n", static_cast<long long>(done));
@@ -828,7 +1029,6 @@ int Run(int argc, char** argv) {
   }
 
   Workspace work = MakeWorkspace(model, flags.batch);
-  std::vector<float> reduce_scratch;
   double total_seconds = 0;
   int64_t timed_steps = 0;
   for (int64_t step = done + 1; step <= flags.steps; ++step) {
@@ -841,7 +1041,8 @@ int Run(int argc, char** argv) {
       Check(layout, "WaitUntilSafeToUpdate before step " + std::to_string(step),
             client->WaitUntilSafeToUpdate());
     }
-    AdamStep(model, step);
+    AdamStep(model, step, owned);
+    GatherValues(model, layout, &reduce_scratch);
     done = step;
     const bool snapshot = flags.snapshot_every > 0 && step % flags.snapshot_every == 0;
     if (client && snapshot) {
@@ -885,6 +1086,11 @@ int Run(int argc, char** argv) {
                   total_seconds * 1e3 / static_cast<double>(timed_steps));
     }
     std::printf("state_hash=%016llx\n", static_cast<unsigned long long>(h.value()));
+    std::fflush(stdout);
+  }
+  const uint64_t global = GlobalStateHash(model, layout, data, done);
+  if (root) {
+    std::printf("global_state_hash=%016llx\n", static_cast<unsigned long long>(global));
     std::fflush(stdout);
   }
   client.reset();

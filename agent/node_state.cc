@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdio>
 #include <cstring>
 
 #include "core/crc.h"
@@ -1457,7 +1458,11 @@ void NodeState::RebuildRound(const std::vector<TickPayload>& all) {
   const std::vector<int> lost = rebuild_lost_;  // decided from the verified round's payloads
   const bool me_lost = std::find(lost.begin(), lost.end(), group_->index()) != lost.end();
   const uint64_t padded = GroupPadded(all);
+  using Clock = std::chrono::steady_clock;
+  auto since = [](Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); };
+  const Clock::time_point t0 = Clock::now();
   Status st = EnsureParitySlots(padded);
+  const double slots_s = since(t0);
   int slot = -1;
   auto vit = versions_.find(step);
   if (vit != versions_.end()) {
@@ -1481,7 +1486,9 @@ void NodeState::RebuildRound(const std::vector<TickPayload>& all) {
     parity = scratch.data();
     if (st.ok()) st = ResourceExhausted("no free slot on node " + std::to_string(node_id_) + " to rebuild into");
   }
+  const Clock::time_point t1 = Clock::now();
   Status rb = group_->Rebuild(lost, &data, parity, padded);
+  const double rebuild_s = since(t1);
   // The lost members get their pre-loss CRC records back from the survivors, to verify the rebuild.
   std::string kept;
   Status crcs = group_->SendToLost(
@@ -1495,6 +1502,7 @@ void NodeState::RebuildRound(const std::vector<TickPayload>& all) {
       },
       &kept);
   if (!me_lost) return;
+  const Clock::time_point t2 = Clock::now();
   if (rb.ok() && !crcs.ok()) rb = crcs;
   if (!st.ok() || !rb.ok()) {
     MEMENTO_LOG(kError) << "rebuilding step " << step << " on node " << node_id_ << " failed: "
@@ -1535,9 +1543,12 @@ void NodeState::RebuildRound(const std::vector<TickPayload>& all) {
   }
   catalog_->PutVersion(v).IgnoreError();
   versions_[step] = v;
+  char timing[160];
+  std::snprintf(timing, sizeof timing, "; %.2f s: slots %.2f, decode and transfer %.2f, verify %.2f", since(t0),
+                slots_s, rebuild_s, since(t2));
   MEMENTO_LOG(kInfo) << "step " << step << " rebuilt on node " << node_id_ << " from its parity group ("
                      << FormatBytes(data.size()) << " of data, " << FormatBytes(group_->ParityLength(padded))
-                     << " of parity" << (before.captures_size() > 0 ? ", CRCs verified" : "") << ")";
+                     << " of parity" << (before.captures_size() > 0 ? ", CRCs verified" : "") << timing << ")";
 }
 
 }  // namespace memento

@@ -86,22 +86,39 @@ class MpiCommunicator : public Communicator {
   }
 
   Status Exchange(const std::vector<Message>& sends, const std::vector<Message>& recvs) override {
+    MEMENTO_ASSIGN_OR_RETURN(auto pending, StartExchange(sends, recvs));
+    return pending->Wait();
+  }
+
+  class MpiPending : public Pending {
+   public:
+    ~MpiPending() override { Wait().IgnoreError(); }
+    Status Wait() override {
+      if (reqs.empty()) return Status::Ok();
+      Status st = WaitAll(reqs.data(), static_cast<int>(reqs.size()), "point-to-point exchange", /*bulk=*/true);
+      reqs.clear();
+      return st;
+    }
     std::vector<MPI_Request> reqs;
-    reqs.reserve(sends.size() + recvs.size());
+  };
+
+  Result<std::unique_ptr<Pending>> StartExchange(const std::vector<Message>& sends,
+                                                 const std::vector<Message>& recvs) override {
+    auto pending = std::make_unique<MpiPending>();
+    pending->reqs.reserve(sends.size() + recvs.size());
     for (const Message& r : recvs) {
-      reqs.emplace_back();
-      MEMENTO_RETURN_IF_ERROR(FromMpi(MPI_Irecv(r.data, static_cast<int>(r.bytes), MPI_BYTE, r.peer, r.tag, comm_,
-                                                &reqs.back()),
+      MPI_Request req;
+      MEMENTO_RETURN_IF_ERROR(FromMpi(MPI_Irecv(r.data, static_cast<int>(r.bytes), MPI_BYTE, r.peer, r.tag, comm_, &req),
                                       "MPI_Irecv"));
+      pending->reqs.push_back(req);
     }
     for (const Message& s : sends) {
-      reqs.emplace_back();
-      MEMENTO_RETURN_IF_ERROR(FromMpi(MPI_Isend(s.data, static_cast<int>(s.bytes), MPI_BYTE, s.peer, s.tag, comm_,
-                                                &reqs.back()),
+      MPI_Request req;
+      MEMENTO_RETURN_IF_ERROR(FromMpi(MPI_Isend(s.data, static_cast<int>(s.bytes), MPI_BYTE, s.peer, s.tag, comm_, &req),
                                       "MPI_Isend"));
+      pending->reqs.push_back(req);
     }
-    if (reqs.empty()) return Status::Ok();
-    return WaitAll(reqs.data(), static_cast<int>(reqs.size()), "point-to-point exchange", /*bulk=*/true);
+    return std::unique_ptr<Pending>(std::move(pending));
   }
 
  private:

@@ -1544,11 +1544,11 @@ void NodeState::RebuildRound(const std::vector<TickPayload>& all) {
   catalog_->PutVersion(v).IgnoreError();
   versions_[step] = v;
   char timing[160];
-  std::snprintf(timing, sizeof timing, "; %.2f s: slots %.2f, decode and transfer %.2f, verify %.2f", since(t0),
+  std::snprintf(timing, sizeof timing, " in %.2f s (slots %.2f, decode and transfer %.2f, verify %.2f)", since(t0),
                 slots_s, rebuild_s, since(t2));
   MEMENTO_LOG(kInfo) << "step " << step << " rebuilt on node " << node_id_ << " from its parity group ("
                      << FormatBytes(data.size()) << " of data, " << FormatBytes(group_->ParityLength(padded))
-                     << " of parity" << (before.captures_size() > 0 ? ", CRCs verified" : "") << timing << ")";
+                     << " of parity" << (before.captures_size() > 0 ? ", CRCs verified" : "") << ")" << timing;
 }
 
 }  // namespace memento

@@ -54,6 +54,15 @@ void NodeData::Write(size_t offset, size_t len, const uint8_t* src) {
   }
 }
 
+uint8_t* NodeData::Span(size_t offset, size_t len) const {
+  size_t base = 0;
+  for (const Region& r : regions_) {
+    if (offset < base + r.bytes) return offset + len <= base + r.bytes ? r.data + (offset - base) : nullptr;
+    base += r.bytes;
+  }
+  return nullptr;
+}
+
 Result<std::unique_ptr<ParityGroup>> ParityGroup::Create(const Scheme& scheme, int group_size, Communicator* world,
                                                          const std::vector<std::string>& domains) {
   const int n = world->size();
@@ -142,28 +151,23 @@ Status ParityGroup::Rebuild(const std::vector<int>& lost, NodeData* data, uint8_
     plans.push_back({s, erased, std::move(plan)});
   }
   const bool me_lost = is_lost(index_);
-  std::vector<std::vector<uint8_t>> inbox;   // receive buffers of this window
-  std::vector<std::vector<uint8_t>> outbox;  // send buffers of this window
-  for (size_t off = 0; off < seg; off += kWindow) {
-    const size_t len = std::min(kWindow, seg - off);
+  // Two windows in flight: while window w is decoded, window w + 1 moves. Survivors send straight
+  // from their slots and parity where a window lies in one region; buffers are allocated once per
+  // half (uninitialised) and reused.
+  struct Half {
+    std::vector<std::unique_ptr<uint8_t[]>> out, in;
+    std::map<std::pair<int, int>, const uint8_t*> sources;  // (plan, source pos) -> bytes
+    std::unique_ptr<Communicator::Pending> pending;
+    size_t off = 0, len = 0;
+  };
+  Half halves[2];
+  auto start = [&](Half* h, size_t off) -> Status {
+    h->off = off;
+    h->len = std::min(kWindow, seg - off);
+    const size_t len = h->len;
+    h->sources.clear();
     std::vector<Communicator::Message> sends, recvs;
-    inbox.clear();
-    outbox.clear();
-    // Reserve first so that pointers into the vectors stay valid.
-    size_t n_in = 0, n_out = 0;
-    for (const StripePlan& p : plans) {
-      for (int c : p.plan.sources()) {
-        const int owner = member_of(p.stripe, c);
-        for (int x : lost) {
-          if (!(owner == index_ && x != index_) && !(x == index_ && owner != index_)) continue;
-          (owner == index_ ? n_out : n_in)++;
-        }
-      }
-    }
-    inbox.reserve(n_in);
-    outbox.reserve(n_out);
-    // Inputs of each plan at this member, by source position.
-    std::map<std::pair<int, int>, const uint8_t*> local_sources;  // (plan, source pos) -> bytes
+    size_t n_out = 0, n_in = 0;
     for (size_t pi = 0; pi < plans.size(); ++pi) {
       const StripePlan& p = plans[pi];
       const auto& sources = p.plan.sources();
@@ -174,23 +178,34 @@ Status ParityGroup::Rebuild(const std::vector<int>& lost, NodeData* data, uint8_
         for (int x : lost) {
           if (owner == index_ && x != index_) {
             // A survivor sends its segment (data) or parity slot of this stripe to lost member x.
-            outbox.emplace_back(len);
-            if (c < k) {
-              data->Read(static_cast<size_t>(c) * seg + off, len, outbox.back().data());
-            } else {
-              std::memcpy(outbox.back().data(), parity + (c - k) * seg + off, len);
+            const uint8_t* src = c < k ? data->Span(static_cast<size_t>(c) * seg + off, len)
+                                       : parity + static_cast<size_t>(c - k) * seg + off;
+            if (src == nullptr) {
+              if (h->out.size() <= n_out) h->out.push_back(std::unique_ptr<uint8_t[]>(new uint8_t[kWindow]));
+              data->Read(static_cast<size_t>(c) * seg + off, len, h->out[n_out].get());
+              src = h->out[n_out++].get();
             }
-            sends.push_back({x, tag, outbox.back().data(), len});
+            sends.push_back({x, tag, const_cast<uint8_t*>(src), len});
           } else if (x == index_ && owner != index_) {
-            inbox.emplace_back(len);
-            recvs.push_back({owner, tag, inbox.back().data(), len});
-            local_sources[{static_cast<int>(pi), static_cast<int>(si)}] = inbox.back().data();
+            if (h->in.size() <= n_in) h->in.push_back(std::unique_ptr<uint8_t[]>(new uint8_t[kWindow]));
+            recvs.push_back({owner, tag, h->in[n_in].get(), len});
+            h->sources[{static_cast<int>(pi), static_cast<int>(si)}] = h->in[n_in++].get();
           }
         }
       }
     }
-    MEMENTO_RETURN_IF_ERROR(rebuild_comm_->Exchange(sends, recvs));
+    MEMENTO_ASSIGN_OR_RETURN(h->pending, rebuild_comm_->StartExchange(sends, recvs));
+    return Status::Ok();
+  };
+  std::vector<std::unique_ptr<uint8_t[]>> scratch;  // decode outputs that cannot go in place
+  if (seg == 0) return Status::Ok();
+  MEMENTO_RETURN_IF_ERROR(start(&halves[0], 0));
+  for (size_t w = 0, off = 0; off < seg; ++w, off += kWindow) {
+    Half& cur = halves[w % 2];
+    if (off + kWindow < seg) MEMENTO_RETURN_IF_ERROR(start(&halves[(w + 1) % 2], off + kWindow));
+    MEMENTO_RETURN_IF_ERROR(cur.pending->Wait());
     if (!me_lost) continue;
+    const size_t len = cur.len;
     for (size_t pi = 0; pi < plans.size(); ++pi) {
       const StripePlan& p = plans[pi];
       bool mine = false;
@@ -198,25 +213,35 @@ Status ParityGroup::Rebuild(const std::vector<int>& lost, NodeData* data, uint8_
       if (!mine) continue;
       const auto& sources = p.plan.sources();
       std::vector<const uint8_t*> in(sources.size());
-      for (size_t si = 0; si < sources.size(); ++si) in[si] = local_sources.at({static_cast<int>(pi), static_cast<int>(si)});
-      std::vector<std::vector<uint8_t>> outputs(p.erased.size(), std::vector<uint8_t>(len));
+      for (size_t si = 0; si < sources.size(); ++si) in[si] = cur.sources.at({static_cast<int>(pi), static_cast<int>(si)});
+      // Outputs go straight to their place when it is one region; else through scratch.
       std::vector<uint8_t*> out(p.erased.size());
-      for (size_t e = 0; e < p.erased.size(); ++e) out[e] = outputs[e].data();
+      std::vector<bool> placed(p.erased.size(), false);
+      for (size_t e = 0; e < p.erased.size(); ++e) {
+        const int c = p.erased[e];
+        uint8_t* dst = nullptr;
+        if (member_of(p.stripe, c) == index_) {
+          dst = c < k ? data->Span(static_cast<size_t>(c) * seg + cur.off, len)
+                      : parity + static_cast<size_t>(c - k) * seg + cur.off;
+        }
+        if (dst == nullptr) {
+          while (scratch.size() <= e) scratch.push_back(std::unique_ptr<uint8_t[]>(new uint8_t[kWindow]));
+          dst = scratch[e].get();
+        } else {
+          placed[e] = true;
+        }
+        out[e] = dst;
+      }
       p.plan.Apply(in.data(), out.data(), len);
       for (size_t e = 0; e < p.erased.size(); ++e) {
         const int c = p.erased[e];
-        if (member_of(p.stripe, c) != index_) continue;
-        if (c < k) {
-          data->Write(static_cast<size_t>(c) * seg + off, len, outputs[e].data());
-        } else {
-          std::memcpy(parity + (c - k) * seg + off, outputs[e].data(), len);
-        }
+        if (placed[e] || member_of(p.stripe, c) != index_) continue;
+        data->Write(static_cast<size_t>(c) * seg + cur.off, len, out[e]);  // spans regions or padding
       }
     }
   }
   return Status::Ok();
 }
-
 
 Status ParityGroup::EncodeToHolders(const NodeData& data, size_t padded, uint8_t* parity) {
   const int n = layout_.group_size();
@@ -229,42 +254,62 @@ Status ParityGroup::EncodeToHolders(const NodeData& data, size_t padded, uint8_t
     MEMENTO_ASSIGN_OR_RETURN(DecodePlan plan, codec_->PlanDecode({k + j}));
     rows.push_back(std::move(plan));
   }
-  std::vector<std::vector<uint8_t>> outbox, inbox;
-  for (size_t off = 0; off < seg; off += kWindow) {
-    const size_t len = std::min(kWindow, seg - off);
+  // Two windows in flight: while window w's sources are combined, window w + 1 moves. Buffers of
+  // each half are allocated once (uninitialised); sends go straight from the slots when the
+  // segment's window lies in one of them.
+  struct Half {
+    std::vector<std::unique_ptr<uint8_t[]>> out, in;
+    std::vector<std::vector<const uint8_t*>> sources;
+    std::unique_ptr<Communicator::Pending> pending;
+    size_t off = 0, len = 0;
+  };
+  Half halves[2];
+  auto start = [&](Half* h, size_t off) -> Status {
+    h->off = off;
+    h->len = std::min(kWindow, seg - off);
+    const size_t len = h->len;
     std::vector<Communicator::Message> sends, recvs;
-    outbox.clear();
-    inbox.clear();
-    outbox.reserve(static_cast<size_t>(n));
-    inbox.reserve(held.size() * static_cast<size_t>(k));
+    size_t n_out = 0, n_in = 0;
     // My segment of every stripe I contribute to, to each of its holders.
     for (int s = 0; s < n; ++s) {
       const int t = layout_.SegmentOf(index_, s);
       if (t < 0) continue;
-      outbox.emplace_back(len);
-      data.Read(static_cast<size_t>(t) * seg + off, len, outbox.back().data());
+      const uint8_t* src = data.Span(static_cast<size_t>(t) * seg + off, len);
+      if (src == nullptr) {
+        if (h->out.size() <= n_out) h->out.push_back(std::unique_ptr<uint8_t[]>(new uint8_t[kWindow]));
+        data.Read(static_cast<size_t>(t) * seg + off, len, h->out[n_out].get());
+        src = h->out[n_out++].get();
+      }
       for (int j = 0; j < layout_.m(); ++j) {
         const int holder = layout_.HolderIndex(s, j);
         if (holder == index_) continue;
-        sends.push_back({holder, s * 64 + t, outbox.back().data(), len});
+        sends.push_back({holder, s * 64 + t, const_cast<uint8_t*>(src), len});
       }
     }
     // The k segments of every stripe I hold a row of.
-    std::vector<std::vector<const uint8_t*>> sources(held.size());
-    for (size_t h = 0; h < held.size(); ++h) {
-      const int s = held[h].first;
+    h->sources.assign(held.size(), {});
+    for (size_t i = 0; i < held.size(); ++i) {
+      const int s = held[i].first;
       const auto& contributors = layout_.ContributorsOf(s);
-      for (int src : rows[h].sources()) {  // the plan's sources are the k data indices
+      for (int src : rows[i].sources()) {  // the plan's sources are the k data indices
         if (src >= k) return Internal("encoding plan of stripe " + std::to_string(s) + " reads a parity row");
-        inbox.emplace_back(len);
-        recvs.push_back({contributors[src], s * 64 + src, inbox.back().data(), len});
-        sources[h].push_back(inbox.back().data());
+        if (h->in.size() <= n_in) h->in.push_back(std::unique_ptr<uint8_t[]>(new uint8_t[kWindow]));
+        recvs.push_back({contributors[src], s * 64 + src, h->in[n_in].get(), len});
+        h->sources[i].push_back(h->in[n_in++].get());
       }
     }
-    MEMENTO_RETURN_IF_ERROR(encode_comm_->Exchange(sends, recvs));
-    for (size_t h = 0; h < held.size(); ++h) {
-      uint8_t* out = parity + static_cast<size_t>(held[h].second) * seg + off;
-      rows[h].Apply(sources[h].data(), &out, len);
+    MEMENTO_ASSIGN_OR_RETURN(h->pending, encode_comm_->StartExchange(sends, recvs));
+    return Status::Ok();
+  };
+  if (seg == 0) return Status::Ok();
+  MEMENTO_RETURN_IF_ERROR(start(&halves[0], 0));
+  for (size_t w = 0, off = 0; off < seg; ++w, off += kWindow) {
+    Half& cur = halves[w % 2];
+    if (off + kWindow < seg) MEMENTO_RETURN_IF_ERROR(start(&halves[(w + 1) % 2], off + kWindow));
+    MEMENTO_RETURN_IF_ERROR(cur.pending->Wait());
+    for (size_t i = 0; i < held.size(); ++i) {
+      uint8_t* out = parity + static_cast<size_t>(held[i].second) * seg + cur.off;
+      rows[i].Apply(cur.sources[i].data(), &out, cur.len);
     }
   }
   return Status::Ok();

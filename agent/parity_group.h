@@ -28,6 +28,8 @@ class NodeData {
   size_t size() const { return size_; }
   void Read(size_t offset, size_t len, uint8_t* dst) const;
   void Write(size_t offset, size_t len, const uint8_t* src);
+  // The bytes [offset, offset + len) when they lie in one region (no copy needed), else null.
+  uint8_t* Span(size_t offset, size_t len) const;
 
  private:
   struct Region {

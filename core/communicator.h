@@ -36,6 +36,17 @@ class Communicator {
     size_t bytes = 0;
   };
   virtual Status Exchange(const std::vector<Message>& sends, const std::vector<Message>& recvs) = 0;
+
+  // An exchange in flight: its buffers must stay valid until Wait() returns. Messages of two
+  // exchanges in flight with the same peer and tag match in the order they were started.
+  class Pending {
+   public:
+    virtual ~Pending() = default;
+    virtual Status Wait() = 0;  // waits for every send and receive (the destructor waits too)
+  };
+  // Posts every send and receive and returns at once.
+  virtual Result<std::unique_ptr<Pending>> StartExchange(const std::vector<Message>& sends,
+                                                         const std::vector<Message>& recvs) = 0;
 };
 
 }  // namespace memento

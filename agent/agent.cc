@@ -68,8 +68,13 @@ Status RunAgent(AgentOptions options, Communicator* comm, const std::atomic<bool
     MEMENTO_LOG(kWarning) << "storage I/O goes through a fault-injecting file system: " << options.inject_fs;
   }
   std::unique_ptr<Flusher> flusher;
+  if (!options.restore_from.empty() && options.storage_root.empty()) {
+    return InvalidArgument("--restore-from " + options.restore_from +
+                           " needs --storage (where the resumed job's checkpoints go)");
+  }
   if (!options.storage_root.empty()) {
     flusher = std::make_unique<Flusher>(options, fs, node_id);
+    MEMENTO_RETURN_IF_ERROR(flusher->OpenRestoreSource());
     if (options.slots_per_rank < 4) {
       MEMENTO_LOG(kWarning) << "flushing with " << options.slots_per_rank
                             << " slots per rank: a capture may wait for a flush to release its slot";

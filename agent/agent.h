@@ -46,6 +46,10 @@ struct AgentOptions {
   // ---- lazy flush to storage (DESIGN §2 step 6) ----
   // Root of persisted checkpoints (<root>/<job>/step-<N>/); "" = no flushing, no restore from storage.
   std::string storage_root;
+  // A checkpoint to resume from when neither memory nor storage_root holds a newer version: a
+  // universal checkpoint directory or a committed native one (any job, any layout: loading
+  // reshards onto the registered layout). Needs storage_root. Default "" (none).
+  std::string restore_from;
   // Flush only versions whose step is a multiple of this; 0 or 1 = any (default 0).
   int flush_every = 0;
   // Minimum seconds between the starts of two flushes (default 0).

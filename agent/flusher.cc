@@ -29,6 +29,27 @@ std::string Flusher::StepDir(int64_t step) const {
   return CheckpointDir(options_.storage_root, options_.job_id, step);
 }
 
+std::string Flusher::SourceDir(int64_t step) const {
+  if (step == restore_from_step_ && !fs_->Exists(StepDir(step) + "/manifest")) return options_.restore_from;
+  return StepDir(step);
+}
+
+Status Flusher::OpenRestoreSource() {
+  if (options_.restore_from.empty()) return Status::Ok();
+  const std::string& dir = options_.restore_from;
+  if (Result<proto::UniversalManifest> u = ReadUniversalManifest(fs_, dir); u.ok()) {
+    restore_from_step_ = u->source().step();
+  } else if (Result<proto::Manifest> n = ReadManifest(fs_, dir); n.ok()) {
+    restore_from_step_ = n->step();
+  } else {
+    return InvalidArgument("--restore-from " + dir + " is neither a universal checkpoint (" + u.status().message() +
+                           ") nor a committed native one (" + n.status().message() + ")");
+  }
+  MEMENTO_LOG(kInfo) << "resuming from " << dir << " (step " << restore_from_step_
+                     << ") when memory and storage hold nothing newer";
+  return Status::Ok();
+}
+
 void Flusher::Run(int64_t step, std::function<Status()> job, State done, State failed) {
   if (worker_.joinable()) worker_.join();
   worker_ = std::thread([this, step, job = std::move(job), done, failed] {
@@ -177,15 +198,22 @@ Status Flusher::RemovePartial() {
 std::vector<int64_t> Flusher::CommittedSteps(int n) {
   std::vector<int64_t> out;
   auto list = ListCheckpoints(fs_, JobDir());
-  if (!list.ok()) return out;
-  for (auto it = list->rbegin(); it != list->rend() && static_cast<int>(out.size()) < n; ++it) {
-    if (it->committed) out.push_back(it->step);
+  if (list.ok()) {
+    for (auto it = list->rbegin(); it != list->rend(); ++it) {
+      if (it->committed) out.push_back(it->step);
+    }
   }
+  if (restore_from_step_ >= 0 && std::find(out.begin(), out.end(), restore_from_step_) == out.end()) {
+    out.push_back(restore_from_step_);
+    std::sort(out.rbegin(), out.rend());
+  }
+  if (static_cast<int>(out.size()) > n) out.resize(static_cast<size_t>(std::max(n, 0)));
   return out;
 }
 
 Status Flusher::Load(int64_t step, const proto::RankRecord& layout, uint8_t* slot) {
-  const std::string dir = StepDir(step);
+  const std::string dir = SourceDir(step);
+  if (dir != StepDir(step)) return LoadRankResharded(fs_, dir, layout, slot);  // --restore-from
   MEMENTO_ASSIGN_OR_RETURN(proto::Manifest m, ReadManifest(fs_, dir));
   Status st = LoadRank(fs_, dir, m, layout, slot);
   if (st.code() != StatusCode::kFailedPrecondition) return st;

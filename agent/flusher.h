@@ -52,6 +52,11 @@ class Flusher {
 
   std::string JobDir() const;
   std::string StepDir(int64_t step) const;
+  // Where `step` is read from: StepDir(step), or the --restore-from directory for its step.
+  std::string SourceDir(int64_t step) const;
+  // Reads the --restore-from checkpoint's step (universal or native manifest); InvalidArgument /
+  // NotFound naming the directory when it is neither. Ok without --restore-from.
+  Status OpenRestoreSource();
 
   // Writes each rank's files of `step` in the background. Requires state kIdle.
   void StartWrite(int64_t step, int32_t world_size, std::vector<RankJob> ranks);
@@ -64,7 +69,7 @@ class Flusher {
 
   // Removes step directories that have no manifest (a flush that never committed).
   Status RemovePartial();
-  // Committed checkpoints, newest first, at most `n`.
+  // Committed checkpoints, newest first, at most `n` (the --restore-from step among them).
   std::vector<int64_t> CommittedSteps(int n);
   // Fills `slot` (rank layout.rank()) from the committed checkpoint of `step`.
   Status Load(int64_t step, const proto::RankRecord& layout, uint8_t* slot);
@@ -82,6 +87,7 @@ class Flusher {
   Progress progress_;    // GUARDED_BY(mu_)
   std::thread worker_;   // the running job, if any
   std::function<bool()> busy_;
+  int64_t restore_from_step_ = -1;  // the --restore-from checkpoint's step; -1 = none
 };
 
 }  // namespace memento

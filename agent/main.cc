@@ -30,6 +30,8 @@ void Usage() {
                "  --crc-threads N       checksum threads (default 4)\n"
                "  --tick-ms MS          agreement interval (default 2)\n"
                "  --storage DIR         flush checkpoints to DIR/<job>/step-<N>/ and restore from them\n"
+               "  --restore-from DIR    resume from this universal or native checkpoint (any layout) when\n"
+               "                        memory and --storage hold nothing newer; needs --storage\n"
                "  --flush-every N       flush only steps that are multiples of N (default: any)\n"
                "  --flush-interval S    at least S seconds between flushes (default 0)\n"
                "  --flush-bandwidth M   write-rate cap per agent, MB/s (default: none)\n"
@@ -92,6 +94,7 @@ int main(int argc, char** argv) {
     else if (a == "--crc-threads") opts.crc_threads = next_int();
     else if (a == "--tick-ms") opts.tick_ms = next_int();
     else if (a == "--storage") opts.storage_root = next();
+    else if (a == "--restore-from") opts.restore_from = next();
     else if (a == "--flush-every") opts.flush_every = next_int();
     else if (a == "--keep") opts.keep_persisted = next_int();
     else if (a == "--inject-fs") opts.inject_fs = next();

@@ -820,7 +820,7 @@ void NodeState::VerifyForEpoch() {
       if (st.ok()) {
         valid_steps_.push_back(load_target_);
       } else {
-        MEMENTO_LOG(kWarning) << "checkpoint " << flusher_->StepDir(load_target_) << " refused: " << st.message();
+        MEMENTO_LOG(kWarning) << "checkpoint " << flusher_->SourceDir(load_target_) << " refused: " << st.message();
         failed_loads_[load_target_] = st.message();
       }
     }
@@ -860,7 +860,7 @@ void NodeState::OpenEpoch(const std::vector<TickPayload>& all) {
       if (c == static_cast<int>(all.size()) && s > memory_point && !failed.count(s)) candidate = std::max(candidate, s);
     }
     if (candidate >= 0) {
-      MEMENTO_LOG(kInfo) << "restoring step " << candidate << " from storage (" << flusher_->StepDir(candidate) << ")";
+      MEMENTO_LOG(kInfo) << "restoring step " << candidate << " from storage (" << flusher_->SourceDir(candidate) << ")";
       load_target_ = candidate;
       storage_loaded_ = candidate;
       phase_ = 1;  // verify again, loading the checkpoint, in the next round
@@ -869,7 +869,7 @@ void NodeState::OpenEpoch(const std::vector<TickPayload>& all) {
     for (int64_t s : failed) {
       if (s <= memory_point) continue;
       auto it = failed_loads_.find(s);
-      refused_.push_back("checkpoint " + flusher_->StepDir(s) + " refused: " +
+      refused_.push_back("checkpoint " + flusher_->SourceDir(s) + " refused: " +
                          (it != failed_loads_.end() ? it->second : "another node could not load it"));
     }
   }
@@ -922,7 +922,7 @@ void NodeState::OpenEpoch(const std::vector<TickPayload>& all) {
     auto it = versions_.find(restore_point_);
     if (flusher_ != nullptr && restore_point_ >= 0 && restore_point_ == storage_loaded_) {
       // Some nodes loaded it from storage (this one may have had it in memory).
-      fallback = "version " + std::to_string(restore_point_) + " from " + flusher_->StepDir(restore_point_);
+      fallback = "version " + std::to_string(restore_point_) + " from " + flusher_->SourceDir(restore_point_);
     } else if (it != versions_.end()) {
       fallback = "version " + std::to_string(restore_point_) +
                  (it->second.source().empty() ? " held in memory" : " from " + it->second.source());
@@ -1081,7 +1081,7 @@ Status NodeState::LoadFromStorage(int64_t step) {
   }
   proto::VersionRecord v = NewVersion(step, slot, proto::VERSION_LOCALLY_COMPLETE, incarnation_);
   v.set_persisted(true);
-  v.set_source(flusher_->StepDir(step));
+  v.set_source(flusher_->SourceDir(step));
   for (int32_t r : pending_ranks_) {
     auto it = ranks_.find(r);
     if (it == ranks_.end()) return Internal("rank " + std::to_string(r) + " has no slots");

@@ -81,6 +81,7 @@ Command AgentCommand(const Options& o, const NodePlan& plan, bool srun, const st
   if (!o.storage.empty()) {
     c.argv.insert(c.argv.end(), {"--storage", o.storage});
     if (o.flush_every > 0) c.argv.insert(c.argv.end(), {"--flush-every", std::to_string(o.flush_every)});
+    if (!o.restore_from.empty()) c.argv.insert(c.argv.end(), {"--restore-from", o.restore_from});
   }
   c.argv.insert(c.argv.end(), o.agent_args.begin(), o.agent_args.end());
   return c;

@@ -25,6 +25,8 @@ const char* const kUsage =
     "  --group-size N         nodes per parity group (default: all)\n"
     "  --storage DIR          flush checkpoints to DIR/<job>/step-<N>/\n"
     "  --flush-every K        flush every K-th version (default: any)\n"
+    "  --restore-from DIR     resume from this universal or native checkpoint, in any layout, when\n"
+    "                         memory and --storage hold nothing newer (needs --storage)\n"
     "  --agent-arg X          one more memento-agent argument (repeatable)\n"
     "Supervision:\n"
     "  --max-restarts K       restarts allowed before giving up (default 3)\n"
@@ -195,6 +197,8 @@ Result<Options> ParseOptions(int argc, const char* const* argv) {
       MEMENTO_RETURN_IF_ERROR(integer(&o.group_size, 1));
     } else if (arg == "--storage") {
       o.storage = value;
+    } else if (arg == "--restore-from") {
+      o.restore_from = value;
     } else if (arg == "--flush-every") {
       MEMENTO_RETURN_IF_ERROR(integer(&o.flush_every, 1));
     } else if (arg == "--max-restarts") {
@@ -230,6 +234,9 @@ Result<Options> ParseOptions(int argc, const char* const* argv) {
     }
   }
   if (o.command.empty()) return InvalidArgument("no training command: put it after '--'");
+  if (!o.restore_from.empty() && o.storage.empty()) {
+    return InvalidArgument("--restore-from needs --storage (where the resumed job's checkpoints go)");
+  }
   if (o.hostfile.empty() == (o.simulate_nodes == 0)) {
     return InvalidArgument("give exactly one of --hostfile F and --simulate-nodes N");
   }

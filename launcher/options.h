@@ -37,6 +37,7 @@ struct Options {
   int group_size = 0;          // --group-size N (0 = all nodes in one group)
   std::string storage;         // --storage DIR
   int flush_every = 0;         // --flush-every K (0 = any version)
+  std::string restore_from;    // --restore-from DIR: a universal or native checkpoint to resume from
   int max_restarts = 3;        // --max-restarts K
   double hang_timeout_s = 300;  // --hang-timeout SECONDS (0 = off)
   double stop_grace_s = 5;     // --stop-grace SECONDS: SIGTERM, then SIGKILL after this

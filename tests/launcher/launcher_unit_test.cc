@@ -75,6 +75,8 @@ TEST(LauncherOptions, ClearErrors) {
             "--inject 'rank-crash:rank=2:step=3': there are only 2 ranks");
   EXPECT_EQ(Error({"--hostfile", "h", "--inject", "hang:rank=0:step=3", "--", "t"}),
             "--inject needs --simulate-nodes: drills kill local processes and delete local memory");
+  EXPECT_EQ(Error({"--simulate-nodes", "2", "--restore-from", "/ucp", "--", "t"}),
+            "--restore-from needs --storage (where the resumed job's checkpoints go)");
   EXPECT_EQ(Error({"--simulate-nodes", "2", "--launcher", "ssh", "--", "t"}),
             "--launcher expects auto, mpirun or srun, got 'ssh'");
 }
@@ -127,6 +129,16 @@ TEST(LauncherCommands, MpirunSimulatedNodes) {
   EXPECT_EQ(env["MEMENTO_NODE_IDS"], "0,1,4,3");
   EXPECT_EQ(env["MEMENTO_RESTORE"], "latest");
   EXPECT_EQ(env["MEMENTO_HEARTBEAT"], "127.0.0.1:9");
+}
+
+TEST(LauncherCommands, RestoreFromGoesToTheAgents) {
+  Options o = Simulated();
+  o.restore_from = "/ckpt/ucp-8";
+  NodePlan plan{{0, 1}, {}};
+  EXPECT_EQ(AgentCommand(o, plan, false, "a", "/w", "t").ToString(),
+            "mpirun -np 2 --oversubscribe --bind-to none -x MEMENTO_JOB_TOKEN a --job j --socket /w/node-%n/agent.sock "
+            "--catalog /w/node-%n/catalog --pid-file /w/node-%n/agent.pid --node-ids 0,1 --ec rs:2 --storage /s "
+            "--flush-every 5 --restore-from /ckpt/ucp-8");
 }
 
 TEST(LauncherCommands, MpirunHosts) {

@@ -129,5 +129,62 @@ TEST_F(ReshardResumeTest, NewLayoutIsRefusedWhileOnlyMemoryHoldsNewerVersions) {
   EXPECT_EQ(Hash(again.second, "state_hash"), Hash(ref12.second, "state_hash"));
 }
 
+// A new job resumes from a universal checkpoint of another job, in another layout: the agents
+// load it (--restore-from) when neither memory nor their storage holds anything newer.
+TEST_F(ReshardResumeTest, NewJobResumesFromUniversalCheckpoint) {
+  const std::string job = UniqueJob("fromucp");
+  auto ref14 = Train(job, "", "--no-memento --steps 14 --tp 2 --dp 2 --zero 1");
+  ASSERT_EQ(ref14.first, 0) << ref14.second;
+  const std::string store = TestTmp() + "/" + job + "-store";
+  std::string ucp;
+  {
+    AgentCluster cluster(job, 2, {"--storage", store, "--flush-every", "4"});
+    cluster.Start();
+    auto first = Train(job, cluster.SocketPattern(), "--steps 8 --tp 2 --dp 2 --zero 1");
+    ASSERT_EQ(first.first, 0) << first.second;
+    for (int i = 0; i < 3000 && !fs::exists(CheckpointDir(store, job, 8) + "/manifest"); ++i) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    ASSERT_TRUE(fs::exists(CheckpointDir(store, job, 8) + "/manifest")) << cluster.Log();
+    ucp = TestTmp() + "/" + job + "-ucp";
+    ASSERT_TRUE(ConvertNativeToUniversal(PosixFileSystem(), CheckpointDir(store, job, 8), ucp).ok());
+  }
+  const std::string job2 = UniqueJob("fromucp2");
+  AgentCluster cluster2(job2, 2, {"--storage", TestTmp() + "/" + job2 + "-store", "--restore-from", ucp});
+  cluster2.Start();
+  auto z3 = Train(job2, cluster2.SocketPattern(), "--steps 14 --tp 2 --dp 2 --zero 3 --restore latest");
+  ASSERT_EQ(z3.first, 0) << z3.second << cluster2.Log();
+  EXPECT_NE(z3.second.find("restored step=8"), std::string::npos) << z3.second;
+  EXPECT_NE(cluster2.Log().find("step 8 loaded from " + ucp), std::string::npos) << cluster2.Log();
+  EXPECT_EQ(Hash(z3.second, "global_state_hash"), Hash(ref14.second, "global_state_hash"));
+}
+
+TEST_F(ReshardResumeTest, RestoreFromNeedsACheckpointAndStorage) {
+  auto run = [](const std::string& args) {
+    const std::string cmd = "mpirun --oversubscribe -np 1 " + BinDir() + "/memento-agent --job rf --socket " + TestTmp() +
+                            "/rf-%n.sock --catalog " + TestTmp() + "/rf-cat-%n " + args + " 2>&1";
+    std::string out;
+    FILE* p = ::popen(cmd.c_str(), "r");
+    char buf[4096];
+    size_t n;
+    while ((n = std::fread(buf, 1, sizeof buf, p)) > 0) out.append(buf, n);
+    const int st = ::pclose(p);
+    return std::make_pair(WIFEXITED(st) ? WEXITSTATUS(st) : -1, out);
+  };
+  const std::string not_a_checkpoint = TestTmp() + "/not-a-checkpoint";
+  fs::create_directories(not_a_checkpoint);
+  auto bad = run("--storage " + TestTmp() + "/rf-store --restore-from " + not_a_checkpoint);
+  EXPECT_NE(bad.first, 0) << bad.second;
+  EXPECT_NE(bad.second.find("--restore-from " + not_a_checkpoint + " is neither a universal checkpoint"),
+            std::string::npos)
+      << bad.second;
+  auto no_storage = run("--restore-from " + not_a_checkpoint);
+  EXPECT_NE(no_storage.first, 0) << no_storage.second;
+  EXPECT_NE(no_storage.second.find("--restore-from " + not_a_checkpoint +
+                                   " needs --storage (where the resumed job's checkpoints go)"),
+            std::string::npos)
+      << no_storage.second;
+}
+
 }  // namespace
 }  // namespace memento::testing

@@ -18,22 +18,42 @@ from gpt import GPT, batch  # noqa: E402
 
 tmp = tempfile.mkdtemp(prefix="memento-cycle-")
 job = "cycle-%d" % os.getpid()
-agent, sock = po.start_agent(tmp, job, ["--log-level", "debug"] + sys.argv[1:])
+import argparse  # noqa: E402
+ap = argparse.ArgumentParser()
+ap.add_argument("--sleep", action="store_true", help="sleep instead of forward/backward (GPU idle)")
+ap.add_argument("--no-optimizer", action="store_true", help="register the parameters only")
+ap.add_argument("--no-host", action="store_true", help="leave out the optimizer's host 'step' tensors")
+ap.add_argument("agent_args", nargs="*")
+cli = ap.parse_args()
+agent, sock = po.start_agent(tmp, job, ["--log-level", "debug"] + cli.agent_args)
 dev = torch.device("cuda")
 model = GPT(32768, 1024, 12, 1024, 16).to(dev)
 opt = torch.optim.AdamW(model.parameters(), lr=3e-4)
 c = memento.Client(agent_socket=sock, job_id=job, rank=0, local_rank=0, world_size=1)
 c.register_module(model)
-c.register_optimizer(opt, model, hook=False)
+if not cli.no_optimizer:
+    if cli.no_host:
+        for name, p in model.named_parameters():
+            st = opt.state[p]
+            st["exp_avg"] = torch.zeros_like(p)
+            st["exp_avg_sq"] = torch.zeros_like(p)
+            st["step"] = torch.tensor(0.0)
+            c.register_tensor(name + ".exp_avg", st["exp_avg"])
+            c.register_tensor(name + ".exp_avg_sq", st["exp_avg_sq"])
+    else:
+        c.register_optimizer(opt, model, hook=False)
 c.finish_registration()
 t_start = time.perf_counter()
 for step in range(1, 16):
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    x, y = batch(step, 0, 16, 1024, 32768, dev)
-    with torch.autocast(device_type="cuda", dtype=torch.bfloat16):
-        loss = model(x, y)
-    loss.backward()
+    if cli.sleep:
+        time.sleep(0.057)
+    else:
+        x, y = batch(step, 0, 16, 1024, 32768, dev)
+        with torch.autocast(device_type="cuda", dtype=torch.bfloat16):
+            loss = model(x, y)
+        loss.backward()
     torch.cuda.synchronize()
     t1 = time.perf_counter()
     c.wait_until_safe_to_update()

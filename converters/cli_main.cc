@@ -2,6 +2,7 @@
 // `ls` lists them, `inspect` shows one's manifest, tensors and blobs, `verify` re-reads every byte
 // and checks every CRC. Text for people, `--json` (one object on stdout) for scripts.
 // Exit status: 0 success, 1 failure (missing or damaged input, problems found), 2 usage error.
+#include <malloc.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -17,7 +18,10 @@
 #include <string_view>
 #include <vector>
 
+#include "converters/deepspeed.h"
+#include "converters/diff.h"
 #include "converters/json_writer.h"
+#include "converters/safetensors_export.h"
 #include "core/dtype.h"
 #include "core/file_system.h"
 #include "core/shard.h"
@@ -44,6 +48,10 @@ constexpr char kUsage[] =
     "  verify <checkpoint>      re-read every byte and check every CRC\n"
     "  convert <checkpoint> --to ucp <out>\n"
     "                           consolidate into a universal checkpoint (safetensors)\n"
+    "  convert --from deepspeed|torch|safetensors|memento <src>\n"
+    "          --to ucp|deepspeed-universal|safetensors <out>\n"
+    "                           convert between memento and the ecosystem's formats\n"
+    "  diff <A> <B>             compare two checkpoints tensor by tensor\n"
     "\n"
     "options:\n"
     "  --json       print a single JSON object on stdout\n"
@@ -78,6 +86,14 @@ constexpr char kVerifyHelp[] =
 
 constexpr char kConvertHelp[] =
     "usage: memento convert [--json] [--threads N] [--pattern FILE] <root>/<job>/step-<N> --to ucp <out>\n"
+    "       memento convert [--json] --from FORMAT <src> --to FORMAT <out> [--dtype T] [--shard-gb N]\n"
+    "\n"
+    "--from: memento (default; a native or universal checkpoint), deepspeed (a DeepSpeed ZeRO 1/2/3\n"
+    "checkpoint directory, any TP x PP x DP; docs/formats/ecosystem.md), torch (a torch.save file of\n"
+    "named tensors), safetensors (a file, or a directory of them). --to: ucp (a universal checkpoint),\n"
+    "deepspeed-universal (DeepSpeed's universal layout; also writes <parent>/latest_universal),\n"
+    "safetensors (model weights; --dtype bf16|fp16|fp32 casts, --shard-gb N splits into files of at\n"
+    "most N GB with model.safetensors.index.json). Pickles are read without running any code.\n"
     "\n"
     "Consolidates a committed native checkpoint of any layout (TP x PP x DP, ZeRO flat partitions,\n"
     "fused sub-parameters, uneven splits, vocab padding) into a universal checkpoint at <out>, which\n"
@@ -92,7 +108,23 @@ constexpr char kConvertHelp[] =
     "  --slab-mib M    consolidation slab per thread, MiB (default 16)\n"
     "  --pattern FILE  a pattern spec (textproto, docs/formats/universal-checkpoint.md) for layouts\n"
     "                  whose metadata is partial, and the optimizer-state naming rule\n"
-    "  --json          print a single JSON summary object on stdout\n";
+    "  --json          print a single JSON summary object on stdout\n"
+    "  --from FORMAT   memento, deepspeed, torch or safetensors (default memento)\n"
+    "  --tag TAG       deepspeed: the checkpoint tag (default: the `latest` file's)\n"
+    "  --tp N          deepspeed: tensor-parallel degree when the files do not say it\n"
+    "  --dtype T       safetensors: cast floating-point tensors to bf16, fp16 or fp32\n"
+    "  --shard-gb N    safetensors: files of at most N GB (decimal fractions allowed)\n";
+
+constexpr char kDiffHelp[] =
+    "usage: memento diff [--json] [--atol X] [--rtol X] <A> <B>\n"
+    "\n"
+    "Compares two checkpoints tensor by tensor: universal checkpoints (value \"<param>\", other\n"
+    "states \"<param>.<state>\"), DeepSpeed universal layouts (same names), safetensors files or\n"
+    "directories, torch.save files. Prints, per tensor, the largest absolute and relative difference.\n"
+    "Two tensors differ when some element has |a - b| > atol + rtol x |b| (defaults 0), when their\n"
+    "shapes differ, or when only one side has the tensor.\n"
+    "\n"
+    "exit status: 0 no tensor differs, 1 some differ (or an input cannot be read), 2 usage error\n";
 
 struct Args {
   std::string command;
@@ -524,12 +556,18 @@ class ConvertProgress {
   std::chrono::steady_clock::time_point last_{};
 };
 
+int ConvertEcosystem(const Args& args, const std::string& from, const std::string& to, const std::string& out,
+                     ConvertOptions options, DeepSpeedImportOptions ds, const SafetensorsExportOptions& st);
+
 int Convert(int argc, char** argv) {
   Args args;
   args.command = "convert";
   std::string to, out;
+  std::string from = "memento";
   std::string pattern_path;
   ConvertOptions options;
+  DeepSpeedImportOptions ds;
+  SafetensorsExportOptions export_st;
   std::vector<std::string> positional;
   auto usage = [&](const std::string& message) {
     std::fprintf(stderr, "memento convert: %s\n%s", message.c_str(), kConvertHelp);
@@ -556,6 +594,25 @@ int Convert(int argc, char** argv) {
       args.json = true;
     } else if (a == "--to") {
       if (!value(&to)) return usage("--to needs a format");
+    } else if (a == "--from") {
+      if (!value(&from)) return usage("--from needs a format");
+    } else if (a == "--tag") {
+      if (!value(&ds.tag)) return usage("--tag needs a tag");
+    } else if (a == "--tp") {
+      if (!value(&v) || !number(v, &n) || n > 65536) return usage("--tp needs a positive integer");
+      ds.tp = static_cast<int>(n);
+    } else if (a == "--dtype") {
+      if (!value(&v)) return usage("--dtype needs bf16, fp16 or fp32");
+      if (v == "bf16") export_st.dtype = DType::kBF16;
+      else if (v == "fp16") export_st.dtype = DType::kF16;
+      else if (v == "fp32") export_st.dtype = DType::kF32;
+      else return usage("--dtype needs bf16, fp16 or fp32, not '" + v + "'");
+    } else if (a == "--shard-gb") {
+      char* end = nullptr;
+      if (!value(&v)) return usage("--shard-gb needs a size in GB");
+      const double gb = std::strtod(v.c_str(), &end);
+      if (end == nullptr || *end != '\0' || !(gb > 0) || gb > 1e6) return usage("--shard-gb needs a positive size in GB");
+      export_st.shard_bytes = static_cast<uint64_t>(gb * 1e9);
     } else if (a == "--pattern") {
       if (!value(&pattern_path)) return usage("--pattern needs a file");
     } else if (a == "--threads") {
@@ -570,11 +627,19 @@ int Convert(int argc, char** argv) {
       positional.push_back(a);
     }
   }
-  if (to.empty()) return usage("--to ucp is required");
-  if (to != "ucp") return usage("unknown target format '" + to + "' (supported: ucp)");
+  if (to.empty()) return usage("--to is required");
+  if (to != "ucp" && to != "deepspeed-universal" && to != "safetensors") {
+    return usage("unknown target format '" + to + "' (supported: ucp, deepspeed-universal, safetensors)");
+  }
+  if (from != "memento" && from != "deepspeed" && from != "torch" && from != "safetensors") {
+    return usage("unknown source format '" + from + "' (supported: memento, deepspeed, torch, safetensors)");
+  }
   if (positional.size() != 2) return usage("expected <checkpoint> and <out>");
   args.path = positional[0];
   out = positional[1];
+  if (from != "memento" || to != "ucp" || PosixFileSystem()->Exists(Join(args.path, kUniversalManifestName))) {
+    return ConvertEcosystem(args, from, to, out, options, ds, export_st);
+  }
   FileSystem* fs = PosixFileSystem();
   Status st = CheckDirectory(fs, args.path);
   if (!st.ok()) return Fail(args, st);
@@ -620,6 +685,155 @@ int Convert(int argc, char** argv) {
   return kExitOk;
 }
 
+// `convert` for every pair but native -> ucp: the source goes to a universal checkpoint (the
+// output itself for --to ucp, else a temporary one next to the output), which is then exported.
+int ConvertEcosystem(const Args& args, const std::string& from, const std::string& to, const std::string& out,
+                     ConvertOptions options, DeepSpeedImportOptions ds, const SafetensorsExportOptions& st) {
+  FileSystem* fs = PosixFileSystem();
+  if (fs->Exists(out)) return Fail(args, AlreadyExists(out + " already exists; the conversion needs a new path"));
+  // Tensors of a few MiB are allocated and freed over and over: keep them off mmap (whose fresh
+  // pages fault on first touch) and keep freed memory for the next one.
+  ::mallopt(M_MMAP_THRESHOLD, 64 << 20);
+  ::mallopt(M_TRIM_THRESHOLD, 128 << 20);
+  ConvertProgress progress(!args.json && ::isatty(STDERR_FILENO) == 1);
+  options.progress = [&](uint64_t done, uint64_t total) { progress.Update(done, total); };
+  ds.convert = options;
+  const auto started = std::chrono::steady_clock::now();
+  std::string ucp = out;
+  std::string tmp_ucp;
+  const bool is_universal = from == "memento" && fs->Exists(Join(args.path, kUniversalManifestName));
+  if (to != "ucp" || is_universal) {
+    std::string parent = out;
+    while (parent.size() > 1 && parent.back() == '/') parent.pop_back();
+    const size_t slash = parent.rfind('/');
+    parent = slash == std::string::npos ? "." : parent.substr(0, slash == 0 ? 1 : slash);
+    tmp_ucp = Join(parent, "." + Basename(out) + ".ucp-" + std::to_string(::getpid()));
+    ucp = tmp_ucp;
+  }
+  JsonWriter j;
+  j.BeginObject().Key("source").String(args.path).Key("from").String(from).Key("out").String(out).Key("to").String(to);
+  std::string text;
+  Status st_result;
+  auto cleanup = [&]() {
+    if (!tmp_ucp.empty()) fs->RemoveAll(tmp_ucp).IgnoreError();
+  };
+  // Step 1: a universal checkpoint.
+  if (is_universal) {
+    if (to == "ucp") return Fail(args, InvalidArgument(args.path + " is already a universal checkpoint"));
+    ucp = args.path;
+    tmp_ucp.clear();
+  } else if (from == "deepspeed") {
+    Result<DeepSpeedImportSummary> s = ImportDeepSpeed(fs, args.path, ucp, ds);
+    if (!s.ok()) { progress.Clear(); cleanup(); return Fail(args, s.status()); }
+    j.Key("tp").Int(s->tp).Key("pp").Int(s->pp).Key("dp").Int(s->dp).Key("zero_stage").Int(s->zero_stage)
+        .Key("params").Int(s->params).Key("iteration").Int(s->iteration);
+    j.Key("unmatched_patterns").BeginArray();
+    for (const std::string& p : s->unmatched_patterns) j.String(p);
+    j.EndArray();
+    j.Key("tensor_bytes").Uint(s->universal.tensor_bytes).Key("largest_tensor_bytes").Uint(s->universal.largest_tensor_bytes);
+    j.Key("gather_seconds").Double(s->gather_seconds).Key("write_seconds").Double(s->universal.seconds);
+    text = "DeepSpeed ZeRO-" + std::to_string(s->zero_stage) + " tp " + std::to_string(s->tp) + " pp " + std::to_string(s->pp) +
+           " dp " + std::to_string(s->dp) + ", " + std::to_string(s->params) + " parameters";
+    for (const std::string& p : s->unmatched_patterns) std::fprintf(stderr, "memento convert: pattern matched no parameter: %s\n", p.c_str());
+  } else if (from == "torch" || from == "safetensors" || from == "memento") {
+    Result<ConvertSummary> s = from == "torch" ? ImportTorchFile(fs, args.path, ucp, options)
+                               : from == "safetensors" ? ImportSafetensors(fs, args.path, ucp, options)
+                                                       : ConvertNativeToUniversal(fs, args.path, ucp, options);
+    if (!s.ok()) { progress.Clear(); cleanup(); return Fail(args, s.status()); }
+    j.Key("params").Int(s->params).Key("tensor_bytes").Uint(s->tensor_bytes);
+    text = std::to_string(s->params) + " parameters, " + HumanBytes(s->tensor_bytes);
+  }
+  progress.Clear();
+  // Step 2: the export.
+  if (to == "deepspeed-universal") {
+    Result<DeepSpeedExportSummary> x = ExportDeepSpeedUniversal(fs, ucp, out);
+    cleanup();
+    if (!x.ok()) return Fail(args, x.status());
+    j.Key("files").Int(x->files).Key("exported_params").Int(x->params);
+    text += "; DeepSpeed universal layout: " + std::to_string(x->files) + " files";
+  } else if (to == "safetensors") {
+    Result<SafetensorsExportSummary> x = ExportSafetensors(fs, ucp, out, st);
+    cleanup();
+    if (!x.ok()) return Fail(args, x.status());
+    j.Key("files").BeginArray();
+    for (const std::string& f : x->files) j.String(f);
+    j.EndArray().Key("tensors").Int(x->tensors).Key("bytes").Uint(x->bytes);
+    text += "; safetensors: " + std::to_string(x->files.size()) + " files, " + std::to_string(x->tensors) + " tensors, " + HumanBytes(x->bytes);
+  }
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
+  if (args.json) {
+    j.Key("seconds").Double(seconds).EndObject();
+    std::printf("%s\n", j.str().c_str());
+  } else {
+    std::printf("converted %s (%s) to %s (%s): %s in %.2f s\n", args.path.c_str(), from.c_str(), out.c_str(), to.c_str(),
+                text.c_str(), seconds);
+  }
+  return kExitOk;
+}
+
+std::string DoubleCell(double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%.3g", v);
+  return buf;
+}
+
+int Diff(int argc, char** argv) {
+  Args args;
+  args.command = "diff";
+  DiffOptions options;
+  std::vector<std::string> positional;
+  auto usage = [&](const std::string& message) {
+    std::fprintf(stderr, "memento diff: %s\n%s", message.c_str(), kDiffHelp);
+    return kExitUsage;
+  };
+  for (int i = 2; i < argc; ++i) {
+    const std::string a = argv[i];
+    if (a == "-h" || a == "--help") {
+      std::fputs(kDiffHelp, stdout);
+      return kExitOk;
+    } else if (a == "--json") {
+      args.json = true;
+    } else if (a == "--atol" || a == "--rtol") {
+      if (i + 1 >= argc) return usage(a + " needs a number");
+      char* end = nullptr;
+      const double v = std::strtod(argv[++i], &end);
+      if (end == nullptr || *end != '\0' || !(v >= 0)) return usage(a + " needs a non-negative number");
+      (a == "--atol" ? options.atol : options.rtol) = v;
+    } else if (a.size() > 1 && a[0] == '-') {
+      return usage("unknown option '" + a + "'");
+    } else {
+      positional.push_back(a);
+    }
+  }
+  if (positional.size() != 2) return usage("expected two checkpoints <A> <B>");
+  args.path = positional[0];
+  Result<DiffReport> r = DiffCheckpoints(PosixFileSystem(), positional[0], positional[1], options);
+  if (!r.ok()) return Fail(args, r.status());
+  auto shape = [](const TensorDiff& d) { return ShapeString(d.shape_a.empty() ? d.shape_b : d.shape_a); };
+  if (args.json) {
+    JsonWriter j;
+    j.BeginObject().Key("a").String(positional[0]).Key("b").String(positional[1]).Key("atol").Double(options.atol, 9)
+        .Key("rtol").Double(options.rtol, 9).Key("tensors").BeginArray();
+    for (const TensorDiff& d : r->tensors) {
+      j.BeginObject().Key("name").String(d.name).Key("result").String(d.what).Key("shape").String(shape(d));
+      if (d.what == "shape") j.Key("shape_b").String(ShapeString(d.shape_b));
+      j.Key("max_abs").Double(d.max_abs, 9).Key("max_rel").Double(d.max_rel, 9).EndObject();
+    }
+    j.EndArray().Key("differing").Int(r->differing).EndObject();
+    std::printf("%s\n", j.str().c_str());
+  } else {
+    std::vector<std::vector<std::string>> rows = {{"TENSOR", "SHAPE", "MAX_ABS", "MAX_REL", "RESULT"}};
+    for (const TensorDiff& d : r->tensors) {
+      std::string sh = shape(d);
+      if (d.what == "shape") sh += " vs " + ShapeString(d.shape_b);
+      rows.push_back({d.name, sh, DoubleCell(d.max_abs), DoubleCell(d.max_rel), d.what});
+    }
+    std::fputs(Table(rows).c_str(), stdout);
+    std::printf("%" PRId64 " of %zu tensors differ\n", r->differing, r->tensors.size());
+  }
+  return r->differing > 0 ? kExitFailure : kExitOk;
+}
+
 int Usage(const std::string& message) {
   std::fprintf(stderr, "memento: %s\n%s", message.c_str(), kUsage);
   return kExitUsage;
@@ -630,6 +844,7 @@ const char* CommandHelp(const std::string& command) {
   if (command == "inspect") return kInspectHelp;
   if (command == "verify") return kVerifyHelp;
   if (command == "convert") return kConvertHelp;
+  if (command == "diff") return kDiffHelp;
   return nullptr;
 }
 
@@ -650,6 +865,7 @@ int Main(int argc, char** argv) {
   const char* help = CommandHelp(args.command);
   if (help == nullptr) return Usage("unknown command '" + args.command + "'");
   if (args.command == "convert") return Convert(argc, argv);
+  if (args.command == "diff") return Diff(argc, argv);
   bool have_path = false;
   bool options_done = false;
   for (int i = 2; i < argc; ++i) {

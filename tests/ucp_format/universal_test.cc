@@ -969,7 +969,7 @@ TEST_F(UniversalTest, CliConvertsWithJsonSummaryAndPatternSpec) {
                        ": tensor 'fp32' bytes 0..960: CRC mismatch\"]}\n");
   o = RunCli(root_, "convert " + native + " --to deepspeed " + root_ + "/x");
   EXPECT_EQ(o.exit_code, 2);
-  EXPECT_EQ(o.err.substr(0, o.err.find('\n')), "memento convert: unknown target format 'deepspeed' (supported: ucp)");
+  EXPECT_EQ(o.err.substr(0, o.err.find('\n')), "memento convert: unknown target format 'deepspeed' (supported: ucp, deepspeed-universal, safetensors)");
 }
 
 }  // namespace

@@ -32,6 +32,10 @@ Status RunAgent(AgentOptions options, Communicator* comm, const std::atomic<bool
       return InvalidArgument("job id '" + options.job_id + "' may hold only letters, digits, '-', '_' and '.'");
     }
   }
+  // The job id is a path component (<storage>/<job>/step-N): "." and ".." would leave the root.
+  if (options.job_id == "." || options.job_id == "..") {
+    return InvalidArgument("job id '" + options.job_id + "' is not a name: it would put checkpoints outside the storage root");
+  }
   // With storage, one slot may be held by a flush and one by the checksum of the newest capture
   // while the newest restorable version keeps a third: a fourth lets the next capture start at once.
   // Erasure coding keeps one more: the newest protected version, while a newer one is encoded.

@@ -1,6 +1,8 @@
 // Kill points for crash tests (RocksDB-style): MEMENTO_KILL_POINT="name[:rank=R][:step=S]" makes
-// the process SIGKILL itself when it reaches point `name` (on rank R, at step S). Unset, a kill
-// point costs one branch on a cached flag.
+// the process SIGKILL itself when it reaches point `name` (on rank R, at step S). With
+// `:once=PATH` only the first process to reach it (the one that creates PATH) is killed, so a
+// restarted process with the same environment survives. Unset, a kill point costs one branch on a
+// cached flag.
 #pragma once
 
 #include <cstdint>

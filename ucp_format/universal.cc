@@ -57,6 +57,20 @@ std::string Problem(const std::string& file, const std::string& name, int32_t fr
   return p.ToString();
 }
 
+// Whether a manifest's file name stays inside the checkpoint directory: relative, and no component
+// empty, "." or "..". (A ".." inside a component, as FileNameFor writes for "a..b", is fine.)
+bool IsRelativeInside(const std::string& file) {
+  if (file.empty() || file[0] == '/') return false;
+  for (size_t begin = 0; begin <= file.size();) {
+    size_t end = file.find('/', begin);
+    if (end == std::string::npos) end = file.size();
+    const std::string part = file.substr(begin, end - begin);
+    if (part.empty() || part == "." || part == "..") return false;
+    begin = end + 1;
+  }
+  return true;
+}
+
 // A parameter name as a file name: [A-Za-z0-9._-] kept, anything else (and a leading '.') %XX.
 std::string FileNameFor(const std::string& param) {
   static const char* kHex = "0123456789ABCDEF";
@@ -1095,9 +1109,16 @@ Result<proto::UniversalManifest> ReadUniversalManifest(FileSystem* fs, const std
   }
   for (const proto::UniversalParam& p : m.params()) {
     for (const proto::UniversalTensor& t : p.states()) {
-      if (t.file().empty() || t.file().find("..") != std::string::npos || t.file()[0] == '/') {
+      if (!IsRelativeInside(t.file())) {
         return DataLoss(path + ": tensor '" + t.source_name() + "' names file '" + t.file() + "'");
       }
+    }
+  }
+  // Blob files are joined to `dir` on load just like tensor files: the same check.
+  for (const proto::UniversalBlob& b : m.blobs()) {
+    if (!IsRelativeInside(b.file())) {
+      return DataLoss(path + ": blob '" + b.name() + "' of rank " + std::to_string(b.rank()) + " names file '" +
+                      b.file() + "'");
     }
   }
   return m;

@@ -1,0 +1,541 @@
+// memento-stress: crash-stress for memento-run (issue #8). Each round runs memento-train-example
+// under memento-run on simulated nodes with faults whose kinds and moments come from the round's
+// seed, then checks the outcome against what a failure-free run computes.
+//
+// Round i of `--seed S` uses seed S + i, so `--seed S+i --rounds 1` (same other flags) replays it.
+// Single-threaded; runs one memento-run at a time.
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <sstream>
+#include <string>
+#include <vector>
+
+namespace memento::stress {
+namespace {
+
+// Plain options; each field names its flag and default.
+struct Options {
+  int rounds = 10;              // --rounds
+  uint64_t seed = 1;            // --seed: round i uses seed + i
+  int nodes = 4;                // --nodes: simulated nodes
+  int ranks_per_node = 2;       // --ranks-per-node
+  std::string ec = "rs:2";      // --ec: none | xor | replicate:R | rs:M
+  int steps = 20;               // --steps of memento-train-example
+  int step_ms = 40;             // --step-ms of memento-train-example
+  int hang_timeout_s = 3;       // --hang-timeout passed to memento-run (seconds)
+  std::string work_dir;         // --work-dir (default /tmp/memento-stress-<pid>)
+  std::string bin_dir;          // --bin-dir (default: the directory of this executable)
+  bool keep_going = true;       // --stop-on-failure turns it off
+  bool verbose = false;         // --verbose: print each round's plan and result
+  bool dry_run = false;         // --dry-run: print each round's plan and the counts; run nothing
+  bool corrupt_reference = false;  // --corrupt-reference (hidden; tests): proves the checker fails
+};
+
+// SplitMix64: the same sequence on every platform (std:: distributions are not specified).
+struct Rng {
+  uint64_t s;
+  uint64_t Next() {
+    uint64_t z = (s += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+  }
+  // A value in [lo, hi]; callers ensure lo <= hi.
+  int Uniform(int lo, int hi) { return lo + static_cast<int>(Next() % static_cast<uint64_t>(hi - lo + 1)); }
+};
+
+// How many simultaneous node losses per group the scheme survives.
+int Tolerance(const std::string& ec) {
+  if (ec == "none") return 0;
+  if (ec == "xor") return 1;
+  if (ec.rfind("rs:", 0) == 0) return std::atoi(ec.c_str() + 3);
+  if (ec.rfind("replicate:", 0) == 0) return std::atoi(ec.c_str() + 10) - 1;
+  return -1;
+}
+
+// One planned fault. `drills` are memento-run --inject specs (none for the flusher kill).
+struct Fault {
+  std::string kind;   // counted kind: rank-crash, hang, agent-crash, node-loss, node-loss-x2,
+                      // node-loss-during-recovery, flusher-kill
+  std::vector<std::string> drills;
+  int node = -1;      // flusher-kill: the node whose flusher dies mid-write
+};
+
+struct Plan {
+  uint64_t seed = 0;
+  int flush_every = 0;
+  std::vector<Fault> faults;
+  int expected_failures = 0;   // injected timeline entries, at least
+  int max_extra_failures = 0;  // two drills of one step may fire apart (node-loss-x2)
+  int spares = 0;
+};
+
+// Node losses are drawn at this step or later.
+constexpr int kFirstLossStep = 8;
+
+// Draws 1..3 faults at distinct steps. Node losses never exceed the scheme's tolerance at one
+// moment; each takes a spare. Drills name original node ids (memento-run accepts only those), so
+// node-targeted faults aim at nodes never lost before; the flusher-kill node is never lost.
+Plan Draw(const Options& o, uint64_t seed) {
+  Plan p;
+  p.seed = seed;
+  Rng rng{seed};
+  const int m = Tolerance(o.ec);
+  const int world = o.nodes * o.ranks_per_node;
+  p.flush_every = rng.Uniform(3, 6);
+  std::vector<int> intact;  // original node ids never lost, minus the flusher-kill node
+  for (int i = 0; i < o.nodes; ++i) intact.push_back(i);
+  std::vector<int> crashable = intact;  // never lost (agent-crash targets)
+  const int count = rng.Uniform(1, 3);
+  std::vector<int> steps;
+  while (static_cast<int>(steps.size()) < count) {
+    const int s = rng.Uniform(4, o.steps - 2);
+    bool clash = false;
+    for (int t : steps) clash = clash || (s > t - 2 && s < t + 2);
+    if (!clash) steps.push_back(s);
+  }
+  std::sort(steps.begin(), steps.end());
+  bool flusher_used = false;
+  // Removes a random node from `intact` (and from `crashable`); returns its id.
+  auto take = [&]() {
+    const int pos = rng.Uniform(0, static_cast<int>(intact.size()) - 1);
+    const int id = intact[static_cast<size_t>(pos)];
+    intact.erase(intact.begin() + pos);
+    crashable.erase(std::find(crashable.begin(), crashable.end(), id));
+    return id;
+  };
+  for (size_t i = 0; i < steps.size(); ++i) {
+    const std::string at = ":step=" + std::to_string(steps[i]);
+    const int left = static_cast<int>(intact.size());
+    Fault f;
+    int k = rng.Uniform(0, 6);
+    if (k == 6 && (flusher_used || left < 1)) k = 0;
+    // Before the first protected (encoded) version a node loss is unrecoverable by design
+    // (LauncherE2E.NothingRecoverable); encoding lags a few steps behind, more under load.
+    if (k >= 3 && k <= 5 && steps[i] < kFirstLossStep) k -= 3;
+    if (k == 5 && i != 0) k = 3;  // during=recovery fires in the first recovery, whoever caused it
+    if (k == 4 && (m < 2 || left < 2)) k = 3;
+    if ((k == 3 || k == 5) && (m < 1 || left < 1)) k = 2;
+    if (k == 2 && crashable.empty()) k = 0;
+    switch (k) {
+      case 0: f.kind = "rank-crash"; f.drills = {"rank-crash:rank=" + std::to_string(rng.Uniform(0, world - 1)) + at}; break;
+      case 1: f.kind = "hang"; f.drills = {"hang:rank=" + std::to_string(rng.Uniform(0, world - 1)) + at}; break;
+      case 2: {
+        const int id = crashable[static_cast<size_t>(rng.Uniform(0, static_cast<int>(crashable.size()) - 1))];
+        f.kind = "agent-crash";
+        f.drills = {"agent-crash:node=" + std::to_string(id) + at};
+        break;
+      }
+      case 3: f.kind = "node-loss"; f.drills = {"node-loss:node=" + std::to_string(take()) + at}; break;
+      case 4: {
+        // Both drills fire when a rank of each node reaches the step: together, or the second in
+        // the replay after the first recovery.
+        f.kind = "node-loss-x2";
+        const int a = take();
+        f.drills = {"node-loss:node=" + std::to_string(a) + at, "node-loss:node=" + std::to_string(take()) + at};
+        p.max_extra_failures += 1;
+        ++p.spares;
+        break;
+      }
+      case 5:
+        // A rank crash, then a node lost while the job recovers from it.
+        f.kind = "node-loss-during-recovery";
+        f.drills = {"rank-crash:rank=" + std::to_string(rng.Uniform(0, world - 1)) + at,
+                    "node-loss:node=" + std::to_string(take()) + ":during=recovery"};
+        ++p.expected_failures;
+        break;
+      default: {
+        // This node's agent dies after writing its first rank's files of a flush; it is never lost.
+        flusher_used = true;
+        f.kind = "flusher-kill";
+        const int pos = rng.Uniform(0, left - 1);
+        f.node = intact[static_cast<size_t>(pos)];
+        intact.erase(intact.begin() + pos);
+        break;
+      }
+    }
+    if (k == 3 || k == 5) ++p.spares;
+    if (k == 4) ++p.spares;
+    ++p.expected_failures;
+    p.faults.push_back(f);
+  }
+  return p;
+}
+
+std::string RunCommand(const std::string& cmd, int* exit_code) {
+  std::string out;
+  FILE* p = ::popen((cmd + " 2>&1").c_str(), "r");
+  if (p == nullptr) {
+    *exit_code = -1;
+    return "popen failed: " + cmd;
+  }
+  char buf[4096];
+  size_t n;
+  while ((n = std::fread(buf, 1, sizeof buf, p)) > 0) out.append(buf, n);
+  const int st = ::pclose(p);
+  *exit_code = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + (WIFSIGNALED(st) ? WTERMSIG(st) : 0);
+  return out;
+}
+
+// The last line starting with "state_hash=" (not global_state_hash=).
+std::string LastStateHash(const std::string& out) {
+  size_t p = out.rfind("\nstate_hash=");
+  if (p == std::string::npos) return out.rfind("state_hash=", 0) == 0 ? out.substr(0, out.find('\n')) : "";
+  ++p;
+  return out.substr(p, out.find('\n', p) - p);
+}
+
+// The objects of the timeline's "failures" array, as text (they hold no nested objects).
+std::vector<std::string> Failures(const std::string& json) {
+  std::vector<std::string> out;
+  for (size_t p = json.find("{\"attempt\""); p != std::string::npos; p = json.find("{\"attempt\"", p + 1)) {
+    out.push_back(json.substr(p, json.find('}', p) - p + 1));
+  }
+  return out;
+}
+
+// The raw value text of "key" in a flat JSON object; strings keep their quotes.
+std::string Field(const std::string& obj, const std::string& key) {
+  size_t p = obj.find("\"" + key + "\":");
+  if (p == std::string::npos) return "<missing>";
+  p += key.size() + 3;
+  const size_t end = obj[p] == '[' ? obj.find(']', p) + 1
+                     : obj[p] == '"' ? obj.find('"', p + 1) + 1
+                                     : obj.find_first_of(",}", p);
+  return obj.substr(p, end - p);
+}
+long Number(const std::string& obj, const std::string& key) { return std::atol(Field(obj, key).c_str()); }
+
+std::string ReadFile(const std::string& path) {
+  std::ifstream f(path);
+  std::stringstream ss;
+  ss << f.rdbuf();
+  return ss.str();
+}
+
+std::string Quoted(const std::string& s) { return "\"" + s + "\""; }
+
+// Whether a failure's detail names `drill` among the drills that fired together
+// ("A + B; detected: ...").
+bool HasDrill(const std::string& failure, const std::string& drill) {
+  const std::string detail = Field(failure, "detail");
+  const size_t end = detail.find("; detected");
+  const std::string drills = " + " + detail.substr(1, end == std::string::npos ? std::string::npos : end - 1) + " + ";
+  return drills.find(" + " + drill + " + ") != std::string::npos;
+}
+
+class Stress {
+ public:
+  explicit Stress(const Options& o) : o_(o) {}
+
+  // The failure-free state_hash of this configuration, computed once.
+  bool ComputeReference() {
+    int rc = 0;
+    const std::string out =
+        RunCommand("mpirun --oversubscribe -np " + std::to_string(o_.nodes * o_.ranks_per_node) + " " + o_.bin_dir +
+                       "/memento-train-example --no-memento --quiet " + TrainArgs(),
+                   &rc);
+    reference_ = LastStateHash(out);
+    if (rc != 0 || reference_.empty()) {
+      std::fprintf(stderr, "memento-stress: the reference run failed (exit %d):\n%s\n", rc, out.c_str());
+      return false;
+    }
+    if (o_.corrupt_reference) reference_ += "-corrupted";
+    std::printf("memento-stress: reference %s (%d ranks, %d steps, no memento)\n", reference_.c_str(),
+                o_.nodes * o_.ranks_per_node, o_.steps);
+    return true;
+  }
+
+  // Runs one round; returns the problems found (empty: passed). `notes` gets what is worth
+  // reporting but is not wrong: failures nobody injected (a hang detected under load).
+  std::vector<std::string> Round(const Plan& plan, std::vector<std::string>* notes) {
+    const std::string job = "stress" + std::to_string(::getpid()) + "s" + std::to_string(plan.seed);
+    const std::string dir = o_.work_dir + "/" + job;
+    std::filesystem::remove_all(dir);
+    std::filesystem::create_directories(dir);
+    std::string env, injects;
+    std::string marker;
+    for (const auto& f : plan.faults) {
+      for (const auto& d : f.drills) injects += " --inject " + d;
+      if (f.kind == "flusher-kill") {
+        marker = dir + "/flusher-killed";
+        env = "MEMENTO_KILL_POINT=agent.flush_mid_write:rank=" + std::to_string(f.node) + ":once=" + marker + " ";
+      }
+    }
+    const std::string cmd = "env " + env + o_.bin_dir + "/memento-run --simulate-nodes " + std::to_string(o_.nodes) +
+                            " --ranks-per-node " + std::to_string(o_.ranks_per_node) + " --spares " +
+                            std::to_string(plan.spares) + " --ec " + o_.ec + " --storage " + dir + "/storage" +
+                            " --flush-every " + std::to_string(plan.flush_every) + " --hang-timeout " +
+                            std::to_string(o_.hang_timeout_s) + " --max-restarts " +
+                            std::to_string(plan.expected_failures + plan.max_extra_failures + 4) + " --job " + job + " --work-dir " + dir +
+                            "/work --timeline " + dir + "/timeline.json --quiet" + injects + " -- " + o_.bin_dir +
+                            "/memento-train-example --quiet " + TrainArgs();
+    if (o_.verbose) std::printf("  %s\n", cmd.c_str());
+    int rc = 0;
+    const std::string out = RunCommand(cmd, &rc);
+    std::vector<std::string> problems = Check(plan, rc, out, ReadFile(dir + "/timeline.json"), marker, dir, notes);
+    if (problems.empty()) {
+      std::filesystem::remove_all(dir);
+    } else {
+      std::ofstream(dir + "/memento-run.out") << cmd << "\n" << out;
+      problems.push_back("kept " + dir + " (memento-run.out, timeline.json, work/agents.log)");
+    }
+    // A failed memento-run keeps its nodes' shared memory for a second run; this one is done.
+    RunCommand("rm -f /dev/shm/memento-" + job + "-*", &rc);
+    return problems;
+  }
+
+ private:
+  std::string TrainArgs() const {
+    return "--steps " + std::to_string(o_.steps) + " --step-ms " + std::to_string(o_.step_ms);
+  }
+
+  std::vector<std::string> Check(const Plan& plan, int rc, const std::string& out, const std::string& timeline,
+                                 const std::string& marker, const std::string& dir,
+                                 std::vector<std::string>* notes) const {
+    std::vector<std::string> bad;
+    if (rc != 0) bad.push_back("memento-run exited " + std::to_string(rc) + "; last lines:\n" + Tail(out, 8));
+    const std::string hash = LastStateHash(out);
+    if (hash != reference_) bad.push_back("state " + (hash.empty() ? "<none>" : hash) + " != reference " + reference_);
+    const std::vector<std::string> fs = Failures(timeline);
+    // The failures the plan caused: injected drills, and the agent-exit of a flusher kill. A hang
+    // nobody injected (a rank silent for --hang-timeout under load) is a note, not an error: the
+    // run must still end with the reference state, which is checked above.
+    int flusher_node = -1;
+    for (const auto& f : plan.faults) {
+      if (f.kind == "flusher-kill") flusher_node = f.node;
+    }
+    // The agent's death is seen as its own exit, as the death of one of its ranks (whose client
+    // lost its agent), or inside a failure that was being detected at that moment.
+    auto is_flusher_kill = [&](const std::string& e) {
+      if (flusher_node < 0) return false;
+      const std::string detail = Field(e, "detail");
+      if (detail.find("the agent of node " + std::to_string(flusher_node) + " ") != std::string::npos) return true;
+      if (Field(e, "kind") != "\"rank-exit\"") return false;
+      for (int r = 0; r < o_.ranks_per_node; ++r) {
+        const int rank = flusher_node * o_.ranks_per_node + r;
+        if (detail.rfind("\"rank " + std::to_string(rank) + " ", 0) == 0) return true;
+      }
+      return false;
+    };
+    int caused = 0;
+    for (const auto& e : fs) {
+      if (Field(e, "injected") == "true" || is_flusher_kill(e)) {
+        ++caused;
+      } else if (Field(e, "kind") == "\"hang\"") {
+        notes->push_back("uninjected hang: " + Field(e, "detail"));
+      } else {
+        bad.push_back("failure nobody injected: " + e);
+      }
+    }
+    const int fewest = plan.expected_failures - (flusher_node >= 0 ? 1 : 0);  // absorbed into another
+    if (caused < fewest || caused > plan.expected_failures + plan.max_extra_failures) {
+      bad.push_back("timeline has " + std::to_string(caused) + " injected failures, expected " +
+                    std::to_string(fewest) +
+                    (fewest < plan.expected_failures + plan.max_extra_failures
+                         ? " to " + std::to_string(plan.expected_failures + plan.max_extra_failures)
+                         : "") +
+                    ": " + timeline);
+    }
+    // Each drill appears, injected, under its own kind.
+    for (const auto& f : plan.faults) {
+      for (const auto& d : f.drills) {
+        const std::string kind = d.substr(0, d.find(':'));
+        bool seen = false;
+        for (const auto& e : fs) {
+          seen = seen || (Field(e, "injected") == "true" && Field(e, "kind") == Quoted(kind) && HasDrill(e, d));
+        }
+        if (!seen) bad.push_back("drill " + d + " is not in the timeline");
+      }
+      if (f.kind == "flusher-kill") {
+        struct stat st {};
+        if (::stat(marker.c_str(), &st) != 0) bad.push_back("the flusher of node " + std::to_string(f.node) + " was never killed");
+        bool seen = false;
+        for (const auto& e : fs) seen = seen || is_flusher_kill(e);
+        if (!seen) bad.push_back("the flusher kill on node " + std::to_string(f.node) + " is not in the timeline");
+      }
+    }
+    // Every completed recovery restored a version at most the newest step reached, from memory
+    // when no node's memory was lost, else from memory or a committed checkpoint of that step.
+    for (const auto& e : fs) {
+      if (Field(e, "resumed_after_s").rfind("-", 0) == 0) continue;  // interrupted by the next failure
+      const long restored = Number(e, "restored_step"), last = Number(e, "last_step");
+      if (restored < 0 || restored > last) bad.push_back("restored_step outside [0, last_step]: " + e);
+      if (Number(e, "steps_lost") != last - restored) bad.push_back("steps_lost != last_step - restored_step: " + e);
+      const std::string source = Field(e, "source");
+      if (Field(e, "lost_nodes") == "[]") {
+        if (source != "\"memory\"") bad.push_back("no memory was lost, yet the restore came from " + source + ": " + e);
+      } else {
+        const std::string ckpt = dir + "/storage/";
+        const std::string step_dir = "step-" + std::to_string(restored);
+        bool ok = source.size() >= 2;
+        std::string rest = ok ? source.substr(1, source.size() - 2) : "";
+        for (size_t p = 0; ok && p <= rest.size();) {
+          size_t q = rest.find(" + ", p);
+          if (q == std::string::npos) q = rest.size();
+          const std::string part = rest.substr(p, q - p);
+          ok = part == "memory" || (part.rfind(ckpt, 0) == 0 && part.size() >= step_dir.size() &&
+                                    part.compare(part.size() - step_dir.size(), step_dir.size(), step_dir) == 0);
+          p = q + 3;
+        }
+        if (!ok) bad.push_back("restore source is neither memory nor " + ckpt + "<job>/" + step_dir + ": " + e);
+      }
+    }
+    return bad;
+  }
+
+  static std::string Tail(const std::string& s, int lines) {
+    size_t p = s.size();
+    for (int i = 0; i <= lines && p != std::string::npos && p > 0; ++i) p = s.rfind('\n', p - 1);
+    return p == std::string::npos ? s : s.substr(p + 1);
+  }
+
+  Options o_;
+  std::string reference_;
+};
+
+void Usage(FILE* f) {
+  std::fprintf(f,
+               "usage: memento-stress [--rounds N] [--seed S] [--nodes 4] [--ranks-per-node 2] [--ec rs:2]\n"
+               "                      [--steps 20] [--step-ms 40] [--hang-timeout 3] [--work-dir DIR]\n"
+               "                      [--bin-dir DIR] [--stop-on-failure] [--verbose] [--dry-run]\n"
+               "Each round runs memento-train-example under memento-run with 1-3 faults drawn from the\n"
+               "round's seed (S + round): rank-crash, hang, agent-crash, node-loss, node-loss-x2 (two nodes at\n"
+               "once, when the scheme tolerates 2), node-loss-during-recovery, flusher-kill (an agent dies\n"
+               "mid-write through MEMENTO_KILL_POINT). Checks exit 0, the failure-free state_hash, every fault\n"
+               "in the timeline, and each restore's step and source. `--seed S --rounds 1` replays round S.\n"
+               "Exit status: 0 all rounds passed; 1 a round failed; 2 bad options.\n");
+}
+
+int Main(int argc, char** argv) {
+  Options o;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    auto next = [&]() -> std::string {
+      if (i + 1 >= argc) {
+        std::fprintf(stderr, "memento-stress: %s needs a value\n", a.c_str());
+        std::exit(2);
+      }
+      return argv[++i];
+    };
+    if (a == "--rounds") o.rounds = std::atoi(next().c_str());
+    else if (a == "--seed") o.seed = std::strtoull(next().c_str(), nullptr, 10);
+    else if (a == "--nodes") o.nodes = std::atoi(next().c_str());
+    else if (a == "--ranks-per-node") o.ranks_per_node = std::atoi(next().c_str());
+    else if (a == "--ec") o.ec = next();
+    else if (a == "--steps") o.steps = std::atoi(next().c_str());
+    else if (a == "--step-ms") o.step_ms = std::atoi(next().c_str());
+    else if (a == "--hang-timeout") o.hang_timeout_s = std::atoi(next().c_str());
+    else if (a == "--work-dir") o.work_dir = next();
+    else if (a == "--bin-dir") o.bin_dir = next();
+    else if (a == "--stop-on-failure") o.keep_going = false;
+    else if (a == "--verbose") o.verbose = true;
+    else if (a == "--dry-run") o.dry_run = true;
+    else if (a == "--corrupt-reference") o.corrupt_reference = true;
+    else if (a == "--help" || a == "-h") {
+      Usage(stdout);
+      return 0;
+    } else {
+      std::fprintf(stderr, "memento-stress: unknown flag %s\n", a.c_str());
+      Usage(stderr);
+      return 2;
+    }
+  }
+  if (o.rounds < 1 || o.nodes < 2 || o.ranks_per_node < 1 || o.steps < 10 || Tolerance(o.ec) < 0) {
+    std::fprintf(stderr, "memento-stress: need --rounds >= 1, --nodes >= 2, --ranks-per-node >= 1, --steps >= 10 "
+                         "and --ec none|xor|replicate:R|rs:M (got --ec %s)\n", o.ec.c_str());
+    return 2;
+  }
+  if (Tolerance(o.ec) >= o.nodes) {
+    std::fprintf(stderr, "memento-stress: --ec %s tolerates as many losses as there are nodes (%d)\n", o.ec.c_str(), o.nodes);
+    return 2;
+  }
+  if (o.bin_dir.empty()) o.bin_dir = std::filesystem::read_symlink("/proc/self/exe").parent_path().string();
+  if (o.work_dir.empty()) o.work_dir = "/tmp/memento-stress-" + std::to_string(::getpid());
+  // What Open MPI needs as root on a small machine (as in tests/mpi_run.sh); kept when set.
+  ::setenv("OMPI_ALLOW_RUN_AS_ROOT", "1", 0);
+  ::setenv("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1", 0);
+  ::setenv("OMPI_MCA_rmaps_base_oversubscribe", "1", 0);
+  ::setenv("OMPI_MCA_btl_vader_single_copy_mechanism", "none", 0);
+
+  Stress stress(o);
+  if (!o.dry_run && !stress.ComputeReference()) return 1;
+  std::map<std::string, int> counts;
+  std::vector<uint64_t> failing, noted;
+  int passed = 0;
+  for (int r = 0; r < o.rounds; ++r) {
+    const Plan plan = Draw(o, o.seed + static_cast<uint64_t>(r));
+    std::string what;
+    for (const auto& f : plan.faults) {
+      ++counts[f.kind];
+      what += (what.empty() ? "" : ", ") + f.kind;
+      for (const auto& d : f.drills) what += " " + d;
+      if (f.node >= 0) what += " node=" + std::to_string(f.node);
+    }
+    if (o.dry_run) {
+      std::printf("round %d seed %llu: %s; flush-every %d, spares %d\n", r, static_cast<unsigned long long>(plan.seed),
+                  what.c_str(), plan.flush_every, plan.spares);
+      continue;
+    }
+    std::vector<std::string> notes;
+    const std::vector<std::string> problems = stress.Round(plan, &notes);
+    if (!notes.empty()) {
+      noted.push_back(plan.seed);
+      for (const auto& n : notes) {
+        std::printf("round %d seed %llu: note: %s\n", r, static_cast<unsigned long long>(plan.seed), n.c_str());
+      }
+    }
+    if (problems.empty()) {
+      ++passed;
+      if (o.verbose) std::printf("round %d seed %llu: ok (%s)\n", r, static_cast<unsigned long long>(plan.seed), what.c_str());
+    } else {
+      failing.push_back(plan.seed);
+      std::printf("round %d seed %llu: FAILED (%s; flush-every %d)\n", r, static_cast<unsigned long long>(plan.seed),
+                  what.c_str(), plan.flush_every);
+      for (const auto& p : problems) std::printf("    %s\n", p.c_str());
+      std::printf("    replay: %s/memento-stress --seed %llu --rounds 1 --nodes %d --ranks-per-node %d --ec %s "
+                  "--steps %d --step-ms %d\n",
+                  o.bin_dir.c_str(), static_cast<unsigned long long>(plan.seed), o.nodes, o.ranks_per_node,
+                  o.ec.c_str(), o.steps, o.step_ms);
+      if (!o.keep_going) break;
+    }
+    std::fflush(stdout);
+  }
+  if (o.dry_run) {
+    std::printf("memento-stress: %d rounds planned (seed %llu), nothing run\n", o.rounds,
+                static_cast<unsigned long long>(o.seed));
+    for (const auto& [kind, n] : counts) std::printf("  %-26s %d\n", kind.c_str(), n);
+    return 0;
+  }
+  std::printf("memento-stress: %d of %zu rounds passed (seed %llu, %d nodes x %d ranks, --ec %s, %d steps)\n", passed,
+              static_cast<size_t>(passed) + failing.size(), static_cast<unsigned long long>(o.seed), o.nodes,
+              o.ranks_per_node, o.ec.c_str(), o.steps);
+  for (const auto& [kind, n] : counts) std::printf("  %-26s %d\n", kind.c_str(), n);
+  if (!noted.empty()) {
+    std::printf("seeds with uninjected hangs (passed):");
+    for (uint64_t s : noted) std::printf(" %llu", static_cast<unsigned long long>(s));
+    std::printf("\n");
+  }
+  if (!failing.empty()) {
+    std::printf("failing seeds:");
+    for (uint64_t s : failing) std::printf(" %llu", static_cast<unsigned long long>(s));
+    std::printf("\n");
+  }
+  std::error_code ec;
+  std::filesystem::remove(o.work_dir, ec);  // only when empty: failed rounds keep their directories
+  return failing.empty() ? 0 : 1;
+}
+
+}  // namespace
+}  // namespace memento::stress
+
+int main(int argc, char** argv) { return memento::stress::Main(argc, argv); }

@@ -39,12 +39,27 @@ std::string JsonString(const std::string& s) {
 
 // The JSON subset of a safetensors header: objects, arrays, strings, non-negative integers.
 struct JsonValue {
+  // Declared here, defined below where JsonValue is complete: a pair holding JsonValue needs that
+  // (clang with libstdc++ checks it when the members' destructors are instantiated).
+  JsonValue();
+  JsonValue(const JsonValue&);
+  JsonValue(JsonValue&&) noexcept;
+  JsonValue& operator=(const JsonValue&);
+  JsonValue& operator=(JsonValue&&) noexcept;
+  ~JsonValue();
+
   enum class Kind { kObject, kArray, kString, kNumber } kind = Kind::kNumber;
   std::vector<std::pair<std::string, JsonValue>> members;  // kObject, in file order
   std::vector<JsonValue> items;                            // kArray
   std::string text;                                        // kString
   uint64_t number = 0;                                     // kNumber
 };
+JsonValue::JsonValue() = default;
+JsonValue::JsonValue(const JsonValue&) = default;
+JsonValue::JsonValue(JsonValue&&) noexcept = default;
+JsonValue& JsonValue::operator=(const JsonValue&) = default;
+JsonValue& JsonValue::operator=(JsonValue&&) noexcept = default;
+JsonValue::~JsonValue() = default;
 
 class JsonParser {
  public:

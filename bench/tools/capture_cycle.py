@@ -23,6 +23,7 @@ ap = argparse.ArgumentParser()
 ap.add_argument("--sleep", action="store_true", help="sleep instead of forward/backward (GPU idle)")
 ap.add_argument("--no-optimizer", action="store_true", help="register the parameters only")
 ap.add_argument("--no-host", action="store_true", help="leave out the optimizer's host 'step' tensors")
+ap.add_argument("--settle", type=float, default=0, help="seconds to wait after registration")
 ap.add_argument("agent_args", nargs="*")
 cli = ap.parse_args()
 agent, sock = po.start_agent(tmp, job, ["--log-level", "debug"] + cli.agent_args)
@@ -43,6 +44,7 @@ if not cli.no_optimizer:
     else:
         c.register_optimizer(opt, model, hook=False)
 c.finish_registration()
+time.sleep(cli.settle)
 t_start = time.perf_counter()
 for step in range(1, 16):
     torch.cuda.synchronize()

@@ -38,7 +38,6 @@ chunk = 64 << 20
 for off in range(0, n, chunk):
     r = cudart.cudaHostRegister(addr + off, min(chunk, n - off), 1)  # cudaHostRegisterPortable
     assert int(r) == 0, r
-print("shm, registered (64 MiB): %.1f GB/s (torch copy_, crosses chunks)" % rate(shm), flush=True)
 one = torch.frombuffer(buf, dtype=torch.uint8, count=chunk)
 src_small = src[:chunk]
 torch.cuda.synchronize()

@@ -1,9 +1,11 @@
 // RunAgent: wires catalog, node state, socket server and the agreement rounds together.
 #include "agent/agent.h"
 
+#include <sched.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cctype>
 
 #include <chrono>
@@ -39,10 +41,18 @@ Status RunAgent(AgentOptions options, Communicator* comm, const std::atomic<bool
   // With storage, one slot may be held by a flush and one by the checksum of the newest capture
   // while the newest restorable version keeps a third: a fourth lets the next capture start at once.
   // Erasure coding keeps one more: the newest protected version, while a newer one is encoded.
+  // Without storage, three: the newest restorable version, the newest capture while its checksum
+  // and agreement run, and the next capture (with two, a snapshot every iteration waits for the
+  // previous one's checksum: docs/PERFORMANCE.md, the PyTorch side-by-side).
   if (options.slots_per_rank == 0) {
-    options.slots_per_rank = (options.storage_root.empty() ? 2 : 4) + (options.ec.empty() || options.ec == "none" ? 0 : 1);
+    options.slots_per_rank = (options.storage_root.empty() ? 3 : 4) + (options.ec.empty() || options.ec == "none" ? 0 : 1);
   }
   if (options.inject_fs.empty()) options.inject_fs = Env().fault_fs;
+  if (options.crc_threads <= 0) {
+    // Checksums are the agent's main CPU work: a 2.6 GB capture every 65 ms needs about a dozen
+    // cores of CRC-64 (docs/PERFORMANCE.md); they run at nice +10 below the training's threads.
+    options.crc_threads = std::max<int>(4, static_cast<int>(::sysconf(_SC_NPROCESSORS_ONLN)) * 3 / 4);
+  }
   if (options.slots_per_rank < 2) {
     return InvalidArgument("--slots must be at least 2 (one for the newest restorable version, one to capture into)");
   }
@@ -121,6 +131,18 @@ Status RunAgent(AgentOptions options, Communicator* comm, const std::atomic<bool
     std::ofstream out(pid_file, std::ios::trunc);
     out << ::getpid() << "\n";
     if (!out.flush()) return IOError("writing the pid file " + pid_file);
+  }
+  {
+    // A launcher's default binding (mpirun binds one or two processes per node to a core) puts
+    // every checksum, flush and encoding thread on that core: say so.
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    const long online = ::sysconf(_SC_NPROCESSORS_ONLN);
+    if (::sched_getaffinity(0, sizeof set, &set) == 0 && CPU_COUNT(&set) < std::min<long>(online, 4)) {
+      MEMENTO_LOG(kWarning) << "the agent may run on " << CPU_COUNT(&set) << " of " << online
+                            << " CPUs (its launcher bound it): checksums, flushes and erasure coding will be "
+                               "slow; start it with `mpirun --bind-to none` (memento-run does)";
+    }
   }
   MEMENTO_LOG(kInfo) << "serving job '" << options.job_id << "' on " << socket_path << " (node " << node_id << " of "
                      << comm->size() << ", " << options.slots_per_rank << " slots per rank)";

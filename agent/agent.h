@@ -29,15 +29,15 @@ struct AgentOptions {
   // Written with the agent's pid once its socket serves; "%n" = node id. Removed on a clean stop.
   // Default "" (none). memento-run uses it to find the agent of a node.
   std::string pid_file;
-  // Versions kept per rank (R slots each). 0 = 2, or 4 when flushing (a flush may hold one slot
-  // and the checksum of the newest capture another while the newest restorable version keeps a
-  // third: the fourth lets the next capture start at once); one more with erasure coding (the
-  // newest protected version stays while a newer one is encoded).
+  // Versions kept per rank (R slots each). 0 = 3: the newest restorable version, the newest
+  // capture while its checksum and agreement run, and the next capture; 4 when flushing (one more
+  // held by a flush); one more with erasure coding (the newest protected version stays while a
+  // newer one is encoded).
   int slots_per_rank = 0;
   // Most bytes of slots this agent may create; 0 = no budget beyond what /dev/shm holds.
   uint64_t memory_budget_bytes = 0;
-  // Threads computing and verifying CRC-64 (default 4).
-  int crc_threads = 4;
+  // Threads computing and verifying CRC-64; 0 = three quarters of the node's CPUs, at least 4 (default).
+  int crc_threads = 0;
   // Bytes per CRC chunk: the unit of parallel checksumming (default 64 MiB).
   uint64_t crc_chunk_bytes = uint64_t{64} << 20;
   // Interval between agreement rounds with the other agents, milliseconds (default 2).

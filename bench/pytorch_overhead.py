@@ -33,7 +33,8 @@ def start_agent(tmp, job, extra):
     sock = os.path.join(tmp, "agent-%n.sock")
     log = open(os.path.join(tmp, "agent.log"), "w")
     env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
-    proc = subprocess.Popen(["mpirun", "--oversubscribe", "-np", "1", os.path.join(bin_dir, "memento-agent"), "--job",
+    proc = subprocess.Popen(["mpirun", "--oversubscribe", "--bind-to", "none", "-np", "1",
+                             os.path.join(bin_dir, "memento-agent"), "--job",
                              job, "--socket", sock, "--catalog", os.path.join(tmp, "catalog-%n")] + extra,
                             stdout=log, stderr=subprocess.STDOUT, env=env)
     deadline = time.time() + 60

@@ -71,6 +71,13 @@ Command AgentCommand(const Options& o, const NodePlan& plan, bool srun, const st
   Command c;
   c.env = {{"MEMENTO_JOB_TOKEN", token}};
   c.argv = LaunchPrefix(o, plan, srun, 1, c.env);
+  // The agent's checksum, flush and encoding threads need the node's cores: a launcher's default
+  // binding (one core per process) would put them all on one.
+  if (srun) {
+    c.argv.insert(c.argv.begin() + 1, "--cpu-bind=none");
+  } else if (!plan.hosts.empty()) {
+    c.argv.insert(c.argv.begin() + 3, {"--bind-to", "none"});
+  }
   const std::string node = NodeDirPattern(work_dir);
   c.argv.insert(c.argv.end(), {agent_bin, "--job", o.job, "--socket", node + "/agent.sock", "--catalog",
                                node + "/catalog", "--pid-file", node + "/agent.pid", "--node-ids", Join(plan.ids)});

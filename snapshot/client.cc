@@ -183,9 +183,12 @@ class ClientImpl : public Client {
         const int threads = std::clamp(static_cast<int>(std::thread::hardware_concurrency()) / 2, 2, 8);
         for (int dev : devices) {
           MEMENTO_ASSIGN_OR_RETURN(auto copier, CudaCopier::Create(dev));
+          const auto t0 = Clock::now();
           for (auto& seg : slots_) {
             MEMENTO_RETURN_IF_ERROR(copier->RegisterHost(seg->data(), seg->size(), kPinChunk, threads));
           }
+          MEMENTO_LOG(kDebug) << "rank " << opts_.rank << ": pinned " << slots_.size() << " slots for device " << dev
+                              << " in " << Seconds(t0, Clock::now()) << " s";
           copiers_[dev] = std::move(copier);
         }
         return Status::Ok();
@@ -406,10 +409,12 @@ class ClientImpl : public Client {
   }
 
   Status CopyIntoSlot(int64_t step) {
+    const auto t_begin = Clock::now();
     proto::Request req;
     req.mutable_begin_capture()->set_step(step);
     req.mutable_begin_capture()->set_timeout_ms(opts_.slot_timeout_ms);
     MEMENTO_ASSIGN_OR_RETURN(proto::Reply reply, Call(req));
+    const auto t_slot = Clock::now();
     const int slot = reply.begin_capture().slot_index();
     if (slot < 0 || slot >= static_cast<int>(slots_.size())) {
       return Internal("agent named slot " + std::to_string(slot) + " for step " + std::to_string(step));
@@ -447,12 +452,17 @@ class ClientImpl : public Client {
     }
     KillPoint("client.during_copy", opts_.rank, step);
     group.Wait();
+    const auto t_host = Clock::now();
     Status cuda_status;
     for (auto& [dev, c] : copiers_) {
       Status s = c->Synchronize();
       if (cuda_status.ok() && !s.ok()) cuda_status = s;
     }
     copy_bytes_.store(bytes);
+    MEMENTO_LOG(kDebug) << "rank " << opts_.rank << " step " << step << ": slot after "
+                        << Seconds(t_begin, t_slot) * 1e3 << " ms, host copies and enqueue "
+                        << Seconds(t_slot, t_host) * 1e3 << " ms, device copies done after "
+                        << Seconds(t_host, Clock::now()) * 1e3 << " ms more (" << bytes << " bytes)";
     return cuda_status;
   }
 

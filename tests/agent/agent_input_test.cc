@@ -168,7 +168,7 @@ TEST_F(AgentInputTest, MemoryBudgetSaysWhatWasNeededAndWhatWasFree) {
   Status st = RegisterOne("big", big.data(), big.size() * 4, DType::kF32, WholeTensor({static_cast<int64_t>(big.size())}));
   EXPECT_EQ(st.code(), StatusCode::kResourceExhausted);
   EXPECT_EQ(st.message(),
-            "rank 0: needs 2 slots of 1.2 MiB = 2.3 MiB, but the agent's memory budget has 1.0 MiB free (budget 1.0 "
+            "rank 0: needs 3 slots of 1.2 MiB = 3.5 MiB, but the agent's memory budget has 1.0 MiB free (budget 1.0 "
             "MiB, 0 B in use)");
   ExpectAgentStillServes();
 }

@@ -145,7 +145,7 @@ TEST(LauncherCommands, MpirunHosts) {
   Options o = Simulated();
   NodePlan plan{{0, 2}, {"gpu01", "gpu03"}};
   EXPECT_EQ(AgentCommand(o, plan, false, "memento-agent", "/tmp/m", "t").ToString(),
-            "mpirun -np 2 --host gpu01:1,gpu03:1 --map-by ppr:1:node -x MEMENTO_JOB_TOKEN memento-agent --job j "
+            "mpirun -np 2 --bind-to none --host gpu01:1,gpu03:1 --map-by ppr:1:node -x MEMENTO_JOB_TOKEN memento-agent --job j "
             "--socket /tmp/m/node-%n/agent.sock --catalog /tmp/m/node-%n/catalog --pid-file /tmp/m/node-%n/agent.pid "
             "--node-ids 0,2 --ec rs:2 --storage /s --flush-every 5");
   EXPECT_EQ(TrainingCommand(o, plan, false, "/tmp/m", "t", "h:1", "latest").ToString(),
@@ -159,8 +159,8 @@ TEST(LauncherCommands, Srun) {
   o.mpirun_args = {"--mpi=pmix"};
   NodePlan plan{{0, 2}, {"gpu01", "gpu03"}};
   EXPECT_EQ(AgentCommand(o, plan, true, "memento-agent", "/tmp/m", "t").ToString(),
-            "srun --nodes=2 --ntasks=2 --ntasks-per-node=1 --distribution=block --kill-on-bad-exit=1 --export=ALL "
-            "--nodelist=gpu01,gpu03 --mpi=pmix memento-agent --job j --socket /tmp/m/node-%n/agent.sock --catalog "
+            "srun --cpu-bind=none --nodes=2 --ntasks=2 --ntasks-per-node=1 --distribution=block --kill-on-bad-exit=1 "
+            "--export=ALL --nodelist=gpu01,gpu03 --mpi=pmix memento-agent --job j --socket /tmp/m/node-%n/agent.sock --catalog "
             "/tmp/m/node-%n/catalog --pid-file /tmp/m/node-%n/agent.pid --node-ids 0,2 --ec rs:2 --storage /s "
             "--flush-every 5");
   EXPECT_EQ(TrainingCommand(o, plan, true, "/tmp/m", "t", "h:1", "latest").ToString(),

@@ -20,18 +20,22 @@ TEST(ClientTest, TwoRanksRoundTripBitExact) {
     RankState s(3, 10000 + rank);
     ASSERT_TRUE(s.Register(c->get()).ok());
     ASSERT_TRUE((*c)->FinishRegistration().ok());
-    for (int64_t step = 1; step <= 3; ++step) {
+    for (int64_t step = 1; step <= 4; ++step) {
       s.Fill(rank, step);
       ASSERT_TRUE((*c)->Snapshot(step).ok());
       ASSERT_TRUE((*c)->WaitUntilSafeToUpdate().ok());
+      ASSERT_TRUE(WaitGloballyComplete(c->get(), step));
     }
-    ASSERT_TRUE(WaitGloballyComplete(c->get(), 3));
     s.Clear();
     auto r = (*c)->Restore();
     ASSERT_TRUE(r.ok()) << r.status().ToString();
-    EXPECT_EQ(r->step, 3);
+    EXPECT_EQ(r->step, 4);
+    EXPECT_TRUE(s.Matches(rank, 4));
+    // The two previous versions are still held (R = 3) and restore exactly; the one before is
+    // evicted.
+    auto r3 = (*c)->Restore(3);
+    ASSERT_TRUE(r3.ok()) << r3.status().ToString();
     EXPECT_TRUE(s.Matches(rank, 3));
-    // The previous version is still held (R = 2) and restores exactly; the one before is evicted.
     auto r2 = (*c)->Restore(2);
     ASSERT_TRUE(r2.ok()) << r2.status().ToString();
     EXPECT_TRUE(s.Matches(rank, 2));

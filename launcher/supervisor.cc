@@ -493,12 +493,24 @@ Supervisor::End Supervisor::RunAttempt(Attempt* a, Failure* recovering, Failure*
     // On simulated nodes every process is local: a rank or agent that died is seen at once, before
     // its launcher notices and ends its job.
     if (o_.simulate_nodes > 0) {
+      // Several ranks may be gone by now (a launcher ends the whole job when one dies): name one
+      // of a node that was just lost when there is one, else the lowest.
+      int dead = -1;
       for (const auto& [rank, s] : a->ranks) {
-        if (s.phase != BeatPhase::kClosed && s.pid > 0 && !Alive(s.pid)) {
-          detected = "rank " + std::to_string(rank) + " (pid " + std::to_string(s.pid) + ") died";
-          if (!failed->injected) failed->kind = "rank-exit";
-          break;
+        if (s.phase == BeatPhase::kClosed || s.pid <= 0 || Alive(s.pid)) continue;
+        const bool lost = std::find(a->killed_nodes.begin(), a->killed_nodes.end(), NodeOfRank(*a, rank)) !=
+                          a->killed_nodes.end();
+        if (dead < 0 || lost) dead = rank;
+        if (lost) break;
+      }
+      if (dead >= 0) {
+        int others = 0;
+        for (const auto& [rank, s] : a->ranks) {
+          if (rank != dead && s.phase != BeatPhase::kClosed && s.pid > 0 && !Alive(s.pid)) ++others;
         }
+        detected = "rank " + std::to_string(dead) + " (pid " + std::to_string(a->ranks[dead].pid) + ") died" +
+                   (others > 0 ? " (and " + std::to_string(others) + " more)" : "");
+        if (!failed->injected) failed->kind = "rank-exit";
       }
       for (const auto& [id, pid] : a->agent_pids) {
         if (detected.empty() && !Alive(pid)) {

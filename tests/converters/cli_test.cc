@@ -17,9 +17,14 @@
 #include "core/shard.h"
 #include "proto/shard_convert.h"
 #include "ucp_format/native_checkpoint.h"
+#include "tests/converters/test_util.h"
 
 namespace memento {
 namespace {
+
+using test::Slurp;
+using test::TestRoot;
+using test::Quote;
 
 constexpr int64_t kCreatedMs = 1717243200123;  // 2024-06-01T12:00:00.123Z
 
@@ -28,29 +33,6 @@ struct Output {
   std::string out;
   std::string err;
 };
-
-std::string Quote(const std::string& s) {
-  std::string q = "'";
-  for (char c : s) q += c == '\'' ? std::string("'\\''") : std::string(1, c);
-  return q + "'";
-}
-
-std::string Slurp(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  std::stringstream ss;
-  ss << f.rdbuf();
-  return ss.str();
-}
-
-std::string TestRoot() {
-  const char* tmp = std::getenv("MEMENTO_TEST_TMP");
-  std::string base = tmp != nullptr ? tmp : ::testing::TempDir();
-  const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
-  std::string root = base + "/" + info->test_suite_name() + "." + info->name();
-  std::filesystem::remove_all(root);
-  std::filesystem::create_directories(root);
-  return root;
-}
 
 std::string Hex(uint64_t v) {
   char buf[24];

@@ -16,25 +16,13 @@
 #include "core/file_system.h"
 #include "ucp_format/universal.h"
 
+#include "tests/converters/test_util.h"
+
 namespace memento {
 namespace {
 
-std::string Slurp(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  std::stringstream ss;
-  ss << f.rdbuf();
-  return ss.str();
-}
-
-std::string TestRoot() {
-  const char* tmp = std::getenv("MEMENTO_TEST_TMP");
-  std::string base = tmp != nullptr ? tmp : ::testing::TempDir();
-  const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
-  std::string root = base + "/" + info->test_suite_name() + "." + info->name();
-  std::filesystem::remove_all(root);
-  std::filesystem::create_directories(root);
-  return root;
-}
+using test::Slurp;
+using test::TestRoot;
 
 std::string FixtureDir(const std::string& layout) {
   return std::string(MEMENTO_SOURCE_DIR) + "/tests/converters/fixtures/deepspeed/" + layout;

@@ -10,27 +10,19 @@
 #include <sstream>
 #include <string>
 
+#include "tests/converters/test_util.h"
+
 namespace memento {
 namespace {
+
+using test::Slurp;
+using test::Quote;
 
 struct Output {
   int exit_code = -1;
   std::string out;
   std::string err;
 };
-
-std::string Quote(const std::string& s) {
-  std::string q = "'";
-  for (char c : s) q += c == '\'' ? std::string("'\\''") : std::string(1, c);
-  return q + "'";
-}
-
-std::string Slurp(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  std::stringstream ss;
-  ss << f.rdbuf();
-  return ss.str();
-}
 
 std::string Fixture(const std::string& name) { return std::string(MEMENTO_SOURCE_DIR) + "/tests/converters/fixtures/" + name; }
 

@@ -19,27 +19,15 @@
 #include "converters/torch_zip.h"
 #include "core/file_system.h"
 
+#include "tests/converters/test_util.h"
+
 namespace memento {
 namespace {
 
+using test::Slurp;
+using test::TestRoot;
+
 using K = PickleValue::Kind;
-
-std::string Slurp(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  std::stringstream ss;
-  ss << f.rdbuf();
-  return ss.str();
-}
-
-std::string TestRoot() {
-  const char* tmp = std::getenv("MEMENTO_TEST_TMP");
-  std::string base = tmp != nullptr ? tmp : ::testing::TempDir();
-  const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
-  std::string root = base + "/" + info->test_suite_name() + "." + info->name();
-  std::filesystem::remove_all(root);
-  std::filesystem::create_directories(root);
-  return root;
-}
 
 std::string Fixture(const std::string& name) { return std::string(MEMENTO_SOURCE_DIR) + "/tests/converters/fixtures/" + name; }
 

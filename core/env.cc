@@ -46,6 +46,8 @@ EnvSettings Read() {
   e.log_level = ParseLevel(Get("MEMENTO_LOG_LEVEL", "info"));
   e.copy_threads = GetInt("MEMENTO_COPY_THREADS", 0);
   e.fault_fs = Get("MEMENTO_FAULT_FS");
+  e.attempt = GetInt("MEMENTO_ATTEMPT", -1);
+  e.capture_log = Get("MEMENTO_CAPTURE_LOG");
   return e;
 }
 

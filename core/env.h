@@ -37,6 +37,14 @@ struct EnvSettings {
   LogLevel log_level = LogLevel::kInfo;
   // MEMENTO_COPY_THREADS: host-path copy threads per rank; 0 = choose (default 0).
   int copy_threads = 0;
+  // MEMENTO_ATTEMPT: which attempt of the job this process belongs to (0 = the first launch,
+  // +1 per restart), like torchrun's TORCHELASTIC_RESTART_COUNT. Set by memento-run. Default -1.
+  int attempt = -1;
+  // MEMENTO_CAPTURE_LOG: tests and debugging — each rank appends "attempt=A rank=R step=S copied"
+  // to this file when its copy of step S has landed (before reporting it to the agent) and
+  // "... acked" once the agent acknowledged it (memento-stress bounds the restored version with
+  // them). Default "" (no log).
+  std::string capture_log;
   // MEMENTO_FAULT_FS: tests only — a FaultInjectionFileSystem spec for the agent's storage I/O.
   std::string fault_fs;
 };

@@ -95,7 +95,8 @@ Command AgentCommand(const Options& o, const NodePlan& plan, bool srun, const st
 }
 
 Command TrainingCommand(const Options& o, const NodePlan& plan, bool srun, const std::string& work_dir,
-                        const std::string& token, const std::string& heartbeat, const std::string& restore) {
+                        const std::string& token, const std::string& heartbeat, const std::string& restore,
+                        int attempt) {
   Command c;
   c.env = {{"MEMENTO_JOB_ID", o.job},
            {"MEMENTO_JOB_TOKEN", token},
@@ -103,7 +104,8 @@ Command TrainingCommand(const Options& o, const NodePlan& plan, bool srun, const
            {"MEMENTO_RANKS_PER_NODE", std::to_string(o.ranks_per_node)},
            {"MEMENTO_NODE_IDS", Join(plan.ids)},
            {"MEMENTO_RESTORE", restore},
-           {"MEMENTO_HEARTBEAT", heartbeat}};
+           {"MEMENTO_HEARTBEAT", heartbeat},
+           {"MEMENTO_ATTEMPT", std::to_string(attempt)}};
   c.argv = LaunchPrefix(o, plan, srun, o.ranks_per_node, c.env);
   c.argv.insert(c.argv.end(), o.command.begin(), o.command.end());
   return c;

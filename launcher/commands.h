@@ -38,7 +38,8 @@ Command AgentCommand(const Options& o, const NodePlan& plan, bool srun, const st
 
 // The training job: every rank gets MEMENTO_* in its environment.
 Command TrainingCommand(const Options& o, const NodePlan& plan, bool srun, const std::string& work_dir,
-                        const std::string& token, const std::string& heartbeat, const std::string& restore);
+                        const std::string& token, const std::string& heartbeat, const std::string& restore,
+                        int attempt = 0);
 
 // Reads a hostfile: one host per line, '#' comments, "host" or "host slots=N" (slots ignored: the
 // launcher places --ranks-per-node ranks per host). InvalidArgument naming the line at fault.

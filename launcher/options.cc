@@ -48,7 +48,7 @@ const char* const kUsage =
     "  --agent-bin PATH       memento-agent to run (default: next to memento-run)\n"
     "  --quiet                print only the summary\n"
     "Each rank gets MEMENTO_JOB_ID, MEMENTO_JOB_TOKEN, MEMENTO_AGENT_SOCKET, MEMENTO_RANKS_PER_NODE,\n"
-    "MEMENTO_NODE_IDS, MEMENTO_RESTORE=latest and MEMENTO_HEARTBEAT in its environment.\n"
+    "MEMENTO_NODE_IDS, MEMENTO_RESTORE=latest, MEMENTO_HEARTBEAT and MEMENTO_ATTEMPT in its environment.\n"
     "Exit status: the training's 0 on success; 1 when restarts ran out or nothing was recoverable;\n"
     "2 for bad options.\n";
 

@@ -453,7 +453,7 @@ Supervisor::End Supervisor::RunAttempt(Attempt* a, Failure* recovering, Failure*
   }
   beats_ = std::move(rx).value();
   const std::string heartbeat = heartbeat_host_ + ":" + std::to_string(beats_->port());
-  Command training = TrainingCommand(o_, a->plan, srun_, o_.work_dir, token_, heartbeat, "latest");
+  Command training = TrainingCommand(o_, a->plan, srun_, o_.work_dir, token_, heartbeat, "latest", a->index);
   Say("attempt " + std::to_string(a->index) + ": starting training: " + training.ToString());
   a->training = Launch(training, "");
   a->training_launched_s = Now();

@@ -3,6 +3,7 @@
 // and restore. See client.h for the contract.
 #include "snapshot/client.h"
 
+#include <fcntl.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <unistd.h>
@@ -394,11 +395,33 @@ class ClientImpl : public Client {
     KillPoint("client.before_captured", opts_.rank, step);
     proto::Request req;
     req.mutable_captured()->set_step(step);
+    LogCapture(step, "copied");
     auto r = Call(req);
     if (!r.ok()) {
       std::lock_guard<std::mutex> lock(report_mu_);
       report_error_ = r.status().WithContext("reporting step " + std::to_string(step) + " captured");
+      return;
     }
+    LogCapture(step, "acked");
+  }
+
+  // MEMENTO_CAPTURE_LOG (tests, debugging): a line when a capture's bytes have landed, before
+  // the report ("copied"), and one once the agent acknowledged it ("acked"); each appended with
+  // a single write(2) so that lines of concurrent ranks never interleave.
+  void LogCapture(int64_t step, const char* event) {
+    const std::string& path = Env().capture_log;
+    if (path.empty()) return;
+    const std::string line = "attempt=" + std::to_string(Env().attempt) + " rank=" + std::to_string(opts_.rank) +
+                             " step=" + std::to_string(step) + " " + event + "\n";
+    const int fd = ::open(path.c_str(), O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0600);
+    if (fd < 0) {
+      MEMENTO_LOG(kWarning) << "MEMENTO_CAPTURE_LOG " << path << ": " << std::strerror(errno);
+      return;
+    }
+    if (::write(fd, line.data(), line.size()) != static_cast<ssize_t>(line.size())) {
+      MEMENTO_LOG(kWarning) << "MEMENTO_CAPTURE_LOG " << path << ": short write";
+    }
+    ::close(fd);
   }
 
   Status TakeReportError() {

@@ -3,7 +3,8 @@
 // seed, then checks the outcome against what a failure-free run computes.
 //
 // Round i of `--seed S` uses seed S + i, so `--seed S+i --rounds 1` (same other flags) replays it.
-// Single-threaded; runs one memento-run at a time.
+// `--jobs N` runs N rounds at once (each its own job, directory and processes); a round's outcome
+// does not depend on which others run beside it, only on how loaded the machine is.
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -14,9 +15,12 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <atomic>
 #include <map>
+#include <mutex>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 namespace memento::stress {
@@ -34,6 +38,7 @@ struct Options {
   int hang_timeout_s = 3;       // --hang-timeout passed to memento-run (seconds)
   std::string work_dir;         // --work-dir (default /tmp/memento-stress-<pid>)
   std::string bin_dir;          // --bin-dir (default: the directory of this executable)
+  int jobs = 1;                 // --jobs: rounds run at once
   bool keep_going = true;       // --stop-on-failure turns it off
   bool verbose = false;         // --verbose: print each round's plan and result
   bool dry_run = false;         // --dry-run: print each round's plan and the counts; run nothing
@@ -262,13 +267,14 @@ class Stress {
     const std::string dir = o_.work_dir + "/" + job;
     std::filesystem::remove_all(dir);
     std::filesystem::create_directories(dir);
-    std::string env, injects;
+    // Every rank appends "attempt=A rank=R step=S" once its agent acknowledged the capture.
+    std::string env = "MEMENTO_CAPTURE_LOG=" + dir + "/captured.log ", injects;
     std::string marker;
     for (const auto& f : plan.faults) {
       for (const auto& d : f.drills) injects += " --inject " + d;
       if (f.kind == "flusher-kill") {
         marker = dir + "/flusher-killed";
-        env = "MEMENTO_KILL_POINT=agent.flush_mid_write:rank=" + std::to_string(f.node) + ":once=" + marker + " ";
+        env += "MEMENTO_KILL_POINT=agent.flush_mid_write:rank=" + std::to_string(f.node) + ":once=" + marker + " ";
       }
     }
     const std::string cmd = "env " + env + o_.bin_dir + "/memento-run --simulate-nodes " + std::to_string(o_.nodes) +
@@ -283,6 +289,9 @@ class Stress {
     int rc = 0;
     const std::string out = RunCommand(cmd, &rc);
     std::vector<std::string> problems = Check(plan, rc, out, ReadFile(dir + "/timeline.json"), marker, dir, notes);
+    for (const std::string& p : CheckRestoredVersions(ReadFile(dir + "/captured.log"), ReadFile(dir + "/timeline.json"))) {
+      problems.push_back(p);
+    }
     if (problems.empty()) {
       std::filesystem::remove_all(dir);
     } else {
@@ -393,6 +402,68 @@ class Stress {
     return bad;
   }
 
+  // The restored version is the newest complete one. The capture log (MEMENTO_CAPTURE_LOG) says,
+  // per attempt, rank and step, when the rank's copy landed ("copied", written before the rank
+  // reports it) and when its agent acknowledged it ("acked"). For each completed recovery:
+  //  - every rank copied the restored step, in the failed attempt or an earlier one (steps are
+  //    deterministic: a version completed before an earlier restart holds the same bytes);
+  //  - when no node's memory was lost, the restored step is at least the newest step whose
+  //    captures were acknowledged for every rank in the failed attempt, and at least the step that
+  //    attempt itself restored. (A rank killed between an event and its log line only loosens
+  //    these bounds, never breaks them.)
+  // With lost nodes the newest recoverable version depends on what was encoded or flushed in
+  // time, which the trainer cannot see; those restores get the first check only.
+  std::vector<std::string> CheckRestoredVersions(const std::string& log, const std::string& timeline) const {
+    std::vector<std::string> bad;
+    const int world = o_.nodes * o_.ranks_per_node;
+    // event -> attempt -> step -> ranks
+    std::map<std::string, std::map<long, std::map<long, std::vector<bool>>>> events;
+    std::istringstream in(log);
+    for (std::string line; std::getline(in, line);) {
+      long a = -1, r = -1, st = -1;
+      char event[16] = {};
+      if (std::sscanf(line.c_str(), "attempt=%ld rank=%ld step=%ld %15s", &a, &r, &st, event) != 4 || r < 0 ||
+          r >= world || (std::string(event) != "copied" && std::string(event) != "acked")) {
+        bad.push_back("malformed capture log line: " + line);
+        continue;
+      }
+      auto& ranks = events[event][a][st];
+      ranks.resize(static_cast<size_t>(world));
+      ranks[static_cast<size_t>(r)] = true;
+    }
+    auto all_ranks = [&](const std::string& event, long attempt, long step) {
+      auto& by_attempt = events[event];
+      auto it = by_attempt.find(attempt);
+      if (it == by_attempt.end()) return false;
+      auto jt = it->second.find(step);
+      return jt != it->second.end() && std::count(jt->second.begin(), jt->second.end(), true) == world;
+    };
+    long previous_restore = 0;  // what the failed attempt started from (0: a fresh start)
+    for (const auto& e : Failures(timeline)) {
+      if (Field(e, "resumed_after_s").rfind("-", 0) == 0) continue;  // interrupted by the next failure
+      const long attempt = Number(e, "attempt"), restored = Number(e, "restored_step");
+      bool was_copied = restored == 0;
+      for (long a = 0; a <= attempt && !was_copied; ++a) was_copied = all_ranks("copied", a, restored);
+      if (!was_copied) {
+        bad.push_back("restored step " + std::to_string(restored) + " was never copied by all " + std::to_string(world) +
+                      " ranks (capture log): " + e);
+      }
+      long newest = previous_restore;
+      if (auto it = events["acked"].find(attempt); it != events["acked"].end()) {
+        for (const auto& [step, ranks] : it->second) {
+          if (all_ranks("acked", attempt, step)) newest = std::max(newest, step);
+        }
+      }
+      if (Field(e, "lost_nodes") == "[]" && restored < newest) {
+        bad.push_back("restored step " + std::to_string(restored) + ", but step " + std::to_string(newest) +
+                      " was complete (all " + std::to_string(world) + " ranks' captures acknowledged in attempt " +
+                      std::to_string(attempt) + ") and no memory was lost: " + e);
+      }
+      previous_restore = restored;
+    }
+    return bad;
+  }
+
   static std::string Tail(const std::string& s, int lines) {
     size_t p = s.size();
     for (int i = 0; i <= lines && p != std::string::npos && p > 0; ++i) p = s.rfind('\n', p - 1);
@@ -407,12 +478,13 @@ void Usage(FILE* f) {
   std::fprintf(f,
                "usage: memento-stress [--rounds N] [--seed S] [--nodes 4] [--ranks-per-node 2] [--ec rs:2]\n"
                "                      [--steps 20] [--step-ms 40] [--hang-timeout 3] [--work-dir DIR]\n"
-               "                      [--bin-dir DIR] [--stop-on-failure] [--verbose] [--dry-run]\n"
+               "                      [--bin-dir DIR] [--jobs N] [--stop-on-failure] [--verbose] [--dry-run]\n"
                "Each round runs memento-train-example under memento-run with 1-3 faults drawn from the\n"
                "round's seed (S + round): rank-crash, hang, agent-crash, node-loss, node-loss-x2 (two nodes at\n"
                "once, when the scheme tolerates 2), node-loss-during-recovery, flusher-kill (an agent dies\n"
                "mid-write through MEMENTO_KILL_POINT). Checks exit 0, the failure-free state_hash, every fault\n"
-               "in the timeline, and each restore's step and source. `--seed S --rounds 1` replays round S.\n"
+               "in the timeline, and each restore's step and source against the ranks' capture log.\n"
+               "`--seed S --rounds 1` replays round S. `--jobs N` runs N rounds at once.\n"
                "Exit status: 0 all rounds passed; 1 a round failed; 2 bad options.\n");
 }
 
@@ -437,6 +509,7 @@ int Main(int argc, char** argv) {
     else if (a == "--hang-timeout") o.hang_timeout_s = std::atoi(next().c_str());
     else if (a == "--work-dir") o.work_dir = next();
     else if (a == "--bin-dir") o.bin_dir = next();
+    else if (a == "--jobs") o.jobs = std::atoi(next().c_str());
     else if (a == "--stop-on-failure") o.keep_going = false;
     else if (a == "--verbose") o.verbose = true;
     else if (a == "--dry-run") o.dry_run = true;
@@ -450,8 +523,8 @@ int Main(int argc, char** argv) {
       return 2;
     }
   }
-  if (o.rounds < 1 || o.nodes < 2 || o.ranks_per_node < 1 || o.steps < 10 || Tolerance(o.ec) < 0) {
-    std::fprintf(stderr, "memento-stress: need --rounds >= 1, --nodes >= 2, --ranks-per-node >= 1, --steps >= 10 "
+  if (o.rounds < 1 || o.jobs < 1 || o.nodes < 2 || o.ranks_per_node < 1 || o.steps < 10 || Tolerance(o.ec) < 0) {
+    std::fprintf(stderr, "memento-stress: need --rounds >= 1, --jobs >= 1, --nodes >= 2, --ranks-per-node >= 1, --steps >= 10 "
                          "and --ec none|xor|replicate:R|rs:M (got --ec %s)\n", o.ec.c_str());
     return 2;
   }
@@ -472,44 +545,58 @@ int Main(int argc, char** argv) {
   std::map<std::string, int> counts;
   std::vector<uint64_t> failing, noted;
   int passed = 0;
-  for (int r = 0; r < o.rounds; ++r) {
-    const Plan plan = Draw(o, o.seed + static_cast<uint64_t>(r));
-    std::string what;
-    for (const auto& f : plan.faults) {
-      ++counts[f.kind];
-      what += (what.empty() ? "" : ", ") + f.kind;
-      for (const auto& d : f.drills) what += " " + d;
-      if (f.node >= 0) what += " node=" + std::to_string(f.node);
-    }
-    if (o.dry_run) {
-      std::printf("round %d seed %llu: %s; flush-every %d, spares %d\n", r, static_cast<unsigned long long>(plan.seed),
-                  what.c_str(), plan.flush_every, plan.spares);
-      continue;
-    }
-    std::vector<std::string> notes;
-    const std::vector<std::string> problems = stress.Round(plan, &notes);
-    if (!notes.empty()) {
-      noted.push_back(plan.seed);
-      for (const auto& n : notes) {
-        std::printf("round %d seed %llu: note: %s\n", r, static_cast<unsigned long long>(plan.seed), n.c_str());
+  std::mutex mu;                   // guards the tallies above and stdout
+  std::atomic<int> next_round{0};
+  std::atomic<bool> stop{false};
+  auto worker = [&] {
+    for (int r = next_round++; r < o.rounds && !stop; r = next_round++) {
+      const Plan plan = Draw(o, o.seed + static_cast<uint64_t>(r));
+      std::string what;
+      for (const auto& f : plan.faults) {
+        what += (what.empty() ? "" : ", ") + f.kind;
+        for (const auto& d : f.drills) what += " " + d;
+        if (f.node >= 0) what += " node=" + std::to_string(f.node);
       }
+      if (o.dry_run) {
+        std::lock_guard<std::mutex> lock(mu);
+        for (const auto& f : plan.faults) ++counts[f.kind];
+        std::printf("round %d seed %llu: %s; flush-every %d, spares %d\n", r, static_cast<unsigned long long>(plan.seed),
+                    what.c_str(), plan.flush_every, plan.spares);
+        continue;
+      }
+      std::vector<std::string> notes;
+      const std::vector<std::string> problems = stress.Round(plan, &notes);
+      std::lock_guard<std::mutex> lock(mu);
+      for (const auto& f : plan.faults) ++counts[f.kind];
+      if (!notes.empty()) {
+        noted.push_back(plan.seed);
+        for (const auto& n : notes) {
+          std::printf("round %d seed %llu: note: %s\n", r, static_cast<unsigned long long>(plan.seed), n.c_str());
+        }
+      }
+      if (problems.empty()) {
+        ++passed;
+        if (o.verbose) std::printf("round %d seed %llu: ok (%s)\n", r, static_cast<unsigned long long>(plan.seed), what.c_str());
+      } else {
+        failing.push_back(plan.seed);
+        std::printf("round %d seed %llu: FAILED (%s; flush-every %d)\n", r, static_cast<unsigned long long>(plan.seed),
+                    what.c_str(), plan.flush_every);
+        for (const auto& p : problems) std::printf("    %s\n", p.c_str());
+        std::printf("    replay: %s/memento-stress --seed %llu --rounds 1 --nodes %d --ranks-per-node %d --ec %s "
+                    "--steps %d --step-ms %d\n",
+                    o.bin_dir.c_str(), static_cast<unsigned long long>(plan.seed), o.nodes, o.ranks_per_node,
+                    o.ec.c_str(), o.steps, o.step_ms);
+        if (!o.keep_going) stop = true;
+      }
+      std::fflush(stdout);
     }
-    if (problems.empty()) {
-      ++passed;
-      if (o.verbose) std::printf("round %d seed %llu: ok (%s)\n", r, static_cast<unsigned long long>(plan.seed), what.c_str());
-    } else {
-      failing.push_back(plan.seed);
-      std::printf("round %d seed %llu: FAILED (%s; flush-every %d)\n", r, static_cast<unsigned long long>(plan.seed),
-                  what.c_str(), plan.flush_every);
-      for (const auto& p : problems) std::printf("    %s\n", p.c_str());
-      std::printf("    replay: %s/memento-stress --seed %llu --rounds 1 --nodes %d --ranks-per-node %d --ec %s "
-                  "--steps %d --step-ms %d\n",
-                  o.bin_dir.c_str(), static_cast<unsigned long long>(plan.seed), o.nodes, o.ranks_per_node,
-                  o.ec.c_str(), o.steps, o.step_ms);
-      if (!o.keep_going) break;
-    }
-    std::fflush(stdout);
-  }
+  };
+  std::vector<std::thread> workers;
+  for (int j = 1; j < (o.dry_run ? 1 : o.jobs); ++j) workers.emplace_back(worker);
+  worker();
+  for (auto& t : workers) t.join();
+  std::sort(failing.begin(), failing.end());
+  std::sort(noted.begin(), noted.end());
   if (o.dry_run) {
     std::printf("memento-stress: %d rounds planned (seed %llu), nothing run\n", o.rounds,
                 static_cast<unsigned long long>(o.seed));

@@ -143,12 +143,11 @@ void EveryLossRebuilds(int nodes, const std::string& scheme, int m) {
     RestoreResult r = c.RestoreAll(1);
     EXPECT_EQ(r.source, "memory");
     for (int p : lost) {
-      EXPECT_NE(c.agents().Log().find("step 1 rebuilt on node " + std::to_string(c.id(p)) + " from its parity group"),
-                std::string::npos)
+      EXPECT_TRUE(c.agents().LogHas("step 1 rebuilt on node " + std::to_string(c.id(p)) + " from its parity group"))
           << c.agents().Log();
     }
     if (round == 1) {  // the first loss: every survivor kept the lost node's CRCs from the encoding
-      EXPECT_NE(c.agents().Log().find("of parity, CRCs verified)"), std::string::npos) << c.agents().Log();
+      EXPECT_TRUE(c.agents().LogHas("of parity, CRCs verified)")) << c.agents().Log();
     }
     if (::testing::Test::HasFailure()) return;
   }
@@ -191,7 +190,7 @@ TEST(ErasureTest, MoreLossesFallBackToTheNewestPersistedCheckpoint) {
   c.LoseNodes({1, 2}, false);
   c.Start();
   RestoreResult r = c.RestoreAll(1);
-  EXPECT_NE(c.agents().Log().find("step 1 loaded from " + store), std::string::npos) << c.agents().Log();
+  EXPECT_TRUE(c.agents().LogHas("step 1 loaded from " + store)) << c.agents().Log();
   ASSERT_EQ(r.refused.size(), 1u);
   EXPECT_NE(r.refused[0].find("version 1 is not recoverable from memory"), std::string::npos) << r.refused[0];
   EXPECT_NE(r.refused[0].find("falling back to version 1 from " + store), std::string::npos) << r.refused[0];
@@ -246,7 +245,7 @@ TEST(ErasureTest, LossDuringEncodingFallsBackToThePreviousProtectedVersion) {
   c.LoseNodes({2}, false);
   c.Start();
   c.RestoreAll(1);
-  EXPECT_NE(c.agents().Log().find("step 1 rebuilt on node 2 from its parity group"), std::string::npos)
+  EXPECT_TRUE(c.agents().LogHas("step 1 rebuilt on node 2 from its parity group"))
       << c.agents().Log();
 }
 

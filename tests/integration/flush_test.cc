@@ -91,8 +91,7 @@ TEST_F(FlushTest, EnospcMidFlushIsReportedKeepsMemoryAndIsRetriedOnceSpaceReturn
       EXPECT_EQ(ReadManifest(PosixFileSystem(), StepDir(2)).status().code(), StatusCode::kNotFound);
     }
   });
-  EXPECT_NE(cluster_->Log().find("flush of step 2 failed on node 0; the version stays in memory; retrying in"),
-            std::string::npos)
+  EXPECT_TRUE(cluster_->LogHas("flush of step 2 failed on node 0; the version stays in memory; retrying in"))
       << cluster_->Log();
   fs::remove(full);  // space returns
   WithRanks([&](int rank, Client* c, RankState* s) {
@@ -139,8 +138,7 @@ TEST_F(FlushTest, AgentKilledMidFlushLeavesNoManifestAndRestartCleansUp) {
   RestoreResult r = RestoreAfterNodeLoss(1);
   EXPECT_EQ(r.source, StepDir(1));
   EXPECT_FALSE(fs::exists(StepDir(2))) << "the partial checkpoint must be removed at start";
-  EXPECT_NE(cluster_->Log().find("removing partial checkpoint " + StepDir(2) + " (no manifest: never committed)"),
-            std::string::npos)
+  EXPECT_TRUE(cluster_->LogHas("removing partial checkpoint " + StepDir(2) + " (no manifest: never committed)"))
       << cluster_->Log();
 }
 
@@ -238,7 +236,7 @@ TEST(FlushTrainerTest, TrainerRestartedWithNoAgentStateRestoresFromStorageToTheS
   EXPECT_NE(resumed.second.find("restored step=8"), std::string::npos) << resumed.second;
   auto hash = [](const std::string& s) { auto p = s.find("state_hash="); return p == std::string::npos ? "" : s.substr(p, 27); };
   EXPECT_EQ(hash(resumed.second), hash(ref.second));
-  EXPECT_NE(cluster.Log().find("step 8 loaded from"), std::string::npos) << cluster.Log();
+  EXPECT_TRUE(cluster.LogHas("step 8 loaded from")) << cluster.Log();
 }
 
 }  // namespace

@@ -94,6 +94,15 @@ class AgentCluster {
     ss << f.rdbuf();
     return ss.str();
   }
+  // Whether the agents' log holds `text`, waiting up to `wait_ms` for it: mpirun forwards the
+  // agents' output asynchronously, so a line logged before a reply can land in the file after it.
+  bool LogHas(const std::string& text, int wait_ms = 10000) const {
+    for (int waited = 0;; waited += 20) {
+      if (Log().find(text) != std::string::npos) return true;
+      if (waited >= wait_ms) return false;
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+  }
   std::string SlotName(int node, int rank, int slot) const {
     return "/memento-" + job_ + "-n" + std::to_string(node) + "-r" + std::to_string(rank) + "-s" + std::to_string(slot);
   }

@@ -141,7 +141,7 @@ TEST_F(IsolationTest, OtherUserIsRefusedByPeerCredentials) {
   });
   EXPECT_EQ(seen, std::to_string(static_cast<int>(StatusCode::kPermissionDenied)) + " the agent serves only uid 0; " +
                       "connection from uid " + NobodyUid() + " refused");
-  EXPECT_NE(cluster_->Log().find("refused a connection from uid " + NobodyUid()), std::string::npos) << cluster_->Log();
+  EXPECT_TRUE(cluster_->LogHas("refused a connection from uid " + NobodyUid())) << cluster_->Log();
 }
 
 TEST_F(IsolationTest, OtherUserCannotOpenTheSlots) {

@@ -118,10 +118,11 @@ TEST(LauncherCommands, MpirunSimulatedNodes) {
             "--ec rs:2 --storage /s --flush-every 5");
   ASSERT_EQ(a.env.size(), 1u);
   EXPECT_EQ(a.env[0], (std::pair<std::string, std::string>{"MEMENTO_JOB_TOKEN", "tok"}));
-  Command t = TrainingCommand(o, plan, false, "/w", "tok", "127.0.0.1:9", "latest");
+  Command t = TrainingCommand(o, plan, false, "/w", "tok", "127.0.0.1:9", "latest", 3);
   EXPECT_EQ(t.ToString(),
             "mpirun -np 8 --oversubscribe --bind-to none -x MEMENTO_JOB_ID -x MEMENTO_JOB_TOKEN -x MEMENTO_AGENT_SOCKET "
-            "-x MEMENTO_RANKS_PER_NODE -x MEMENTO_NODE_IDS -x MEMENTO_RESTORE -x MEMENTO_HEARTBEAT train --steps 9");
+            "-x MEMENTO_RANKS_PER_NODE -x MEMENTO_NODE_IDS -x MEMENTO_RESTORE -x MEMENTO_HEARTBEAT -x MEMENTO_ATTEMPT "
+            "train --steps 9");
   std::map<std::string, std::string> env(t.env.begin(), t.env.end());
   EXPECT_EQ(env["MEMENTO_JOB_ID"], "j");
   EXPECT_EQ(env["MEMENTO_AGENT_SOCKET"], "/w/node-%n/agent.sock");
@@ -129,6 +130,7 @@ TEST(LauncherCommands, MpirunSimulatedNodes) {
   EXPECT_EQ(env["MEMENTO_NODE_IDS"], "0,1,4,3");
   EXPECT_EQ(env["MEMENTO_RESTORE"], "latest");
   EXPECT_EQ(env["MEMENTO_HEARTBEAT"], "127.0.0.1:9");
+  EXPECT_EQ(env["MEMENTO_ATTEMPT"], "3");
 }
 
 TEST(LauncherCommands, RestoreFromGoesToTheAgents) {
@@ -151,7 +153,7 @@ TEST(LauncherCommands, MpirunHosts) {
   EXPECT_EQ(TrainingCommand(o, plan, false, "/tmp/m", "t", "h:1", "latest").ToString(),
             "mpirun -np 4 --host gpu01:2,gpu03:2 --map-by ppr:2:node -x MEMENTO_JOB_ID -x MEMENTO_JOB_TOKEN -x "
             "MEMENTO_AGENT_SOCKET -x MEMENTO_RANKS_PER_NODE -x MEMENTO_NODE_IDS -x MEMENTO_RESTORE -x "
-            "MEMENTO_HEARTBEAT train --steps 9");
+            "MEMENTO_HEARTBEAT -x MEMENTO_ATTEMPT train --steps 9");
 }
 
 TEST(LauncherCommands, Srun) {

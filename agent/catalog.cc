@@ -4,6 +4,7 @@
 #include <rocksdb/db.h>
 #include <rocksdb/options.h>
 
+#include <algorithm>
 #include <cstdio>
 
 #include "agent/rocksdb_status.h"
@@ -36,6 +37,44 @@ Result<std::vector<T>> ParseAll(const std::vector<std::string>& values, const st
 
 }  // namespace
 
+Status CheckRegionCrc(const proto::RegionCrc& r, uint64_t slot_bytes) {
+  const std::string what = "catalog CRC record of '" + r.name() + "'";
+  if (r.offset() > slot_bytes || r.bytes() > slot_bytes - r.offset()) {
+    return DataLoss(what + ": " + std::to_string(r.bytes()) + " bytes at " + std::to_string(r.offset()) +
+                    " lie outside the slot of " + std::to_string(slot_bytes));
+  }
+  if (r.chunk_bytes() == 0) return DataLoss(what + ": chunk size 0");
+  const uint64_t chunks = r.bytes() == 0 ? 1 : (r.bytes() - 1) / r.chunk_bytes() + 1;
+  if (static_cast<uint64_t>(r.chunk_crcs_size()) != chunks) {
+    return DataLoss(what + ": " + std::to_string(r.chunk_crcs_size()) + " CRCs for " + std::to_string(r.bytes()) +
+                    " bytes in chunks of " + std::to_string(r.chunk_bytes()));
+  }
+  return Status::Ok();
+}
+
+std::pair<uint64_t, uint64_t> RegionChunk(const proto::RegionCrc& r, int chunk) {
+  const uint64_t begin = r.offset() + static_cast<uint64_t>(chunk) * r.chunk_bytes();
+  return {begin, begin + std::min(r.chunk_bytes(), r.offset() + r.bytes() - begin)};
+}
+
+Status CheckRankLayout(const proto::RankRecord& rank) {
+  const uint64_t slot = rank.slot_bytes();
+  const std::string what = "catalog record of rank " + std::to_string(rank.rank());
+  for (const auto& t : rank.tensors()) {
+    if (t.slot_offset() > slot || t.bytes() > slot - t.slot_offset()) {
+      return DataLoss(what + ": tensor '" + t.name() + "' of " + std::to_string(t.bytes()) + " bytes at " +
+                      std::to_string(t.slot_offset()) + " lies outside the slot of " + std::to_string(slot));
+    }
+  }
+  for (const auto& b : rank.blobs()) {
+    if (b.slot_offset() > slot || slot - b.slot_offset() < 8 || b.capacity() > slot - b.slot_offset() - 8) {
+      return DataLoss(what + ": blob '" + b.name() + "' of capacity " + std::to_string(b.capacity()) + " at " +
+                      std::to_string(b.slot_offset()) + " lies outside the slot of " + std::to_string(slot));
+    }
+  }
+  return Status::Ok();
+}
+
 Result<std::unique_ptr<Catalog>> Catalog::Open(const std::string& dir) {
   rocksdb::Options options;
   options.create_if_missing = true;
@@ -50,9 +89,9 @@ Catalog::Catalog(std::string dir, rocksdb::DB* db) : dir_(std::move(dir)), db_(d
 
 Catalog::~Catalog() = default;
 
-Status Catalog::Put(const std::string& key, const google::protobuf::MessageLite& value) {
+Status Catalog::Put(const std::string& key, const google::protobuf::MessageLite& value, bool sync) {
   rocksdb::WriteOptions wo;
-  wo.sync = true;
+  wo.sync = sync;
   return FromRocks(db_->Put(wo, key, value.SerializeAsString()), "catalog " + dir_ + " put " + key);
 }
 
@@ -97,7 +136,9 @@ Result<std::vector<proto::VersionRecord>> Catalog::ListVersions() {
   return ParseAll<proto::VersionRecord>(values, "version");
 }
 
-Status Catalog::PutVersion(const proto::VersionRecord& version) { return Put(VersionKey(version.step()), version); }
+Status Catalog::PutVersion(const proto::VersionRecord& version, bool sync) {
+  return Put(VersionKey(version.step()), version, sync);
+}
 Status Catalog::DeleteVersion(int64_t step) { return Delete(VersionKey(step)); }
 
 }  // namespace memento

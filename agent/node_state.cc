@@ -24,6 +24,9 @@ namespace memento {
 namespace {
 
 constexpr uint64_t kSlotAlignment = 4096;
+// A sanity bound on a registration's slot (2^62 bytes, far past any memory), which keeps its
+// offsets from wrapping around.
+constexpr uint64_t kMaxSlotBytes = uint64_t{1} << 62;
 
 uint64_t AlignUp(uint64_t x) { return (x + kSlotAlignment - 1) / kSlotAlignment * kSlotAlignment; }
 
@@ -105,6 +108,16 @@ bool ContainsRank(const proto::VersionRecord& v, int32_t rank) {
     if (c.rank() == rank) return true;
   }
   return false;
+}
+
+// Whether `rank`'s capture of `v` was acknowledged but its CRCs are not in the record yet.
+bool IsAcked(const proto::VersionRecord& v, int32_t rank) {
+  return std::find(v.acked_ranks().begin(), v.acked_ranks().end(), rank) != v.acked_ranks().end();
+}
+
+void RemoveAcked(proto::VersionRecord* v, int32_t rank) {
+  auto* acked = v->mutable_acked_ranks();
+  acked->erase(std::remove(acked->begin(), acked->end(), rank), acked->end());
 }
 
 }  // namespace
@@ -200,8 +213,14 @@ Status NodeState::Recover() {
   for (auto& r : ranks) {
     RankSlots rs;
     rs.record = r;
-    bool intact = true;
+    // A damaged layout would have the agent read (CRCs) and write (loads) outside the slots.
+    Status layout = CheckRankLayout(r);
+    bool intact = layout.ok();
+    if (!intact) {
+      MEMENTO_LOG(kWarning) << layout.message() << "; its versions are lost on this node";
+    }
     for (const std::string& name : r.slot_names()) {
+      if (!intact) break;
       auto seg = SharedMemory::Open(name, r.slot_bytes(), /*writable=*/true);
       if (!seg.ok()) {
         MEMENTO_LOG(kWarning) << "rank " << r.rank() << ": slot " << name << " did not survive ("
@@ -221,9 +240,16 @@ Status NodeState::Recover() {
     ranks_.emplace(r.rank(), std::move(rs));
   }
   int kept = 0;
+  std::set<int32_t> local_ranks;
+  for (const auto& [r, rs] : ranks_) local_ranks.insert(r);
   for (auto& v : versions) {
     bool lost = false;
     for (const auto& c : v.captured()) lost |= lost_ranks.count(c.rank()) > 0;
+    for (int32_t r : v.acked_ranks()) lost |= lost_ranks.count(r) > 0;
+    if (v.state() == proto::VERSION_CAPTURING && !lost && ChecksumAcked(&v, local_ranks)) {
+      MEMENTO_LOG(kInfo) << "version " << v.step() << ": every local rank's capture was acknowledged before the "
+                         << "agent stopped; its CRCs were completed from the slots";
+    }
     if (v.state() == proto::VERSION_CAPTURING || lost) {
       MEMENTO_LOG(kInfo) << "dropping " << (lost ? "lost" : "torn") << " version " << v.step();
       MEMENTO_RETURN_IF_ERROR(catalog_->DeleteVersion(v.step()));
@@ -244,25 +270,84 @@ Status NodeState::Recover() {
 
 // ---- client operations -----------------------------------------------------------------------
 
-Result<proto::HelloReply> NodeState::Hello(Session* session, const proto::Hello& h) {
+Status CheckHello(const proto::Hello& h, const AgentOptions& options) {
   const std::string who = "rank " + std::to_string(h.rank());
   if (h.protocol_version() != kAgentProtocolVersion) {
     return FailedPrecondition(who + ": client speaks agent protocol version " + std::to_string(h.protocol_version()) +
                               " but this agent speaks version " + std::to_string(kAgentProtocolVersion) +
                               " (client library " + h.library_version() + ", agent " + kLibraryVersion + ")");
   }
-  if (h.job_id() != options_.job_id) {
+  if (h.job_id() != options.job_id) {
     return PermissionDenied(who + ": client of job '" + h.job_id() + "' refused by the agent of job '" +
-                            options_.job_id + "'");
+                            options.job_id + "'");
   }
-  if (h.job_token() != options_.job_token) {
-    return PermissionDenied(who + ": wrong job token for job '" + options_.job_id + "'");
+  if (h.job_token() != options.job_token) {
+    return PermissionDenied(who + ": wrong job token for job '" + options.job_id + "'");
   }
   if (h.world_size() <= 0 || h.rank() < 0 || h.rank() >= h.world_size()) {
     return InvalidArgument(who + ": rank must be in [0, world_size) and world_size > 0 (got world_size " +
                            std::to_string(h.world_size()) + ")");
   }
   if (h.local_rank() < 0) return InvalidArgument(who + ": local_rank must be >= 0");
+  return Status::Ok();
+}
+
+Result<proto::RankRecord> LayOutSlot(const Session& session, const proto::RegisterRequest& req) {
+  const std::string who = "rank " + std::to_string(session.rank);
+  proto::RankRecord rec;
+  rec.set_rank(session.rank);
+  rec.set_local_rank(session.local_rank);
+  rec.set_world_size(session.world_size);
+  std::set<std::string> names;
+  // offset <= kMaxSlotBytes throughout: the sums below cannot wrap around.
+  uint64_t offset = 0;
+  const std::string too_large = "the slot would exceed " + std::to_string(kMaxSlotBytes) + " bytes";
+  for (const auto& t : req.tensors()) {
+    if (t.name().empty()) return InvalidArgument(who + ": a tensor has an empty name");
+    if (!names.insert(t.name()).second) {
+      return AlreadyExists(who + ": tensor '" + t.name() + "' is registered twice");
+    }
+    auto dtype = DTypeFromInt(t.dtype());
+    if (!dtype.ok()) return InvalidArgument(who + ": tensor '" + t.name() + "': " + dtype.status().message());
+    auto spec = FromProto(t.spec());
+    if (!spec.ok()) return InvalidArgument(who + ": tensor '" + t.name() + "': " + spec.status().message());
+    Status valid = spec->Validate();
+    if (!valid.ok()) return InvalidArgument(who + ": tensor '" + t.name() + "': " + valid.message());
+    uint64_t need = 0;
+    if (__builtin_mul_overflow(static_cast<uint64_t>(spec->local_numel), DTypeSize(*dtype), &need)) {
+      return InvalidArgument(who + ": tensor '" + t.name() + "': " + std::to_string(spec->local_numel) + " elements of " +
+                             std::string(DTypeName(*dtype)) + " are more bytes than 64 bits can count");
+    }
+    if (t.bytes() != need) {
+      return InvalidArgument(who + ": tensor '" + t.name() + "': buffer of " + std::to_string(t.bytes()) +
+                             " bytes does not match its spec: " + std::to_string(spec->local_numel) +
+                             " elements of " + std::string(DTypeName(*dtype)) + " need " + std::to_string(need) +
+                             " bytes");
+    }
+    if (t.bytes() > kMaxSlotBytes - offset) return InvalidArgument(who + ": tensor '" + t.name() + "': " + too_large);
+    proto::TensorRecord* out = rec.add_tensors();
+    *out = t;
+    out->set_slot_offset(offset);
+    offset = AlignUp(offset + t.bytes());
+  }
+  for (const auto& b : req.blobs()) {
+    if (b.name().empty()) return InvalidArgument(who + ": a blob has an empty name");
+    if (!names.insert(b.name()).second) return AlreadyExists(who + ": blob '" + b.name() + "' is registered twice");
+    if (b.capacity() == 0) return InvalidArgument(who + ": blob '" + b.name() + "' has capacity 0");
+    if (offset + 8 > kMaxSlotBytes || b.capacity() > kMaxSlotBytes - offset - 8) {
+      return InvalidArgument(who + ": blob '" + b.name() + "': " + too_large);
+    }
+    proto::BlobRecord* out = rec.add_blobs();
+    *out = b;
+    out->set_slot_offset(offset);
+    offset = AlignUp(offset + 8 + b.capacity());
+  }
+  rec.set_slot_bytes(std::max<uint64_t>(offset, kSlotAlignment));
+  return rec;
+}
+
+Result<proto::HelloReply> NodeState::Hello(Session* session, const proto::Hello& h) {
+  MEMENTO_RETURN_IF_ERROR(CheckHello(h, options_));
   session->hello_done = true;
   session->rank = h.rank();
   session->local_rank = h.local_rank();
@@ -277,46 +362,7 @@ Result<proto::HelloReply> NodeState::Hello(Session* session, const proto::Hello&
 Result<proto::RegisterReply> NodeState::Register(Session* session, const proto::RegisterRequest& req) {
   const std::string who = "rank " + std::to_string(session->rank);
   if (!session->hello_done) return FailedPrecondition("register before hello");
-  // Validate and lay out the slot.
-  proto::RankRecord rec;
-  rec.set_rank(session->rank);
-  rec.set_local_rank(session->local_rank);
-  rec.set_world_size(session->world_size);
-  std::set<std::string> names;
-  uint64_t offset = 0;
-  for (const auto& t : req.tensors()) {
-    if (t.name().empty()) return InvalidArgument(who + ": a tensor has an empty name");
-    if (!names.insert(t.name()).second) {
-      return AlreadyExists(who + ": tensor '" + t.name() + "' is registered twice");
-    }
-    auto dtype = DTypeFromInt(t.dtype());
-    if (!dtype.ok()) return InvalidArgument(who + ": tensor '" + t.name() + "': " + dtype.status().message());
-    auto spec = FromProto(t.spec());
-    if (!spec.ok()) return InvalidArgument(who + ": tensor '" + t.name() + "': " + spec.status().message());
-    Status valid = spec->Validate();
-    if (!valid.ok()) return InvalidArgument(who + ": tensor '" + t.name() + "': " + valid.message());
-    const uint64_t need = static_cast<uint64_t>(spec->local_numel) * DTypeSize(*dtype);
-    if (t.bytes() != need) {
-      return InvalidArgument(who + ": tensor '" + t.name() + "': buffer of " + std::to_string(t.bytes()) +
-                             " bytes does not match its spec: " + std::to_string(spec->local_numel) +
-                             " elements of " + std::string(DTypeName(*dtype)) + " need " + std::to_string(need) +
-                             " bytes");
-    }
-    proto::TensorRecord* out = rec.add_tensors();
-    *out = t;
-    out->set_slot_offset(offset);
-    offset = AlignUp(offset + t.bytes());
-  }
-  for (const auto& b : req.blobs()) {
-    if (b.name().empty()) return InvalidArgument(who + ": a blob has an empty name");
-    if (!names.insert(b.name()).second) return AlreadyExists(who + ": blob '" + b.name() + "' is registered twice");
-    if (b.capacity() == 0) return InvalidArgument(who + ": blob '" + b.name() + "' has capacity 0");
-    proto::BlobRecord* out = rec.add_blobs();
-    *out = b;
-    out->set_slot_offset(offset);
-    offset = AlignUp(offset + 8 + b.capacity());
-  }
-  rec.set_slot_bytes(std::max<uint64_t>(offset, kSlotAlignment));
+  MEMENTO_ASSIGN_OR_RETURN(proto::RankRecord rec, LayOutSlot(*session, req));
 
   std::unique_lock<std::mutex> lock(mu_);
   if (pending_world_size_ != 0 && pending_world_size_ != session->world_size) {
@@ -596,11 +642,15 @@ Status NodeState::Captured(Session* session, int64_t step) {
     if (it == versions_.end() || it->second.state() != proto::VERSION_CAPTURING) {
       return FailedPrecondition(who + ": captured step " + std::to_string(step) + " that is not being captured");
     }
-    if (ContainsRank(it->second, session->rank)) {
+    if (ContainsRank(it->second, session->rank) || IsAcked(it->second, session->rank)) {
       return FailedPrecondition(who + ": step " + std::to_string(step) + " reported captured twice");
     }
     auto rit = ranks_.find(session->rank);
     if (rit == ranks_.end()) return Internal(who + ": registered but has no slots");
+    // Recorded before the reply: from here on the rank counts on this capture, so neither the
+    // agent's death nor a new epoch may drop it while the CRCs below are still computing.
+    it->second.add_acked_ranks(session->rank);
+    MEMENTO_RETURN_IF_ERROR(catalog_->PutVersion(it->second, /*sync=*/false));
     if (captures_in_flight_ > 0) --captures_in_flight_;
     slot = it->second.slot_index();
     incarnation = it->second.incarnation();
@@ -631,6 +681,7 @@ Status NodeState::Captured(Session* session, int64_t step) {
       const uint64_t begin = r.offset() + static_cast<uint64_t>(ci) * chunk;
       const uint64_t len = std::min<uint64_t>(chunk, r.offset() + r.bytes() - begin);
       crc_pool_->Submit([this, job, segment, base, ri, ci, begin, len, step, incarnation, slot] {
+        KillPoint("agent.crc", job->capture.rank(), step);  // acknowledged, CRCs not yet recorded
         uint64_t crc = Crc64(base + begin, len);
         bool last = false;
         {
@@ -652,6 +703,8 @@ void NodeState::OnCrcDone(int64_t step, uint64_t incarnation, int32_t slot, prot
       it->second.state() != proto::VERSION_CAPTURING) {
     return;  // dropped meanwhile (the job restarted)
   }
+  if (ContainsRank(it->second, capture.rank())) return;  // checksummed meanwhile by an epoch change
+  RemoveAcked(&it->second, capture.rank());
   *it->second.add_captured() = std::move(capture);
   MaybeLocallyComplete(&it->second);
   Status st = catalog_->PutVersion(it->second);
@@ -661,7 +714,36 @@ void NodeState::OnCrcDone(int64_t step, uint64_t incarnation, int32_t slot, prot
   cv_.notify_all();
 }
 
+bool NodeState::ChecksumAcked(proto::VersionRecord* v, const std::set<int32_t>& expected) {
+  if (expected.empty()) return false;
+  for (int32_t r : expected) {
+    if (!ContainsRank(*v, r) && !IsAcked(*v, r)) return false;  // torn: that rank never finished
+  }
+  const std::vector<int32_t> acked(v->acked_ranks().begin(), v->acked_ranks().end());
+  for (int32_t r : acked) {
+    auto rit = ranks_.find(r);
+    if (rit == ranks_.end() || v->slot_index() >= static_cast<int>(rit->second.slots.size())) return false;
+    proto::RankCapture* cap = v->add_captured();
+    cap->set_rank(r);
+    std::vector<proto::RegionCrc> regions = RegionCrcs(rit->second.record, rit->second.slots[v->slot_index()]->data());
+    for (auto& region : regions) *cap->add_crcs() = std::move(region);
+    RemoveAcked(v, r);
+  }
+  for (int32_t r : expected) {
+    if (!ContainsRank(*v, r)) return false;
+  }
+  v->set_state(proto::VERSION_LOCALLY_COMPLETE);
+  Status st = catalog_->PutVersion(*v);
+  if (!st.ok()) {
+    MEMENTO_LOG(kError) << "recording the CRCs of step " << v->step() << ": " << st.ToString();
+  }
+  return true;
+}
+
 void NodeState::MaybeLocallyComplete(proto::VersionRecord* v) {
+  // Between epochs the local ranks are not known yet (a late CRC of the old epoch must not make
+  // a version complete without a rank that never captured it); VerifyForEpoch decides then.
+  if (!epoch_open_ || epoch_ranks_.empty()) return;
   for (int32_t r : epoch_ranks_) {
     if (!ContainsRank(*v, r)) return;
   }
@@ -740,9 +822,10 @@ Status NodeState::VerifyRank(const proto::VersionRecord& v, const RankSlots& rs)
   };
   std::vector<Check> checks;
   for (const auto& r : cap->crcs()) {
-    if (r.offset() + r.bytes() > slot_bytes || r.chunk_bytes() == 0) {
+    Status valid = CheckRegionCrc(r, slot_bytes);
+    if (!valid.ok()) {
       return DataLoss("catalog record of rank " + std::to_string(rs.record.rank()) + " '" + r.name() + "' step " +
-                      std::to_string(v.step()) + " lies outside its slot");
+                      std::to_string(v.step()) + " lies outside its slot (" + valid.message() + ")");
     }
     for (int c = 0; c < r.chunk_crcs_size(); ++c) checks.push_back({&r, c});
   }
@@ -752,9 +835,8 @@ Status NodeState::VerifyRank(const proto::VersionRecord& v, const RankSlots& rs)
   for (size_t i = 0; i < checks.size(); ++i) {
     verify_pool_->Submit([&, i] {
       const proto::RegionCrc& r = *checks[i].region;
-      const uint64_t begin = r.offset() + static_cast<uint64_t>(checks[i].chunk) * r.chunk_bytes();
-      const uint64_t len = std::min<uint64_t>(r.chunk_bytes(), r.offset() + r.bytes() - begin);
-      bad[i] = Crc64(base + begin, len) != r.chunk_crcs(checks[i].chunk);
+      const auto [begin, end] = RegionChunk(r, checks[i].chunk);
+      bad[i] = Crc64(base + begin, end - begin) != r.chunk_crcs(checks[i].chunk);
       group.Done();
     });
   }
@@ -778,6 +860,13 @@ void NodeState::VerifyForEpoch() {
   first_reason_.clear();
   std::vector<int64_t> drop;
   for (auto& [step, v] : versions_) {
+    if (v.state() == proto::VERSION_CAPTURING) {
+      const std::set<int32_t>& expected = pending_ranks_.empty() ? epoch_ranks_ : pending_ranks_;
+      if (ChecksumAcked(&v, expected)) {
+        MEMENTO_LOG(kInfo) << "version " << step << ": every local rank's capture was acknowledged before the "
+                           << "epoch ended; its CRCs were completed";
+      }
+    }
     if (v.state() == proto::VERSION_CAPTURING) {
       std::string missing;
       for (int32_t r : pending_ranks_.empty() ? epoch_ranks_ : pending_ranks_) {
@@ -1245,10 +1334,15 @@ bool NodeState::VerifyParity(const proto::VersionRecord& v) {
   }
   const uint8_t* base = parity_[v.slot_index()]->data();
   for (const auto& r : v.parity_crcs()) {
+    Status valid = CheckRegionCrc(r, parity_[v.slot_index()]->size());
+    if (!valid.ok()) {
+      MEMENTO_LOG(kWarning) << "parity of step " << v.step() << " on node " << node_id_ << " fails its CRC: "
+                            << valid.message();
+      return false;
+    }
     for (int c = 0; c < r.chunk_crcs_size(); ++c) {
-      const uint64_t begin = r.offset() + static_cast<uint64_t>(c) * r.chunk_bytes();
-      const uint64_t len = std::min<uint64_t>(r.chunk_bytes(), r.offset() + r.bytes() - begin);
-      if (begin + len > parity_[v.slot_index()]->size() || Crc64(base + begin, len) != r.chunk_crcs(c)) {
+      const auto [begin, end] = RegionChunk(r, c);
+      if (Crc64(base + begin, end - begin) != r.chunk_crcs(c)) {
         MEMENTO_LOG(kWarning) << "parity of step " << v.step() << " on node " << node_id_ << " fails its CRC";
         return false;
       }

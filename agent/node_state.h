@@ -36,6 +36,17 @@ struct Session {
   uint64_t registration_serial = 0;  // which registration round this session belongs to
 };
 
+// The checks of client requests that need no agent state: NodeState runs them first, and the fuzz
+// target tests/fuzz/fuzz_agent_request.cc drives them directly.
+// The handshake: the protocol version, the job and token of `options`, 0 <= rank < world_size and
+// local_rank >= 0. FailedPrecondition, PermissionDenied or InvalidArgument naming the rank.
+Status CheckHello(const proto::Hello& hello, const AgentOptions& options);
+// A registration checked (unique non-empty names, dtypes, specs, buffer sizes that match them, blob
+// capacities) and laid out in one slot: the tensors, then the blobs (an 8-byte length, then the
+// capacity), each at a 4 KiB-aligned offset; slot_bytes is at least 4 KiB. The record's rank,
+// local rank and world size are the session's.
+Result<proto::RankRecord> LayOutSlot(const Session& session, const proto::RegisterRequest& req);
+
 // One agent's contribution to an agreement round: plain bytes, identical layout on every agent.
 struct TickPayload {
   static constexpr int kMaxListed = 32;
@@ -131,6 +142,10 @@ class NodeState {
   NodeData DataOf(int slot, const std::set<int32_t>& ranks);  // REQUIRES(mu_)
   std::vector<proto::RegionCrc> RegionCrcs(const proto::RankRecord& layout, const uint8_t* base);
   void MaybeLocallyComplete(proto::VersionRecord* v);  // REQUIRES(mu_)
+  // A capturing version whose `expected` ranks all captured it, some perhaps only acknowledged
+  // (CRCs still computing, or lost with a dead agent): computes those CRCs from the slots, marks
+  // it locally complete and records it. Returns whether it did. REQUIRES(mu_) once serving.
+  bool ChecksumAcked(proto::VersionRecord* v, const std::set<int32_t>& expected);
   Status CreateSlots(RankSlots* rs);
   void ReleaseSlots(RankSlots* rs);
 

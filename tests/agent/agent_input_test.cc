@@ -114,6 +114,47 @@ TEST_F(AgentInputTest, MalformedFrameClosesOnlyThatConnection) {
   EXPECT_TRUE(cluster_->LogHas("exceeds the limit of 67108864")) << cluster_->Log();
 }
 
+// Found with tests/fuzz/fuzz_agent_request.cc: local_numel x width wrapped around 64 bits, so a
+// tensor of 2^62 F32 elements was accepted with a buffer (and a place in the slot) of 0 bytes; and
+// a blob's capacity near 2^64 wrapped the slot's offsets around.
+TEST_F(AgentInputTest, SizesThatWrapAround64BitsAreRefused) {
+  auto registration_reply = [&](const proto::RegisterRequest& registration) {
+    int fd = RawConnect();
+    EXPECT_GE(fd, 0);
+    proto::Request hello;
+    hello.mutable_hello()->set_protocol_version(1);
+    hello.mutable_hello()->set_job_id(cluster_->job());
+    hello.mutable_hello()->set_job_token("s3cret");
+    hello.mutable_hello()->set_world_size(1);
+    proto::Request reg;
+    *reg.mutable_register_request() = registration;
+    proto::Reply reply;
+    EXPECT_TRUE(SendFrame(fd, hello).ok() && RecvFrame(fd, &reply).ok() && !reply.has_error()) << reply.DebugString();
+    EXPECT_TRUE(SendFrame(fd, reg).ok() && RecvFrame(fd, &reply).ok());
+    ::close(fd);
+    return reply.error();
+  };
+  proto::RegisterRequest huge;
+  proto::TensorRecord* t = huge.add_tensors();
+  t->set_name("w");
+  t->set_dtype(static_cast<int32_t>(DType::kF32));
+  t->mutable_spec()->add_global_shape(int64_t{1} << 62);
+  t->mutable_spec()->set_local_numel(int64_t{1} << 62);
+  proto::FragmentProto* f = t->mutable_spec()->add_fragments();
+  f->set_kind(1);
+  f->set_flat_length(int64_t{1} << 62);
+  proto::ErrorReply e = registration_reply(huge);
+  EXPECT_EQ(e.code(), static_cast<int>(StatusCode::kInvalidArgument));
+  EXPECT_EQ(e.message(), "rank 0: tensor 'w': 4611686018427387904 elements of F32 are more bytes than 64 bits can count");
+  proto::RegisterRequest blob;
+  blob.add_blobs()->set_name("rng");
+  blob.mutable_blobs(0)->set_capacity(~uint64_t{0} - 7);
+  e = registration_reply(blob);
+  EXPECT_EQ(e.code(), static_cast<int>(StatusCode::kInvalidArgument));
+  EXPECT_EQ(e.message(), "rank 0: blob 'rng': the slot would exceed 4611686018427387904 bytes");
+  ExpectAgentStillServes();
+}
+
 TEST_F(AgentInputTest, UnknownDTypeIsRefused) {
   float x[4];
   auto c = cluster_->Connect(0, 1, 0, 0, "s3cret");

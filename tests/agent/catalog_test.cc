@@ -68,5 +68,54 @@ TEST(CatalogTest, SecondOpenOfALiveCatalogFailsWithIOError) {
   std::filesystem::remove_all(dir);
 }
 
+proto::RegionCrc Region(uint64_t offset, uint64_t bytes, uint64_t chunk, int crcs) {
+  proto::RegionCrc r;
+  r.set_name("w");
+  r.set_offset(offset);
+  r.set_bytes(bytes);
+  r.set_chunk_bytes(chunk);
+  for (int c = 0; c < crcs; ++c) r.add_chunk_crcs(0);
+  return r;
+}
+
+// Found writing tests/fuzz/fuzz_catalog_record.cc (which now checks it): the agent's check of a
+// version's CRC records (offset + bytes <= slot) wrapped around for offsets near 2^64, and never
+// compared the number of CRCs with the region's chunks, so a damaged record made the agent read
+// outside the slot.
+TEST(CatalogTest, CrcRecordsOutsideTheSlotOrWithTheWrongChunkCountAreRefused) {
+  EXPECT_TRUE(CheckRegionCrc(Region(4096, 10000, 4096, 3), 16384).ok());
+  EXPECT_TRUE(CheckRegionCrc(Region(16384, 0, 4096, 1), 16384).ok());  // an empty region has one CRC
+  EXPECT_EQ(CheckRegionCrc(Region(~uint64_t{0} - 4095, 8192, 4096, 2), 16384).ToString(),
+            "DataLoss: catalog CRC record of 'w': 8192 bytes at 18446744073709547520 lie outside the slot of 16384");
+  EXPECT_EQ(CheckRegionCrc(Region(0, 10, 4096, 3), 4096).ToString(),
+            "DataLoss: catalog CRC record of 'w': 3 CRCs for 10 bytes in chunks of 4096");
+  EXPECT_EQ(CheckRegionCrc(Region(0, 10, 0, 1), 4096).ToString(), "DataLoss: catalog CRC record of 'w': chunk size 0");
+  const proto::RegionCrc r = Region(4096, 10000, 4096, 3);
+  EXPECT_EQ(RegionChunk(r, 0), std::make_pair(uint64_t{4096}, uint64_t{8192}));
+  EXPECT_EQ(RegionChunk(r, 2), std::make_pair(uint64_t{12288}, uint64_t{14096}));
+}
+
+TEST(CatalogTest, RankLayoutsOutsideTheSlotAreRefused) {
+  proto::RankRecord r;
+  r.set_rank(2);
+  r.set_slot_bytes(8192);
+  proto::TensorRecord* t = r.add_tensors();
+  t->set_name("w");
+  t->set_slot_offset(4096);
+  t->set_bytes(4096);
+  proto::BlobRecord* b = r.add_blobs();
+  b->set_name("rng");
+  b->set_capacity(4088);
+  EXPECT_TRUE(CheckRankLayout(r).ok());
+  t->set_bytes(~uint64_t{0});
+  EXPECT_EQ(CheckRankLayout(r).ToString(),
+            "DataLoss: catalog record of rank 2: tensor 'w' of 18446744073709551615 bytes at 4096 lies outside the slot "
+            "of 8192");
+  t->set_bytes(4096);
+  b->set_capacity(8185);
+  EXPECT_EQ(CheckRankLayout(r).ToString(),
+            "DataLoss: catalog record of rank 2: blob 'rng' of capacity 8185 at 0 lies outside the slot of 8192");
+}
+
 }  // namespace
 }  // namespace memento

@@ -1,10 +1,12 @@
 // Fault injection with real processes: training ranks SIGKILLed during capture, between capture
 // and commit, and after commit; the agents SIGKILLed and restarted; a byte flipped in a slot;
 // 4 ranks on 2 simulated nodes. Each test proves its fault happened (exit signal, agent log).
-#include <gtest/gtest.h>
+#include <sys/stat.h>
 
 #include <cstdlib>
 #include <fstream>
+
+#include <gtest/gtest.h>
 
 #include "core/shared_memory.h"
 #include "integration/harness.h"
@@ -60,7 +62,7 @@ TEST(FaultTest, RankKilledDuringCaptureRestoresPreviousVersion) {
   EXPECT_TRUE(WIFEXITED(status[0]) && WEXITSTATUS(status[0]) == 0);
   ASSERT_TRUE(WIFSIGNALED(status[1]) && WTERMSIG(status[1]) == SIGKILL) << "the kill point did not fire";
   ExpectRestore(cluster, 2, 2);
-  EXPECT_NE(cluster.Log().find("dropping torn version 3"), std::string::npos) << cluster.Log();
+  EXPECT_TRUE(cluster.LogHas("dropping torn version 3")) << cluster.Log();
 }
 
 TEST(FaultTest, RankKilledBetweenCaptureAndCommitRestoresPreviousVersion) {
@@ -73,7 +75,7 @@ TEST(FaultTest, RankKilledBetweenCaptureAndCommitRestoresPreviousVersion) {
   ASSERT_TRUE(WIFSIGNALED(status[0]) && WTERMSIG(status[0]) == SIGKILL) << "the kill point did not fire";
   EXPECT_TRUE(WIFEXITED(status[1]) && WEXITSTATUS(status[1]) == 0);
   ExpectRestore(cluster, 2, 2);
-  EXPECT_NE(cluster.Log().find("dropping torn version 3"), std::string::npos) << cluster.Log();
+  EXPECT_TRUE(cluster.LogHas("dropping torn version 3")) << cluster.Log();
 }
 
 TEST(FaultTest, RankKilledAfterCommitRestoresThatVersion) {
@@ -95,7 +97,60 @@ TEST(FaultTest, AgentKilledAndRestartedServesBitExactRestores) {
   EXPECT_TRUE(SharedMemory::Exists(cluster.SlotName(0, 0, 0))) << "slots must survive the agent";
   cluster.Start();
   ExpectRestore(cluster, 2, 2);
-  EXPECT_NE(cluster.Log().find("2 ranks, 2 complete versions re-attached"), std::string::npos) << cluster.Log();
+  EXPECT_TRUE(cluster.LogHas("2 ranks, 2 complete versions re-attached")) << cluster.Log();
+}
+
+// The agent acknowledges a capture before its CRCs are computed. It records the acknowledgement
+// first, so an agent that dies while checksumming (here: in rank 1's CRC task of step 3, once)
+// completes the CRCs from the slot on restart instead of dropping a version its ranks were told
+// was captured.
+TEST(FaultTest, AgentKilledWhileChecksummingAnAcknowledgedCaptureKeepsIt) {
+  AgentCluster cluster(UniqueJob("crckill"), 1);
+  const std::string marker = cluster.Dir() + "/crc-killed";
+  ::setenv("MEMENTO_KILL_POINT", ("agent.crc:rank=1:step=3:once=" + marker).c_str(), 1);
+  cluster.Start();
+  ::unsetenv("MEMENTO_KILL_POINT");
+  {
+    std::vector<std::unique_ptr<Client>> clients(2);
+    std::vector<std::unique_ptr<RankState>> states(2);
+    RunRanks(2, [&](int rank) {
+      auto c = cluster.Connect(rank, 2, 0, rank);
+      ASSERT_TRUE(c.ok()) << c.status().ToString();
+      states[rank] = std::make_unique<RankState>(kTensors, kElems);
+      ASSERT_TRUE(states[rank]->Register(c->get()).ok());
+      ASSERT_TRUE((*c)->FinishRegistration().ok());
+      for (int64_t step = 1; step <= 2; ++step) {
+        states[rank]->Fill(rank, step);
+        ASSERT_TRUE((*c)->Snapshot(step).ok());
+        ASSERT_TRUE((*c)->WaitUntilSafeToUpdate().ok());
+      }
+      clients[rank] = std::move(c).value();
+    });
+    ASSERT_TRUE(WaitGloballyComplete(clients[0].get(), 2));
+    // Rank 0 captures step 3 and its CRCs are recorded; then rank 1 captures it and the agent dies
+    // computing rank 1's CRCs, after recording the acknowledgement.
+    states[0]->Fill(0, 3);
+    ASSERT_TRUE(clients[0]->Snapshot(3).ok());
+    ASSERT_TRUE(clients[0]->WaitUntilSafeToUpdate().ok());
+    bool rank0_recorded = false;
+    for (int i = 0; i < 3000 && !rank0_recorded; ++i) {
+      auto v = clients[0]->ListVersions();
+      for (const auto& x : v.ok() ? *v : std::vector<VersionInfo>{}) rank0_recorded |= x.step == 3 && x.captured_ranks == 1;
+      if (!rank0_recorded) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    ASSERT_TRUE(rank0_recorded) << "rank 0's capture of step 3 was never checksummed";
+    states[1]->Fill(1, 3);
+    ASSERT_TRUE(clients[1]->Snapshot(3).ok());
+    ASSERT_TRUE(clients[1]->WaitUntilSafeToUpdate().ok());
+    ASSERT_TRUE(cluster.WaitExit(30000)) << "the agent did not die at agent.crc:\n" << cluster.Log();
+    struct stat st {};
+    ASSERT_EQ(::stat(marker.c_str(), &st), 0) << "the kill point agent.crc did not fire";
+  }
+  cluster.Start();
+  ExpectRestore(cluster, 2, 3);
+  EXPECT_TRUE(cluster.LogHas("version 3: every local rank's capture was acknowledged before the agent stopped; "
+                             "its CRCs were completed from the slots"))
+      << cluster.Log();
 }
 
 TEST(FaultTest, FlippedByteIsDetectedAndThePreviousVersionRestored) {

@@ -124,13 +124,15 @@ int64_t FirstSharedElement(const Region& a, const Region& b, const std::vector<i
 }
 
 Status CheckShape(const std::vector<int64_t>& shape, const char* what) {
+  // The product of the non-zero dims bounds every row-major stride (Strides), also when a zero dim
+  // makes the tensor empty: [0, 2^61, 8] holds no element, but its first stride does not fit.
   int64_t numel = 1;
   for (size_t d = 0; d < shape.size(); ++d) {
     if (shape[d] < 0) {
       return InvalidArgument(std::string(what) + " " + ShapeString(shape) + " has negative dim " +
                              std::to_string(d));
     }
-    if (__builtin_mul_overflow(numel, shape[d], &numel)) {
+    if (__builtin_mul_overflow(numel, std::max<int64_t>(shape[d], 1), &numel)) {
       return InvalidArgument(std::string(what) + " " + ShapeString(shape) +
                              " has more elements than int64 can count");
     }

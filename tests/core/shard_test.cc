@@ -227,6 +227,9 @@ TEST(ShardTest, ValidateShapes) {
   ExpectInvalid(Spec({4, -1}, {}, 0), "global_shape [4,-1] has negative dim 1");
   ExpectInvalid(Spec({int64_t{1} << 40, int64_t{1} << 40}, {}, 0),
                 "global_shape [1099511627776,1099511627776] has more elements than int64 can count");
+  // Empty, but its row-major strides would overflow (found by fuzz_native_meta: UBSan, shard.cc).
+  ExpectInvalid(Spec({0, int64_t{1} << 61, 8}, {}, 0),
+                "global_shape [0,2305843009213693952,8] has more elements than int64 can count");
   ExpectInvalid(Spec({4}, {}, -1), "local_numel -1 is negative");
   ExpectInvalid(Spec({8, 4}, {}, 0, {8}), "original_shape [8] and global_shape [8,4] differ in rank");
   ExpectInvalid(Spec({8, 4}, {}, 0, {9, 4}), "original_shape [9,4] has more rows than global_shape [8,4]");

@@ -246,6 +246,8 @@ Status NodeState::Recover() {
     bool lost = false;
     for (const auto& c : v.captured()) lost |= lost_ranks.count(c.rank()) > 0;
     for (int32_t r : v.acked_ranks()) lost |= lost_ranks.count(r) > 0;
+    // A damaged record: every use of its slot index would address outside the ranks' slots.
+    lost |= v.slot_index() < 0 || v.slot_index() >= options_.slots_per_rank;
     if (v.state() == proto::VERSION_CAPTURING && !lost && ChecksumAcked(&v, local_ranks)) {
       MEMENTO_LOG(kInfo) << "version " << v.step() << ": every local rank's capture was acknowledged before the "
                          << "agent stopped; its CRCs were completed from the slots";

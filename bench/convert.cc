@@ -137,8 +137,7 @@ Status WriteSource(const ConvertFlags& f, const std::string& dir, std::vector<in
 // Writes a DeepSpeed ZeRO-2 checkpoint of tp x dp ranks (pp 1) in DeepSpeed's file structure:
 // each parameter [rows, cols] split along dim 1 over TP (a row-parallel pattern), each TP rank's
 // parameters flattened into one group, padded to a multiple of 2 x dp and cut into dp partitions.
-// param_slice_mappings entries are {'numel', 'start'} dicts (DeepSpeed pickles fragment_address
-// objects, which memento's writer does not write; the importer reads both).
+// param_slice_mappings entries are DeepSpeed's fragment_address objects (numel, start).
 Status WriteDeepSpeedSource(const ConvertFlags& f, const std::string& root, std::vector<int64_t>* shape) {
   FileSystem* fs = PosixFileSystem();
   const uint64_t per_param = std::max<uint64_t>(f.bytes / static_cast<uint64_t>(f.params) / 12, 1);
@@ -179,7 +178,7 @@ Status WriteDeepSpeedSource(const ConvertFlags& f, const std::string& root, std:
       for (int p = 0; p < f.params; ++p) {
         const int64_t a = std::max(lo, p * local), e = std::min(hi, (p + 1) * local);
         if (a >= e) continue;
-        PickleValuePtr fa = PyDict(false);
+        PickleValuePtr fa = PyDataclass("deepspeed.utils.tensor_fragment.fragment_address");
         DictSet(fa.get(), "numel", PyInt(e - a));
         DictSet(fa.get(), "start", PyInt(a - lo));
         DictSet(maps.get(), "layers." + std::to_string(p) + ".w", fa);

@@ -1,9 +1,9 @@
 // DeepSpeed import and export (converters/deepspeed.h). Import: per pipeline stage and TP rank
 // (an "mp rank"), each parameter's fragments are gathered from the DP ranks' optimizer files
 // (param_slice_mappings for ZeRO-1/2, ceil(numel / dp) pieces for ZeRO-3), the TP slices are
-// merged by the universal_checkpoint_info patterns (Python re.match: anchored at the start), and
-// the consolidated tensors go through a temporary native checkpoint (whole-tensor boxes, a few
-// parameters per "rank") into the universal writer, which CRCs and commits them.
+// merged by the universal_checkpoint_info patterns (Python re.match: anchored at the start), each
+// state read straight into its merged buffer and streamed into the universal writer
+// (UniversalSink), which CRCs and commits them. Export writes DeepSpeed's universal layout.
 #include "converters/deepspeed.h"
 
 #include <unistd.h>
@@ -100,8 +100,12 @@ Result<std::vector<int64_t>> Shape(const Doc& d) {
   const PickleValue* v = d.value();
   if (v->kind != K::kTuple && v->kind != K::kList) return d.Bad("is " + v->TypeName() + ", not a shape");
   std::vector<int64_t> s;
+  constexpr int64_t kMaxElements = int64_t{1} << 50;  // no overflow in element or byte counts
+  int64_t n = 1;
   for (const auto& x : v->items) {
     if (x->kind != K::kInt || x->i < 0) return d.Bad("is not a shape of non-negative ints");
+    if (x->i > 0 && n > kMaxElements / x->i) return d.Bad("declares more than 2^50 elements");
+    n *= std::max<int64_t>(x->i, 1);
     s.push_back(x->i);
   }
   return s;
@@ -125,8 +129,14 @@ struct PatternList {
 
   Status Compile(const std::string& file) {
     for (const std::string& t : text) {
+      if (!RegexNumbersFit(t)) {
+        return InvalidArgument(file + ": universal_checkpoint_info." + key + " pattern '" + t + "': a number of more than 9 digits");
+      }
       try {
-        re.emplace_back(t, std::regex::ECMAScript);
+        // The patterns come from the checkpoint file: matched by the automaton (libstdc++'s
+        // __polynomial), not by backtracking, which takes exponential time on "(a|aa)*c" and
+        // recurses once per character of the name. Only whether a pattern matches is used.
+        re.emplace_back(t, std::regex::ECMAScript | std::regex_constants::__polynomial);
       } catch (const std::regex_error& e) {
         return InvalidArgument(file + ": universal_checkpoint_info." + key + " pattern '" + t + "': " + e.what());
       }
@@ -134,22 +144,26 @@ struct PatternList {
     used.assign(re.size(), false);
     return Status::Ok();
   }
-  // Python re.match: anchored at the start only.
-  bool Match(const std::string& name) {
+  // Python re.match: anchored at the start only. The index of the first pattern that matches, -1.
+  int MatchIndex(const std::string& name) {
     for (size_t i = 0; i < re.size(); ++i) {
       if (std::regex_search(name, re[i], std::regex_constants::match_continuous)) {
         used[i] = true;
-        return true;
+        return static_cast<int>(i);
       }
     }
-    return false;
+    return -1;
   }
+  bool Match(const std::string& name) { return MatchIndex(name) >= 0; }
 };
 
 struct SubParams {
   PatternList patterns;
   std::vector<int64_t> sizes;  // along partition_dim
   int dim = 0;
+  // universal_checkpoint_info.sub_param_shard_widths of each pattern (same index as
+  // patterns.text): per sub-parameter, its width on each TP rank; empty when not given.
+  std::vector<std::vector<std::vector<int64_t>>> widths;
 };
 
 struct MergeRules {
@@ -162,6 +176,26 @@ struct MergeRules {
   std::vector<PatternList*> lists() { return {&vocab, &pipeline, &replicated, &average, &row, &two_sub}; }
 };
 
+// sub_param_shard_widths[pattern] (DeepSpeed's universal checkpoint version 0.4): a list, per
+// sub-parameter, of its width on each TP rank. Empty when the pattern has none.
+Result<std::vector<std::vector<int64_t>>> ShardWidths(const std::string& file, const PickleValue* all, const std::string& pattern) {
+  std::vector<std::vector<int64_t>> out;
+  const PickleValue* w = all != nullptr ? all->Get(pattern) : nullptr;
+  if (w == nullptr) return out;
+  const std::string where = file + ": universal_checkpoint_info.sub_param_shard_widths['" + pattern + "']";
+  if (w->kind != K::kList && w->kind != K::kTuple) return InvalidArgument(where + " is " + w->TypeName() + ", not a list");
+  for (const auto& sub : w->items) {
+    if (sub->kind != K::kList && sub->kind != K::kTuple) return InvalidArgument(where + " holds " + sub->TypeName() + ", not a list of widths");
+    std::vector<int64_t> per_rank;
+    for (const auto& x : sub->items) {
+      if (x->kind != K::kInt || x->i < 0) return InvalidArgument(where + " holds a width that is not a non-negative int");
+      per_rank.push_back(x->i);
+    }
+    out.push_back(std::move(per_rank));
+  }
+  return out;
+}
+
 Result<MergeRules> ParseRules(const std::string& file, const PickleValue* uci) {
   MergeRules r;
   if (uci == nullptr || uci->kind != K::kDict) return r;  // no info: every parameter concatenates on dim 0
@@ -170,8 +204,13 @@ Result<MergeRules> ParseRules(const std::string& file, const PickleValue* uci) {
     MEMENTO_RETURN_IF_ERROR(l->Compile(file));
   }
   if (const PickleValue* v = uci->Get("original_vocab_size"); v != nullptr && v->kind == K::kInt) r.original_vocab = v->i;
+  const PickleValue* widths = uci->Get("sub_param_shard_widths");
+  if (widths != nullptr && widths->kind != K::kDict) {
+    return InvalidArgument(file + ": universal_checkpoint_info.sub_param_shard_widths is " + widths->TypeName() + ", not a dict");
+  }
   if (const PickleValue* subs = uci->Get("parameter_with_sub_params"); subs != nullptr && subs->kind == K::kList) {
     for (const auto& s : subs->items) {
+      // A SubparamShape object or a dict of its fields (DeepSpeed builds SubparamShape(**d)).
       SubParams sp;
       sp.patterns.key = "parameter_with_sub_params";
       const PickleValue* pats = s->Field("patterns", 0);
@@ -191,57 +230,18 @@ Result<MergeRules> ParseRules(const std::string& file, const PickleValue* uci) {
       } else {
         sp.sizes.push_back(sizes->i);
       }
+      for (int64_t x : sp.sizes) {
+        if (x < 0) return InvalidArgument(file + ": universal_checkpoint_info.parameter_with_sub_params: a sub-parameter size of " + std::to_string(x));
+      }
+      for (const std::string& t : sp.patterns.text) {
+        MEMENTO_ASSIGN_OR_RETURN(std::vector<std::vector<int64_t>> w, ShardWidths(file, widths, t));
+        sp.widths.push_back(std::move(w));
+      }
       MEMENTO_RETURN_IF_ERROR(sp.patterns.Compile(file));
       r.sub_params.push_back(std::move(sp));
     }
   }
   return r;
-}
-
-// A row-major F32 tensor in memory.
-struct Dense {
-  std::vector<int64_t> shape;
-  std::vector<uint8_t> bytes;
-};
-
-Dense Concat(const std::vector<Dense>& parts, int dim) {
-  Dense out;
-  out.shape = parts[0].shape;
-  out.shape[static_cast<size_t>(dim)] = 0;
-  for (const Dense& p : parts) out.shape[static_cast<size_t>(dim)] += p.shape[static_cast<size_t>(dim)];
-  int64_t outer = 1, inner = 4;
-  for (int d = 0; d < dim; ++d) outer *= out.shape[static_cast<size_t>(d)];
-  for (size_t d = static_cast<size_t>(dim) + 1; d < out.shape.size(); ++d) inner *= out.shape[d];
-  out.bytes.reserve(static_cast<size_t>(NumElements(out.shape) * 4));
-  for (int64_t o = 0; o < outer; ++o) {
-    for (const Dense& p : parts) {
-      const size_t n = static_cast<size_t>(p.shape[static_cast<size_t>(dim)] * inner);
-      const uint8_t* src = p.bytes.data() + static_cast<size_t>(o) * n;
-      out.bytes.insert(out.bytes.end(), src, src + n);
-    }
-  }
-  return out;
-}
-
-std::vector<Dense> Split(const Dense& t, int dim, const std::vector<int64_t>& sizes) {
-  std::vector<Dense> out(sizes.size());
-  int64_t outer = 1, inner = 4;
-  for (int d = 0; d < dim; ++d) outer *= t.shape[static_cast<size_t>(d)];
-  for (size_t d = static_cast<size_t>(dim) + 1; d < t.shape.size(); ++d) inner *= t.shape[d];
-  for (size_t i = 0; i < sizes.size(); ++i) {
-    out[i].shape = t.shape;
-    out[i].shape[static_cast<size_t>(dim)] = sizes[i];
-  }
-  size_t pos = 0;
-  for (int64_t o = 0; o < outer; ++o) {
-    for (size_t i = 0; i < sizes.size(); ++i) {
-      const size_t n = static_cast<size_t>(sizes[i] * inner);
-      out[i].bytes.insert(out[i].bytes.end(), t.bytes.begin() + static_cast<std::ptrdiff_t>(pos),
-                          t.bytes.begin() + static_cast<std::ptrdiff_t>(pos + n));
-      pos += n;
-    }
-  }
-  return out;
 }
 
 // How the TP slices of a parameter merge, and what DeepSpeed's universal files record about it.
@@ -251,6 +251,8 @@ struct MergeKind {
   bool vocab = false;
   bool pipeline_replicated = false;
   const SubParams* sub = nullptr;
+  // kSubParams: the sub_param_shard_widths of the pattern that matched (empty when none).
+  const std::vector<std::vector<int64_t>>* widths = nullptr;
 };
 
 MergeKind Classify(MergeRules& rules, const std::string& name) {
@@ -263,10 +265,12 @@ MergeKind Classify(MergeRules& rules, const std::string& name) {
     k.kind = MergeKind::kAverage;
   } else {
     for (SubParams& s : rules.sub_params) {
-      if (s.patterns.Match(name)) {
+      const int i = s.patterns.MatchIndex(name);
+      if (i >= 0) {
         k.kind = MergeKind::kSubParams;
         k.sub = &s;
         k.dim = s.dim;
+        k.widths = &s.widths[static_cast<size_t>(i)];
         return k;
       }
     }
@@ -279,80 +283,174 @@ MergeKind Classify(MergeRules& rules, const std::string& name) {
   return k;
 }
 
-Result<Dense> Merge(const std::string& name, const MergeKind& k, std::vector<Dense> slices, int64_t original_vocab) {
-  const size_t tp = slices.size();
-  for (const Dense& s : slices) {
-    if (s.shape.size() != slices[0].shape.size()) return FailedPrecondition("parameter '" + name + "': TP slices of different ranks");
+// How the TP slices of a parameter make its merged tensor (computed from the slices' shapes, before
+// any data is read). Along `dim`, the merged tensor is the sub-parameters one after the other, each
+// the concatenation of its pieces on the TP ranks (`widths[i][r]`: sub-parameter i's width on rank
+// r; a plain split is one sub-parameter). Each rank's slice holds its pieces of every
+// sub-parameter in order.
+struct MergeLayout {
+  enum { kPieces, kFirst, kAverage } how = kPieces;
+  int dim = 0;
+  std::vector<std::vector<int64_t>> widths;  // kPieces
+  std::vector<int64_t> sub_sizes;            // kSubParams, kTwoSub: full size of each sub-parameter
+  std::vector<int64_t> full_shape;           // merged, before the vocab cut
+  std::vector<int64_t> shape;                // merged, vocabulary padding rows cut
+  int64_t kept = 0;                          // elements of `shape` (a prefix of full_shape's)
+};
+
+Result<MergeLayout> PlanMerge(const std::string& name, const MergeKind& k, const std::vector<std::vector<int64_t>>& local,
+                              int64_t original_vocab) {
+  const size_t tp = local.size();
+  const std::string what = "parameter '" + name + "'";
+  for (const std::vector<int64_t>& s : local) {
+    if (s.size() != local[0].size()) {
+      return FailedPrecondition(what + ": TP slices of shapes " + ShapeString(local[0]) + " and " + ShapeString(s) + " have different ranks");
+    }
   }
-  Dense out;
+  MergeLayout m;
+  m.full_shape = local[0];
+  bool even = false;  // sub-parameter widths taken as an even split (no sub_param_shard_widths)
+  auto same_shapes = [&](const char* why) -> Status {
+    for (const std::vector<int64_t>& s : local) {
+      if (s != local[0]) return FailedPrecondition(what + ": TP slices of shapes " + ShapeString(local[0]) + " and " + ShapeString(s) + " " + why);
+    }
+    return Status::Ok();
+  };
   switch (k.kind) {
     case MergeKind::kReplicated:
-      out = std::move(slices[0]);
+      m.how = MergeLayout::kFirst;
       break;
-    case MergeKind::kAverage: {
-      out = slices[0];
-      const size_t n = out.bytes.size() / 4;
-      std::vector<float> acc(n), x(n);
-      std::memcpy(acc.data(), out.bytes.data(), n * 4);
-      for (size_t r = 1; r < tp; ++r) {
-        std::memcpy(x.data(), slices[r].bytes.data(), n * 4);
-        for (size_t i = 0; i < n; ++i) acc[i] += x[i];
-      }
-      for (float& a : acc) a /= static_cast<float>(tp);
-      std::memcpy(out.bytes.data(), acc.data(), n * 4);
+    case MergeKind::kAverage:
+      m.how = MergeLayout::kAverage;
+      MEMENTO_RETURN_IF_ERROR(same_shapes("cannot be averaged"));
       break;
-    }
-    case MergeKind::kSubParams:
-    case MergeKind::kTwoSub: {
-      const int dim = k.kind == MergeKind::kTwoSub ? 0 : k.dim;
-      if (static_cast<size_t>(dim) >= slices[0].shape.size()) return FailedPrecondition("parameter '" + name + "': sub-parameter dim out of range");
-      std::vector<int64_t> local;
-      if (k.kind == MergeKind::kTwoSub) {
-        const int64_t rows = slices[0].shape[0];
-        if (rows % 2 != 0) return FailedPrecondition("parameter '" + name + "': TP slice of " + std::to_string(rows) + " rows does not hold 2 sub-parameters");
-        local = {rows / 2, rows / 2};
-      } else {
-        int64_t sum = 0;
-        for (int64_t s : k.sub->sizes) {
-          if (s % static_cast<int64_t>(tp) != 0) {
-            return FailedPrecondition("parameter '" + name + "': sub-parameter of " + std::to_string(s) + " rows does not split evenly over tp " +
-                                      std::to_string(tp) + " (sub_param_shard_widths not supported)");
-          }
-          local.push_back(s / static_cast<int64_t>(tp));
-          sum += s / static_cast<int64_t>(tp);
-        }
-        if (sum != slices[0].shape[static_cast<size_t>(dim)]) {
-          return FailedPrecondition("parameter '" + name + "': TP slice has " + std::to_string(slices[0].shape[static_cast<size_t>(dim)]) +
-                                    " rows on dim " + std::to_string(dim) + ", the sub-parameter shape says " + std::to_string(sum));
-        }
-      }
-      std::vector<std::vector<Dense>> per_sub(local.size());
-      for (const Dense& s : slices) {
-        std::vector<Dense> pieces = Split(s, dim, local);
-        for (size_t i = 0; i < pieces.size(); ++i) per_sub[i].push_back(std::move(pieces[i]));
-      }
-      std::vector<Dense> subs;
-      for (auto& p : per_sub) subs.push_back(Concat(p, dim));
-      out = Concat(subs, dim);
-      break;
-    }
     case MergeKind::kConcat:
-      if (static_cast<size_t>(k.dim) >= slices[0].shape.size()) {
-        if (tp == 1) {
-          out = std::move(slices[0]);
-          break;
-        }
-        return FailedPrecondition("parameter '" + name + "': cannot concatenate " + std::to_string(slices[0].shape.size()) + "-d slices on dim " + std::to_string(k.dim));
+      if (tp == 1) {
+        m.how = MergeLayout::kFirst;
+        break;
       }
-      out = tp == 1 ? std::move(slices[0]) : Concat(slices, k.dim);
+      if (static_cast<size_t>(k.dim) >= local[0].size()) {
+        return FailedPrecondition(what + ": cannot concatenate " + std::to_string(local[0].size()) + "-d slices on dim " + std::to_string(k.dim));
+      }
+      m.dim = k.dim;
+      m.widths.emplace_back();
+      for (const std::vector<int64_t>& s : local) m.widths[0].push_back(s[static_cast<size_t>(k.dim)]);
       break;
+    case MergeKind::kTwoSub:
+    case MergeKind::kSubParams: {
+      m.dim = k.kind == MergeKind::kTwoSub ? 0 : k.dim;
+      const auto d = static_cast<size_t>(m.dim);
+      if (d >= local[0].size()) return FailedPrecondition(what + ": sub-parameter dim " + std::to_string(m.dim) + " out of range of " + ShapeString(local[0]));
+      if (k.kind == MergeKind::kTwoSub) {
+        m.widths.assign(2, {});
+        for (size_t r = 0; r < tp; ++r) {
+          if (local[r][0] % 2 != 0) {
+            return FailedPrecondition(what + ": TP slice of " + std::to_string(local[r][0]) + " rows does not hold 2 sub-parameters");
+          }
+          m.widths[0].push_back(local[r][0] / 2);
+          m.widths[1].push_back(local[r][0] / 2);
+        }
+      } else if (k.widths != nullptr && !k.widths->empty()) {
+        m.widths = *k.widths;
+        if (m.widths.size() != k.sub->sizes.size()) {
+          return FailedPrecondition(what + ": sub_param_shard_widths has " + std::to_string(m.widths.size()) + " entries for " +
+                                    std::to_string(k.sub->sizes.size()) + " sub-parameters");
+        }
+        for (size_t i = 0; i < m.widths.size(); ++i) {
+          int64_t sum = 0;
+          for (int64_t w : m.widths[i]) sum += w;
+          if (m.widths[i].size() != tp || sum != k.sub->sizes[i]) {
+            return FailedPrecondition(what + ": sub_param_shard_widths of sub-parameter " + std::to_string(i) + " are " + ShapeString(m.widths[i]) +
+                                      ", not " + std::to_string(tp) + " widths adding up to its size " + std::to_string(k.sub->sizes[i]));
+          }
+        }
+      } else {
+        even = true;
+        m.widths.assign(k.sub->sizes.size(), {});
+        for (size_t i = 0; i < k.sub->sizes.size(); ++i) {
+          const int64_t s = k.sub->sizes[i];
+          if (s % static_cast<int64_t>(tp) != 0) {
+            return FailedPrecondition(what + ": sub-parameter " + std::to_string(i) + " of " + std::to_string(s) + " on dim " + std::to_string(m.dim) +
+                                      " does not split evenly over tp " + std::to_string(tp) +
+                                      ", and universal_checkpoint_info has no sub_param_shard_widths for its pattern");
+          }
+          m.widths[i].assign(tp, s / static_cast<int64_t>(tp));
+        }
+      }
+      break;
+    }
   }
-  if (k.vocab && original_vocab > 0 && !out.shape.empty() && out.shape[0] > original_vocab) {
-    const int64_t row = NumElements(out.shape) / out.shape[0] * 4;
-    out.bytes.resize(static_cast<size_t>(original_vocab * row));
-    out.shape[0] = original_vocab;
+  if (m.how == MergeLayout::kPieces) {
+    const auto d = static_cast<size_t>(m.dim);
+    int64_t merged = 0;
+    for (size_t r = 0; r < tp; ++r) {
+      int64_t held = 0;
+      for (const std::vector<int64_t>& w : m.widths) held += w[r];
+      if (held != local[r][d]) {
+        return FailedPrecondition(what + ": TP rank " + std::to_string(r) + "'s slice " + ShapeString(local[r]) + " has " +
+                                  std::to_string(local[r][d]) + " on dim " + std::to_string(m.dim) + ", its sub-parameter widths add up to " +
+                                  std::to_string(held) +
+                                  (even ? " (an even split: universal_checkpoint_info has no sub_param_shard_widths for its pattern)" : ""));
+      }
+      std::vector<int64_t> a = local[r], b = local[0];
+      a[d] = b[d] = 0;
+      if (a != b) return FailedPrecondition(what + ": TP slices of shapes " + ShapeString(local[0]) + " and " + ShapeString(local[r]) + " differ outside dim " + std::to_string(m.dim));
+    }
+    for (const std::vector<int64_t>& w : m.widths) {
+      int64_t size = 0;
+      for (int64_t x : w) size += x;
+      if (k.kind == MergeKind::kSubParams || k.kind == MergeKind::kTwoSub) m.sub_sizes.push_back(size);
+      merged += size;
+    }
+    m.full_shape[d] = merged;
   }
-  return out;
+  m.shape = m.full_shape;
+  if (k.vocab && original_vocab > 0 && !m.shape.empty() && m.shape[0] > original_vocab) m.shape[0] = original_vocab;
+  m.kept = NumElements(m.shape);
+  return m;
+}
+
+// Elements [from, from + n) of a TP rank's slice go to elements [to, to + n) of the merged tensor.
+struct SliceRun {
+  int64_t from, n, to;
+};
+
+// Per TP rank, the runs that carry its slice into the merged tensor (vocab rows cut), in slice
+// order; empty for a rank that is not read. kAverage: every rank's whole slice, element for element.
+std::vector<std::vector<SliceRun>> PlanRuns(const MergeLayout& m, const std::vector<std::vector<int64_t>>& local) {
+  std::vector<std::vector<SliceRun>> runs(local.size());
+  auto add = [&](std::vector<SliceRun>* out, int64_t from, int64_t n, int64_t to) {
+    n = std::min(n, m.kept - to);  // vocab: the rows from original_vocab_size on are cut
+    if (n <= 0) return;
+    if (!out->empty() && out->back().from + out->back().n == from && out->back().to + out->back().n == to) {
+      out->back().n += n;
+      return;
+    }
+    out->push_back({from, n, to});
+  };
+  if (m.how != MergeLayout::kPieces) {
+    for (size_t r = 0; r < (m.how == MergeLayout::kFirst ? 1 : local.size()); ++r) add(&runs[r], 0, NumElements(local[r]), 0);
+    return runs;
+  }
+  const auto d = static_cast<size_t>(m.dim);
+  int64_t outer = 1, inner = 1;
+  for (size_t i = 0; i < d; ++i) outer *= m.full_shape[i];
+  for (size_t i = d + 1; i < m.full_shape.size(); ++i) inner *= m.full_shape[i];
+  const int64_t merged = m.full_shape[d];
+  for (size_t r = 0; r < local.size(); ++r) {
+    const int64_t width = local[r][d];
+    for (int64_t o = 0; o < outer; ++o) {
+      int64_t in_slice = 0, sub_start = 0;
+      for (const std::vector<int64_t>& w : m.widths) {
+        int64_t before = 0;  // this sub-parameter's rows on the ranks before r
+        for (size_t q = 0; q < r; ++q) before += w[q];
+        add(&runs[r], (o * width + in_slice) * inner, w[r] * inner, (o * merged + sub_start + before) * inner);
+        in_slice += w[r];
+        for (int64_t x : w) sub_start += x;
+      }
+    }
+  }
+  return runs;
 }
 
 // A flat fp32 sequence held by one or more 1-d tensors of one file (sub-groups), read by range.
@@ -372,10 +470,12 @@ struct FlatSeq {
     for (const auto& p : parts) n += p.size[0];
     return n;
   }
-  // Appends elements [start, start + n) to `out`.
-  Status Read(int64_t start, int64_t n, std::vector<uint8_t>* out, const std::string& what) const {
-    if (start < 0 || n < 0 || start + n > numel()) {
-      return DataLoss(file->path() + ": " + what + ": elements " + std::to_string(start) + ".." + std::to_string(start + n) +
+  // Whether elements [start, start + n) lie inside.
+  bool Holds(int64_t start, int64_t n) const { return start >= 0 && n >= 0 && start <= numel() && n <= numel() - start; }
+  // Elements [start, start + n) into `dst` (n x 4 bytes).
+  Status ReadInto(int64_t start, int64_t n, uint8_t* dst, const std::string& what) const {
+    if (!Holds(start, n)) {
+      return DataLoss(file->path() + ": " + what + ": " + std::to_string(n) + " elements from " + std::to_string(start) +
                       " outside the flat partition of " + std::to_string(numel()));
     }
     for (const TorchTensorRef& p : parts) {
@@ -388,9 +488,8 @@ struct FlatSeq {
       const int64_t take = std::min(n, p.size[0] - start);
       sub.storage_offset += start;
       sub.size = {take};
-      const size_t at = out->size();
-      out->resize(at + static_cast<size_t>(take) * 4);
-      MEMENTO_RETURN_IF_ERROR(file->ReadTensorInto(sub, out->data() + at));
+      MEMENTO_RETURN_IF_ERROR(file->ReadTensorInto(sub, dst));
+      dst += take * 4;
       n -= take;
       start = 0;
     }
@@ -483,36 +582,49 @@ Result<OptimFile> OpenOptim(FileSystem* fs, const std::string& path, int stage) 
   return o;
 }
 
-// The plain (writable) part of a value: tensors, objects and globals dropped.
-PickleValuePtr PlainCopy(const PickleValue& v, int depth) {
+// The plain (writable) part of a value: tensors, objects and globals dropped. A container the value
+// shares (a pickle's memo can share one 2^n times through n levels) is copied once per depth and
+// stays shared in the copy, which PickleForTorch writes once.
+PickleValuePtr PlainCopy(const PickleValue& v, int depth, std::map<std::pair<const PickleValue*, int>, PickleValuePtr>* copies) {
   if (depth > 32) return nullptr;
+  if (auto it = copies->find({&v, depth}); it != copies->end()) return it->second;
+  PickleValuePtr c;
   switch (v.kind) {
-    case K::kNone: case K::kBool: case K::kInt: case K::kFloat: case K::kString: {
-      auto c = std::make_shared<PickleValue>(v);
-      return c;
-    }
+    case K::kNone: case K::kBool: case K::kInt: case K::kFloat: case K::kString:
+      c = std::make_shared<PickleValue>(v);
+      break;
     case K::kList: case K::kTuple: {
-      auto c = v.kind == K::kList ? PyList() : PyTuple();
+      c = v.kind == K::kList ? PyList() : PyTuple();
       for (const auto& x : v.items) {
-        PickleValuePtr y = PlainCopy(*x, depth + 1);
-        if (y == nullptr) return nullptr;
+        PickleValuePtr y = PlainCopy(*x, depth + 1, copies);
+        if (y == nullptr) {
+          c = nullptr;
+          break;
+        }
         c->items.push_back(std::move(y));
       }
-      return c;
+      break;
     }
     case K::kDict: {
-      auto c = PyDict(v.ordered);
+      c = PyDict(v.ordered);
       for (const auto& [k, x] : v.entries) {
         if (k->kind != K::kString && k->kind != K::kInt) continue;
-        PickleValuePtr y = PlainCopy(*x, depth + 1);
+        PickleValuePtr y = PlainCopy(*x, depth + 1, copies);
         if (y == nullptr) continue;
         c->entries.emplace_back(std::make_shared<PickleValue>(*k), std::move(y));
       }
-      return c;
+      break;
     }
     default:
-      return nullptr;
+      break;
   }
+  (*copies)[{&v, depth}] = c;
+  return c;
+}
+
+PickleValuePtr PlainCopy(const PickleValue& v, int depth) {
+  std::map<std::pair<const PickleValue*, int>, PickleValuePtr> copies;
+  return PlainCopy(v, depth, &copies);
 }
 
 struct Discovered {
@@ -583,11 +695,22 @@ Result<Discovered> Discover(FileSystem* fs, const std::string& dir, const DeepSp
   return d;
 }
 
-// One consolidated parameter, ready for the native writer.
-struct Consolidated {
-  std::string name;
-  Dense states[3];
-  double step = 0;
+// A byte buffer that keeps its memory from one use to the next and is never zero-filled.
+class Buffer {
+ public:
+  uint8_t* Reserve(size_t n) {
+    if (n > capacity_) {
+      data_.reset();  // the old memory goes before the new is taken
+      data_.reset(new uint8_t[n]);
+      capacity_ = n;
+    }
+    return data_.get();
+  }
+  uint8_t* data() { return data_.get(); }
+
+ private:
+  std::unique_ptr<uint8_t[]> data_;
+  size_t capacity_ = 0;
 };
 
 Result<std::string> ReadWholeFile(FileSystem* fs, const std::string& path) { return ReadFileToString(fs, path); }
@@ -741,12 +864,20 @@ Result<DeepSpeedImportSummary> Import(FileSystem* fs, const std::string& ds_dir,
           optim[static_cast<size_t>(r)].push_back(std::move(o));
         }
       }
-      // Plan in parameter order (patterns, pipeline-replicated copies, ZeRO-3 offsets); then the
-      // next parameter is read and merged on a second thread while this one is staged.
+      // Plan in parameter order (patterns, pipeline-replicated copies, merge layouts, where each
+      // TP slice lies in the DP ranks' flat partitions). Then each state of each parameter is
+      // gathered straight into its merged buffer on a second thread while the one before is written:
+      // two merged states and one TP slice in memory at most.
+      struct DpPiece {
+        int64_t begin, n;  // elements of the TP slice
+        int dp;            // the DP rank whose flat partition holds them
+        int64_t start;     // from this element of that partition
+      };
       struct Job {
         const Param* p;
         MergeKind kind;
-        std::vector<int64_t> z3;  // ZeRO-3: the parameter's offset in each TP rank's flat partitions
+        MergeLayout layout;
+        std::vector<std::vector<DpPiece>> pieces;  // per TP rank, in slice order
       };
       std::vector<Job> jobs;
       std::vector<int64_t> zero3_offset(static_cast<size_t>(disc.tp), 0);
@@ -769,104 +900,175 @@ Result<DeepSpeedImportSummary> Import(FileSystem* fs, const std::string& ds_dir,
           continue;  // the first stage's copy is kept
         }
         seen_stage[p.name] = pp;
-        jobs.push_back({&p, kind, zero3_offset});
+        Job job{&p, kind, {}, std::vector<std::vector<DpPiece>>(static_cast<size_t>(disc.tp))};
+        MEMENTO_ASSIGN_OR_RETURN(job.layout, PlanMerge(p.name, kind, p.local_shapes, rules.original_vocab));
+        for (int r = 0; r < disc.tp; ++r) {
+          const int64_t numel = NumElements(p.local_shapes[static_cast<size_t>(r)]);
+          auto& frags = job.pieces[static_cast<size_t>(r)];
+          int64_t held = 0;
+          if (stage == 3) {
+            const int64_t ps = (numel + disc.dp - 1) / disc.dp;
+            for (int d = 0; d < disc.dp; ++d) {
+              const int64_t n = std::min(ps, numel - held);
+              if (n > 0) frags.push_back({held, n, d, zero3_offset[static_cast<size_t>(r)]});
+              held += std::max<int64_t>(n, 0);
+            }
+          } else {
+            for (int d = 0; d < disc.dp; ++d) {
+              const OptimFile& o = optim[static_cast<size_t>(r)][static_cast<size_t>(d)];
+              if (p.group >= o.groups.size()) return InvalidArgument(o.file->path() + ": no parameter group " + std::to_string(p.group));
+              const PickleValue* frag = o.mappings[p.group]->Get(p.name);
+              if (frag == nullptr) continue;
+              const PickleValue* n = frag->Field("numel", 0);
+              const PickleValue* st = frag->Field("start", 1);
+              if (n == nullptr || st == nullptr || n->kind != K::kInt || st->kind != K::kInt || n->i < 0) {
+                return InvalidArgument(o.file->path() + ": param_slice_mappings['" + p.name + "'] is " + frag->TypeName() + ", not a fragment_address");
+              }
+              frags.push_back({held, n->i, d, st->i});
+              held += n->i;
+            }
+          }
+          if (held != numel) {
+            return FailedPrecondition("parameter '" + p.name + "' of mp rank " + std::to_string(pp * disc.tp + r) + ": the DP fragments hold " +
+                                      std::to_string(held) + " of " + std::to_string(numel) + " elements");
+          }
+          // Every piece inside its flat partition of every state: what is read (and allocated) is
+          // bounded by the files' real data, whatever the shapes and mappings declare.
+          for (const DpPiece& f : frags) {
+            const OptimFile& o = optim[static_cast<size_t>(r)][static_cast<size_t>(f.dp)];
+            for (int st = 0; st < 3; ++st) {
+              const FlatSeq& seq = stage == 3 ? o.flat[st] : o.groups[p.group][static_cast<size_t>(st)];
+              if (!seq.Holds(f.start, f.n)) {
+                return DataLoss(o.file->path() + ": parameter '" + p.name + "' " + kStates[st] + ": " + std::to_string(f.n) + " elements from " +
+                                std::to_string(f.start) + " outside the flat partition of " + std::to_string(seq.numel()));
+              }
+            }
+          }
+        }
+        jobs.push_back(std::move(job));
         advance(p);
       }
-      // Reads only the optimizer files (pread) and `rules.original_vocab`; one call at a time.
-      auto gather = [&](const Job& job) -> Result<Consolidated> {
+      // Elements [from, from + n) of TP rank r's slice of state s into `dst`, from the DP ranks'
+      // flat partitions. The gather thread's only reads (pread of the optimizer files).
+      auto read_slice = [&](const Job& job, int r, int s, int64_t from, int64_t n, uint8_t* dst) -> Status {
+        const std::string what = "parameter '" + job.p->name + "' " + kStates[s];
+        for (const DpPiece& f : job.pieces[static_cast<size_t>(r)]) {
+          const int64_t a = std::max(from, f.begin), b = std::min(from + n, f.begin + f.n);
+          if (a >= b) continue;
+          const OptimFile& o = optim[static_cast<size_t>(r)][static_cast<size_t>(f.dp)];
+          const FlatSeq& seq = stage == 3 ? o.flat[s] : o.groups[job.p->group][static_cast<size_t>(s)];
+          MEMENTO_RETURN_IF_ERROR(seq.ReadInto(f.start + (a - f.begin), b - a, dst + (a - from) * 4, what));
+        }
+        return Status::Ok();
+      };
+      // A few runs (dim-0 splits, sub-parameters on dim 0) are read straight into the merged
+      // buffer; many (a split on dim 1 has one per row) through the slice buffer.
+      constexpr size_t kDirectRuns = 64;
+      Buffer slice;                                 // the gather thread's
+      std::vector<std::vector<SliceRun>> runs;      // the gather thread's: the current parameter's
+      // Gathers state s of jobs[j] into `out` (its merged, vocab-cut elements).
+      auto gather = [&](size_t j, int s, Buffer* out) -> Status {
+        const Job& job = jobs[j];
+        if (s == 0) runs = PlanRuns(job.layout, job.p->local_shapes);
+        uint8_t* dst = out->Reserve(static_cast<size_t>(job.layout.kept) * 4);
+        for (int r = 0; r < disc.tp; ++r) {
+          const std::vector<SliceRun>& rr = runs[static_cast<size_t>(r)];
+          if (rr.empty()) continue;
+          const bool add = job.layout.how == MergeLayout::kAverage && r > 0;
+          if (!add && rr.size() <= kDirectRuns) {
+            for (const SliceRun& x : rr) MEMENTO_RETURN_IF_ERROR(read_slice(job, r, s, x.from, x.n, dst + x.to * 4));
+            continue;
+          }
+          const int64_t first = rr.front().from, span = rr.back().from + rr.back().n - first;
+          uint8_t* buf = slice.Reserve(static_cast<size_t>(span) * 4);
+          MEMENTO_RETURN_IF_ERROR(read_slice(job, r, s, first, span, buf));
+          for (const SliceRun& x : rr) {
+            const uint8_t* src = buf + (x.from - first) * 4;
+            if (!add) {
+              std::memcpy(dst + x.to * 4, src, static_cast<size_t>(x.n) * 4);
+              continue;
+            }
+            for (int64_t i = 0; i < x.n; ++i) {
+              float acc, v;
+              std::memcpy(&acc, dst + (x.to + i) * 4, 4);
+              std::memcpy(&v, src + i * 4, 4);
+              acc += v;
+              std::memcpy(dst + (x.to + i) * 4, &acc, 4);
+            }
+          }
+        }
+        if (job.layout.how == MergeLayout::kAverage) {
+          const auto tp = static_cast<float>(disc.tp);
+          for (int64_t i = 0; i < job.layout.kept; ++i) {
+            float acc;
+            std::memcpy(&acc, dst + i * 4, 4);
+            acc /= tp;
+            std::memcpy(dst + i * 4, &acc, 4);
+          }
+        }
+        return Status::Ok();
+      };
+      Buffer merged[2];
+      const size_t items = jobs.size() * 3;
+      std::future<Status> next;
+      if (items > 0) next = std::async(std::launch::async, gather, 0, 0, &merged[0]);
+      for (size_t k = 0; k < items; ++k) {
+        Status got = next.get();
+        if (k + 1 < items) next = std::async(std::launch::async, gather, (k + 1) / 3, static_cast<int>((k + 1) % 3), &merged[(k + 1) % 2]);
+        if (!got.ok()) return got;  // `next` waits for its gather on the way out
+        const Job& job = jobs[k / 3];
         const Param& p = *job.p;
         const MergeKind& kind = job.kind;
-        Consolidated c;
-        c.name = p.name;
-        for (int s = 0; s < 3; ++s) {
-          std::vector<Dense> slices;
-          for (int r = 0; r < disc.tp; ++r) {
-            Dense local;
-            local.shape = p.local_shapes[static_cast<size_t>(r)];
-            const int64_t numel = NumElements(local.shape);
-            local.bytes.reserve(static_cast<size_t>(numel) * 4);
-            auto& files = optim[static_cast<size_t>(r)];
-            const std::string what = "parameter '" + p.name + "' " + kStates[s];
-            if (stage == 3) {
-              const int64_t ps = (numel + disc.dp - 1) / disc.dp;
-              for (int d = 0; d < disc.dp; ++d) {
-                MEMENTO_RETURN_IF_ERROR(files[static_cast<size_t>(d)].flat[s].Read(job.z3[static_cast<size_t>(r)], ps, &local.bytes, what));
+        const int s = static_cast<int>(k % 3);
+        if (s == 0) {
+          PickleValuePtr pi = PyDict(false);
+          switch (kind.kind) {
+            case MergeKind::kSubParams: {
+              // DeepSpeed's SubparamShape fields: the patterns, the shape with the sub-parameters'
+              // sizes at partition_dim, partition_dim. Export writes it as a SubparamShape.
+              PickleValuePtr sp = PyDict(false);
+              std::vector<PickleValuePtr> sizes, shape, patterns;
+              for (int64_t x : job.layout.sub_sizes) sizes.push_back(PyInt(x));
+              for (size_t d = 0; d < job.layout.full_shape.size(); ++d) {
+                shape.push_back(static_cast<int>(d) == kind.dim ? PyTuple(sizes) : PyInt(job.layout.full_shape[d]));
               }
-              local.bytes.resize(static_cast<size_t>(numel) * 4);
-            } else {
-              for (int d = 0; d < disc.dp; ++d) {
-                OptimFile& o = files[static_cast<size_t>(d)];
-                if (p.group >= o.groups.size()) return InvalidArgument(o.file->path() + ": no parameter group " + std::to_string(p.group));
-                const PickleValue* frag = o.mappings[p.group]->Get(p.name);
-                if (frag == nullptr) continue;
-                const PickleValue* n = frag->Field("numel", 0);
-                const PickleValue* st = frag->Field("start", 1);
-                if (n == nullptr || st == nullptr || n->kind != K::kInt || st->kind != K::kInt) {
-                  return InvalidArgument(o.file->path() + ": param_slice_mappings['" + p.name + "'] is " + frag->TypeName() + ", not a fragment_address");
-                }
-                MEMENTO_RETURN_IF_ERROR(o.groups[p.group][static_cast<size_t>(s)].Read(st->i, n->i, &local.bytes, what));
-              }
+              for (const std::string& t : kind.sub->patterns.text) patterns.push_back(PyStr(t));
+              DictSet(sp.get(), "patterns", PyList(patterns));
+              DictSet(sp.get(), "shape", PyTuple(shape));
+              DictSet(sp.get(), "partition_dim", PyInt(kind.dim));
+              DictSet(pi.get(), "sub_param_shape", sp);
+              break;
             }
-            if (local.bytes.size() != static_cast<size_t>(numel) * 4) {
-              return FailedPrecondition("parameter '" + p.name + "' of mp rank " + std::to_string(pp * disc.tp + r) + ": the DP fragments hold " +
-                                        std::to_string(local.bytes.size() / 4) + " of " + std::to_string(numel) + " elements");
-            }
-            slices.push_back(std::move(local));
+            case MergeKind::kTwoSub:
+              DictSet(pi.get(), "param_n_sub_params", PyInt(2));
+              DictSet(pi.get(), "cat_dim", PyInt(0));
+              break;
+            case MergeKind::kReplicated:
+            case MergeKind::kAverage:
+              break;
+            case MergeKind::kConcat:
+              DictSet(pi.get(), "cat_dim", PyInt(kind.dim));
+              break;
           }
-          MEMENTO_ASSIGN_OR_RETURN(c.states[s], Merge(p.name, kind, std::move(slices), rules.original_vocab));
-        }
-        c.step = optim[0][0].step;
-        return c;
-      };
-      std::future<Result<Consolidated>> next;
-      if (!jobs.empty()) next = std::async(std::launch::async, gather, std::cref(jobs[0]));
-      for (size_t ji = 0; ji < jobs.size(); ++ji) {
-        Result<Consolidated> got = next.get();
-        if (ji + 1 < jobs.size()) next = std::async(std::launch::async, gather, std::cref(jobs[ji + 1]));
-        if (!got.ok()) return got.status();  // `next` waits for its gather on the way out
-        Consolidated c = std::move(got).value();
-        const Param& p = *jobs[ji].p;
-        const MergeKind& kind = jobs[ji].kind;
-        PickleValuePtr pi = PyDict(false);
-        switch (kind.kind) {
-          case MergeKind::kSubParams: {
-            PickleValuePtr sp = PyDict(false);
-            std::vector<PickleValuePtr> sizes;
-            for (int64_t x : kind.sub->sizes) sizes.push_back(PyInt(x));
-            std::vector<PickleValuePtr> shape{PyTuple(sizes)};
-            for (size_t d = 1; d < c.states[0].shape.size(); ++d) shape.push_back(PyInt(c.states[0].shape[d]));
-            DictSet(sp.get(), "patterns", PyList({PyStr(p.name)}));
-            DictSet(sp.get(), "shape", PyTuple(shape));
-            DictSet(sp.get(), "partition_dim", PyInt(kind.dim));
-            DictSet(pi.get(), "sub_param_shape", sp);
-            break;
+          if (kind.vocab) DictSet(pi.get(), "vocab_tensor", PyBool(true));
+          DictSet(param_info.get(), p.name, pi);
+          ++sum.params;
+          std::vector<UniversalSink::StateInfo> states;
+          for (int st = 0; st < 3; ++st) {
+            states.push_back({kStates[st], st == 0 ? p.name : p.name + "." + kStates[st], DType::kF32, job.layout.shape});
           }
-          case MergeKind::kTwoSub:
-            DictSet(pi.get(), "param_n_sub_params", PyInt(2));
-            DictSet(pi.get(), "cat_dim", PyInt(0));
-            break;
-          case MergeKind::kReplicated:
-          case MergeKind::kAverage:
-            break;
-          case MergeKind::kConcat:
-            DictSet(pi.get(), "cat_dim", PyInt(kind.dim));
-            break;
+          states.push_back({"step", p.name + ".step", DType::kF32, {1}});
+          MEMENTO_RETURN_IF_ERROR(sink.BeginParam(p.name, std::move(states), SourceLayout(kind, disc.tp, disc.pp, disc.dp, stage)));
         }
-        if (kind.vocab) DictSet(pi.get(), "vocab_tensor", PyBool(true));
-        DictSet(param_info.get(), p.name, pi);
-        ++sum.params;
-        const float step32 = static_cast<float>(c.step);
-        std::vector<uint8_t> step_bytes(4);
-        std::memcpy(step_bytes.data(), &step32, 4);
-        std::vector<UniversalSink::State> states;
-        for (int st = 0; st < 3; ++st) {
-          progress_done += c.states[st].bytes.size();
-          states.push_back({kStates[st], st == 0 ? c.name : c.name + "." + kStates[st], DType::kF32, c.states[st].shape,
-                            std::move(c.states[st].bytes)});
+        const size_t bytes = static_cast<size_t>(job.layout.kept) * 4;
+        MEMENTO_RETURN_IF_ERROR(sink.AppendState(merged[k % 2].data(), bytes));
+        progress_done += bytes;
+        if (s == 2) {
+          const auto step32 = static_cast<float>(optim[0][0].step);
+          MEMENTO_RETURN_IF_ERROR(sink.AppendState(&step32, 4));
+          MEMENTO_RETURN_IF_ERROR(sink.EndParam());
+          if (options.convert.progress) options.convert.progress(std::min(progress_done, progress_total), progress_total);
         }
-        states.push_back({"step", c.name + ".step", DType::kF32, {1}, std::move(step_bytes)});
-        MEMENTO_RETURN_IF_ERROR(sink.AddParam(c.name, std::move(states), SourceLayout(kind, disc.tp, disc.pp, disc.dp, stage)));
-        if (options.convert.progress) options.convert.progress(std::min(progress_done, progress_total), progress_total);
       }
     }
     DictSet(info.get(), "params", param_info);
@@ -911,6 +1113,31 @@ void CopyEntries(const PickleValue* from, PickleValue* to) {
   for (const auto& [k, v] : from->entries) {
     if (PickleValuePtr c = PlainCopy(*v, 0); c != nullptr && k->kind == K::kString) DictSet(to, k->s, c);
   }
+}
+
+// The class DeepSpeed's ds_to_universal.py stores under 'sub_param_shape' (defined in
+// deepspeed/checkpoint/universal_checkpoint.py; load_hp_checkpoint_state reads its attributes).
+constexpr const char* kSubparamShapeClass = "deepspeed.checkpoint.universal_checkpoint.SubparamShape";
+
+// A parameter's merge rule as DeepSpeed's universal files hold it: its plain entries, with
+// 'sub_param_shape' (kept by the import as a dict of the fields) as a SubparamShape object.
+Status ExportMergeRule(const std::string& where, const PickleValue& rule, PickleValue* to) {
+  CopyEntries(&rule, to);
+  const PickleValue* sp = rule.Get("sub_param_shape");
+  if (sp == nullptr) return Status::Ok();
+  PickleValuePtr obj = PyDataclass(kSubparamShapeClass);
+  static const char* kFields[] = {"patterns", "shape", "partition_dim"};
+  for (size_t i = 0; i < 3; ++i) {
+    const PickleValue* f = sp->Field(kFields[i], i);
+    PickleValuePtr c = f != nullptr ? PlainCopy(*f, 0) : nullptr;
+    if (c == nullptr) return InvalidArgument(where + ": sub_param_shape has no plain field '" + kFields[i] + "'");
+    DictSet(obj.get(), kFields[i], c);
+  }
+  for (auto& [k, v] : to->entries) {
+    if (k->kind == K::kString && k->s == "sub_param_shape") v = obj;
+  }
+  if (to->Get("sub_param_shape") == nullptr) DictSet(to, "sub_param_shape", obj);
+  return Status::Ok();
 }
 
 Result<DeepSpeedExportSummary> Export(FileSystem* fs, const std::string& ucp_dir, const std::string& out_dir, const std::string& tmp) {
@@ -964,7 +1191,7 @@ Result<DeepSpeedExportSummary> Export(FileSystem* fs, const std::string& ucp_dir
       PickleValuePtr top = PyDict(false);
       DictSet(top.get(), "param", v);
       if (pi != nullptr) {
-        CopyEntries(pi, top.get());
+        MEMENTO_RETURN_IF_ERROR(ExportMergeRule(ucp_dir + ": blob '" + kInfoBlob + "', parameter '" + name + "'", *pi, top.get()));
       } else {
         DictSet(top.get(), "cat_dim", PyInt(0));
       }

@@ -48,8 +48,10 @@ struct DeepSpeedImportSummary {
 // The per-parameter merge rules, the model-states files and the optimizer's global state are
 // kept as blobs of rank 0 ("deepspeed/...") for ExportDeepSpeedUniversal. Errors name the file
 // and parameter: NotFound for missing files, InvalidArgument for files that are not DeepSpeed's
-// (or hostile pickles), FailedPrecondition when fragments do not cover a parameter. Nothing is
-// left at `out_dir` on error. Memory: about 4 x the largest parameter (its TP slices and merge).
+// (or hostile pickles), FailedPrecondition when fragments do not cover a parameter or the TP slices'
+// shapes do not fit its merge rule (sub-parameter widths: sub_param_shard_widths, else an even
+// split). Nothing is left at `out_dir` on error. Memory: two merged parameter states and one TP
+// slice (each state is gathered straight into its merged buffer while the one before is written).
 Result<DeepSpeedImportSummary> ImportDeepSpeed(FileSystem* fs, const std::string& ds_dir, const std::string& out_dir,
                                                const DeepSpeedImportOptions& options = {});
 
@@ -65,8 +67,10 @@ struct DeepSpeedExportSummary {
 // (the folder name). Per parameter zero/<param>/fp32.pt, exp_avg.pt, exp_avg_sq.pt hold
 // {'param': tensor, 'cat_dim' | 'param_n_sub_params' | 'sub_param_shape', 'vocab_tensor'} (merge
 // rules from an imported DeepSpeed checkpoint; 'cat_dim': 0 otherwise) and step.pt the step (a
-// 0-dim tensor); mp_rank_XX_model_states.pt are copied when the source kept them. Every file is
-// loadable by torch.load(weights_only=True).
+// 0-dim tensor); mp_rank_XX_model_states.pt are copied when the source kept them. 'sub_param_shape'
+// is DeepSpeed's deepspeed.checkpoint.universal_checkpoint.SubparamShape object, as
+// ds_to_universal.py writes it: those files need torch.load(weights_only=False) (as DeepSpeed's
+// loader calls it); every other file is loadable by torch.load(weights_only=True).
 Result<DeepSpeedExportSummary> ExportDeepSpeedUniversal(FileSystem* fs, const std::string& ucp_dir,
                                                         const std::string& out_dir);
 

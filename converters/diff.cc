@@ -10,6 +10,9 @@
 #include "converters/safetensors_export.h"
 #include "converters/torch_zip.h"
 #include "core/dtype.h"
+#include "core/shard.h"
+#include "proto/shard_convert.h"
+#include "ucp_format/native_checkpoint.h"
 #include "ucp_format/safetensors.h"
 #include "ucp_format/universal.h"
 
@@ -26,11 +29,98 @@ struct Entry {
   std::function<Result<std::vector<uint8_t>>()> read;
 };
 
+// The tensors of a committed native checkpoint, by their names in it (with the default state
+// naming, "<param>" and "<param>.<state>": the names of its universal form), at their logical
+// shapes (vocab padding cut), each consolidated from every rank's pieces by box intersection
+// (LoadRankResharded onto one rank that holds whole tensors), every byte CRC-checked. Reads come
+// in name order (DiffCheckpoints' order), so they are batched: one load fills the next tensors of
+// up to kBatchBytes (a larger tensor alone) into one buffer, kept until a tensor outside it is read.
+class NativeTensors {
+ public:
+  struct Info {
+    DType dtype = DType::kInvalid;
+    std::vector<int64_t> shape;  // logical
+  };
+  static constexpr uint64_t kBatchBytes = uint64_t{256} << 20;
+
+  // Reads the manifest and every rank's metadata; FailedPrecondition (naming `dir` and the tensor)
+  // when a tensor's layout metadata is partial, as `memento convert` would without a pattern spec.
+  static Result<std::shared_ptr<NativeTensors>> Open(FileSystem* fs, const std::string& dir) {
+    auto n = std::make_shared<NativeTensors>();
+    n->fs_ = fs;
+    n->dir_ = dir;
+    MEMENTO_ASSIGN_OR_RETURN(proto::Manifest m, ReadManifest(fs, dir));
+    for (const proto::ManifestRank& r : m.ranks()) {
+      MEMENTO_ASSIGN_OR_RETURN(proto::RankMetadata meta, ReadRankMetadata(fs, dir, m, r.rank()));
+      for (const proto::PersistedTensor& t : meta.tensors()) {
+        MEMENTO_ASSIGN_OR_RETURN(DType dtype, DTypeFromInt(t.dtype()));
+        const auto& spec = t.spec();
+        std::vector<int64_t> shape(spec.original_shape().begin(), spec.original_shape().end());
+        if (shape.empty()) shape.assign(spec.global_shape().begin(), spec.global_shape().end());
+        n->tensors_.emplace(t.name(), Info{dtype, std::move(shape)});
+      }
+    }
+    // Loading nothing checks that every tensor's metadata is complete.
+    proto::RankRecord none;
+    Status st = LoadRankResharded(fs, dir, none, nullptr);
+    if (!st.ok()) return st.WithContext(dir + " (a native checkpoint)");
+    return n;
+  }
+
+  const std::map<std::string, Info>& tensors() const { return tensors_; }
+
+  Result<std::vector<uint8_t>> Read(const std::string& name) {
+    auto at = batch_.find(name);
+    if (at == batch_.end()) {
+      MEMENTO_RETURN_IF_ERROR(LoadBatch(name));
+      at = batch_.find(name);
+    }
+    const uint8_t* p = slot_.data() + at->second.first;
+    return std::vector<uint8_t>(p, p + at->second.second);
+  }
+
+ private:
+  // Loads `first` and the tensors after it in name order, up to kBatchBytes, into slot_.
+  Status LoadBatch(const std::string& first) {
+    batch_.clear();
+    slot_.clear();
+    proto::RankRecord layout;
+    layout.set_rank(0);
+    layout.set_world_size(1);
+    uint64_t offset = 0;
+    for (auto it = tensors_.find(first); it != tensors_.end(); ++it) {
+      const uint64_t bytes = static_cast<uint64_t>(NumElements(it->second.shape)) * DTypeSize(it->second.dtype);
+      if (layout.tensors_size() > 0 && offset + bytes > kBatchBytes) break;
+      proto::TensorRecord* t = layout.add_tensors();
+      t->set_name(it->first);
+      t->set_dtype(static_cast<int32_t>(it->second.dtype));
+      ToProto(WholeTensor(it->second.shape), t->mutable_spec());
+      t->set_slot_offset(offset);
+      t->set_bytes(bytes);
+      offset += (bytes + 63) / 64 * 64;
+    }
+    if (layout.tensors_size() == 0) return NotFound(dir_ + ": no tensor '" + first + "'");
+    layout.set_slot_bytes(offset);
+    slot_.shrink_to_fit();
+    slot_.resize(static_cast<size_t>(offset));
+    MEMENTO_RETURN_IF_ERROR(LoadRankResharded(fs_, dir_, layout, slot_.data()));
+    for (const proto::TensorRecord& t : layout.tensors()) batch_[t.name()] = {t.slot_offset(), t.bytes()};
+    return Status::Ok();
+  }
+
+  FileSystem* fs_ = nullptr;
+  std::string dir_;
+  std::map<std::string, Info> tensors_;
+  std::vector<uint8_t> slot_;                                   // the loaded batch
+  std::map<std::string, std::pair<uint64_t, uint64_t>> batch_;  // its tensors: offset, bytes
+};
+
 // The open files behind a tensor set (kept alive while its readers run).
 struct TensorSet {
   std::map<std::string, Entry> tensors;
   std::vector<std::shared_ptr<TorchFile>> torch_files;
   std::vector<std::shared_ptr<SafetensorsFile>> st_files;
+  std::shared_ptr<NativeTensors> native;
   proto::UniversalManifest manifest;
   // Containers of torch files already walked: shared ones (pickle memo) are walked once.
   std::map<const PickleValue*, bool> walked;
@@ -104,8 +194,13 @@ Result<std::unique_ptr<TensorSet>> Open(FileSystem* fs, const std::string& path)
     }
     return set;
   }
-  if (fs->Exists(Join(path, "manifest"))) {
-    return InvalidArgument(path + ": a native checkpoint; compare its universal form (memento convert " + path + " --to ucp <out>)");
+  if (fs->Exists(Join(path, "manifest"))) {  // a native checkpoint
+    MEMENTO_ASSIGN_OR_RETURN(set->native, NativeTensors::Open(fs, path));
+    NativeTensors* native = set->native.get();
+    for (const auto& [name, info] : native->tensors()) {
+      set->tensors[name] = {info.dtype, info.shape, [native, name = name]() { return native->Read(name); }};
+    }
+    return set;
   }
   Result<std::vector<std::string>> names = fs->ListDir(path);
   if (names.ok()) {

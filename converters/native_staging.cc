@@ -220,32 +220,29 @@ Status UniversalSink::Begin() {
   return fs_->CreateDirs(SinkJoin(tmp_, "params"));
 }
 
-Status UniversalSink::AddParam(const std::string& name, std::vector<State> states, const std::string& source_layout) {
+Status UniversalSink::BeginParam(const std::string& name, std::vector<StateInfo> states, const std::string& source_layout) {
+  if (file_ != nullptr) return Internal("parameter '" + name + "' begun while '" + open_.name() + "' is open");
   for (const proto::UniversalParam& p : params_) {
     if (p.name() == name) return InvalidArgument("parameter '" + name + "' given twice");
   }
   SafetensorsHeader header;
   header.SetMetadata("format", "memento-universal");
   header.SetMetadata("param", name);
-  for (const State& st : states) {
-    MEMENTO_RETURN_IF_ERROR(header.Add(st.state, st.dtype, st.shape));
-    if (st.bytes.size() != static_cast<uint64_t>(NumElements(st.shape)) * DTypeSize(st.dtype)) {
-      return Internal("parameter '" + name + "' state '" + st.state + "': " + std::to_string(st.bytes.size()) + " bytes for " + ShapeString(st.shape));
-    }
-  }
+  for (const StateInfo& st : states) MEMENTO_RETURN_IF_ERROR(header.Add(st.state, st.dtype, st.shape));
   const std::string file = "params/" + FileNameFor(name) + ".safetensors";
   const std::string head = header.Serialize();
-  MEMENTO_ASSIGN_OR_RETURN(std::unique_ptr<WritableFile> w, fs_->NewWritableFile(SinkJoin(tmp_, file), write_));
-  MEMENTO_RETURN_IF_ERROR(w->Append(head.data(), head.size()));
-  proto::UniversalParam p;
-  p.set_name(name);
-  p.set_source_layout(source_layout);
-  p.set_rule_index(-1);
-  p.set_consolidation("deepspeed-merge");
+  MEMENTO_ASSIGN_OR_RETURN(file_, fs_->NewWritableFile(SinkJoin(tmp_, file), write_));
+  MEMENTO_RETURN_IF_ERROR(file_->Append(head.data(), head.size()));
+  open_.Clear();
+  open_.set_name(name);
+  open_.set_source_layout(source_layout);
+  open_.set_rule_index(-1);
+  open_.set_consolidation("deepspeed-merge");
+  state_bytes_.clear();
   for (size_t i = 0; i < states.size(); ++i) {
-    const State& st = states[i];
+    const StateInfo& st = states[i];
     const SafetensorsEntry& e = header.entries()[i];
-    proto::UniversalTensor* t = p.add_states();
+    proto::UniversalTensor* t = open_.add_states();
     t->set_state(st.state);
     t->set_source_name(st.source_name);
     t->set_dtype(static_cast<int32_t>(st.dtype));
@@ -253,24 +250,72 @@ Status UniversalSink::AddParam(const std::string& name, std::vector<State> state
     t->set_file(file);
     t->set_key(st.state);
     t->set_data_offset(head.size() + e.begin);
-    t->set_bytes(st.bytes.size());
-    t->set_crc64(Crc64(st.bytes.data(), st.bytes.size()));
+    t->set_bytes(e.end - e.begin);
     t->set_chunk_bytes(kChunkBytes);
-    for (uint64_t at = 0; at < st.bytes.size(); at += kChunkBytes) {
-      t->add_chunk_crcs(Crc64(st.bytes.data() + at, std::min<uint64_t>(kChunkBytes, st.bytes.size() - at)));
-    }
-    if (st.bytes.empty()) t->add_chunk_crcs(0);
-    MEMENTO_RETURN_IF_ERROR(w->Append(st.bytes.data(), st.bytes.size()));
-    summary_.tensor_bytes += st.bytes.size();
-    summary_.largest_tensor_bytes = std::max<uint64_t>(summary_.largest_tensor_bytes, st.bytes.size());
-    ++summary_.tensors;
+    state_bytes_.push_back(e.end - e.begin);
   }
-  MEMENTO_RETURN_IF_ERROR(w->Close());
-  params_.push_back(std::move(p));
+  state_ = 0;
+  state_done_ = 0;
+  crc_ = chunk_crc_ = 0;
+  FinishCompleteStates();
+  return Status::Ok();
+}
+
+void UniversalSink::FinishCompleteStates() {
+  while (state_ < state_bytes_.size() && state_done_ == state_bytes_[state_]) {
+    proto::UniversalTensor* t = open_.mutable_states(static_cast<int>(state_));
+    if (state_bytes_[state_] == 0 || state_done_ % kChunkBytes != 0) t->add_chunk_crcs(chunk_crc_);
+    t->set_crc64(crc_);
+    summary_.tensor_bytes += state_bytes_[state_];
+    summary_.largest_tensor_bytes = std::max<uint64_t>(summary_.largest_tensor_bytes, state_bytes_[state_]);
+    ++summary_.tensors;
+    ++state_;
+    state_done_ = 0;
+    crc_ = chunk_crc_ = 0;
+  }
+}
+
+Status UniversalSink::AppendState(const void* data, size_t n) {
+  if (file_ == nullptr) return Internal("AppendState without an open parameter");
+  const auto* p = static_cast<const uint8_t*>(data);
+  while (n > 0) {
+    if (state_ >= state_bytes_.size()) {
+      return Internal("parameter '" + open_.name() + "': " + std::to_string(n) + " bytes past its last state");
+    }
+    // Up to the end of the state and of its CRC chunk.
+    const uint64_t left = std::min(state_bytes_[state_] - state_done_, kChunkBytes - state_done_ % kChunkBytes);
+    const size_t take = static_cast<size_t>(std::min<uint64_t>(n, left));
+    crc_ = Crc64(p, take, crc_);
+    chunk_crc_ = Crc64(p, take, chunk_crc_);
+    MEMENTO_RETURN_IF_ERROR(file_->Append(p, take));
+    state_done_ += take;
+    p += take;
+    n -= take;
+    if (state_done_ % kChunkBytes == 0) {
+      open_.mutable_states(static_cast<int>(state_))->add_chunk_crcs(chunk_crc_);
+      chunk_crc_ = 0;
+    }
+    FinishCompleteStates();
+  }
+  return Status::Ok();
+}
+
+Status UniversalSink::EndParam() {
+  if (file_ == nullptr) return Internal("EndParam without an open parameter");
+  if (state_ < state_bytes_.size()) {
+    return Internal("parameter '" + open_.name() + "' state '" + open_.states(static_cast<int>(state_)).state() + "': " +
+                    std::to_string(state_done_) + " of " + std::to_string(state_bytes_[state_]) + " bytes given");
+  }
+  Status st = file_->Close();
+  file_.reset();
+  MEMENTO_RETURN_IF_ERROR(st);
+  params_.push_back(std::move(open_));
+  open_.Clear();
   return Status::Ok();
 }
 
 Result<ConvertSummary> UniversalSink::Commit() {
+  if (file_ != nullptr) return Internal("commit while parameter '" + open_.name() + "' is open");
   proto::UniversalManifest m;
   m.set_format_version(kUniversalFormatVersion);
   m.set_library_version(std::string(kLibraryVersion));
@@ -310,8 +355,7 @@ Result<ConvertSummary> UniversalSink::Commit() {
   json_options.add_whitespace = true;
   json_options.preserve_proto_field_names = true;
   if (!google::protobuf::util::MessageToJsonString(m, &json, json_options).ok()) return Internal("cannot print the universal manifest as JSON");
-  std::string pb;
-  if (!m.SerializeToString(&pb)) return Internal("cannot serialize the universal manifest");
+  MEMENTO_ASSIGN_OR_RETURN(const std::string pb, SerializeUniversalManifest(m));
   MEMENTO_RETURN_IF_ERROR(WriteFileAtomically(fs_, SinkJoin(tmp_, kUniversalManifestJsonName), json));
   MEMENTO_RETURN_IF_ERROR(WriteFileAtomically(fs_, SinkJoin(tmp_, kUniversalManifestName), pb));
   MEMENTO_RETURN_IF_ERROR(fs_->SyncDir(SinkJoin(tmp_, "params")));

@@ -61,19 +61,20 @@ class NativeStaging {
   std::vector<uint8_t> slot_;  // reused by every rank
 };
 
-// Writes a universal checkpoint (docs/formats/universal-checkpoint.md) straight from whole,
-// consolidated tensors: params/<param>.safetensors per parameter (states in the order given),
-// blobs.safetensors, manifest.json and manifest.pb, in a temporary directory renamed to `out_dir`
-// by Commit. Used by importers whose tensors are consolidated in memory already (no native
-// staging pass). Destroying an uncommitted sink removes its temporary directory. Not thread-safe.
+// Writes a universal checkpoint (docs/formats/universal-checkpoint.md) straight from consolidated
+// tensors: params/<param>.safetensors per parameter (states in the order given), blobs.safetensors,
+// manifest.json and manifest.pb, in a temporary directory renamed to `out_dir` by Commit. Used by
+// importers that consolidate in memory (no native staging pass). A parameter is streamed:
+// BeginParam (its states' dtypes and shapes: the file's header), AppendState (the states' bytes,
+// in order, in pieces of any size: a caller need not hold a whole parameter), EndParam. Destroying
+// an uncommitted sink removes its temporary directory. Not thread-safe.
 class UniversalSink {
  public:
-  struct State {
+  struct StateInfo {
     std::string state;        // "fp32", "exp_avg", ...
     std::string source_name;  // the tensor's name in the source
     DType dtype = DType::kInvalid;
     std::vector<int64_t> shape;
-    std::vector<uint8_t> bytes;
   };
   // `kind` and `path` describe the source (manifest.source); `write` the data files' options.
   UniversalSink(FileSystem* fs, std::string out_dir, std::string kind, std::string path, int64_t step, WriteOptions write);
@@ -81,13 +82,22 @@ class UniversalSink {
 
   // AlreadyExists when `out_dir` exists; creates the temporary directory.
   Status Begin();
-  // InvalidArgument for a repeated parameter name.
-  Status AddParam(const std::string& name, std::vector<State> states, const std::string& source_layout);
+  // Opens the parameter's file and writes its header. One parameter at a time; InvalidArgument
+  // for a repeated parameter name.
+  Status BeginParam(const std::string& name, std::vector<StateInfo> states, const std::string& source_layout);
+  // The next `n` bytes of the open parameter's states (row-major, states in BeginParam's order),
+  // CRC'd as they pass. Internal when they go past the last state.
+  Status AppendState(const void* data, size_t n);
+  // Closes the parameter's file. Internal when its states did not get all their bytes.
+  Status EndParam();
   void AddBlob(const std::string& name, std::string bytes) { blobs_.emplace_back(name, std::move(bytes)); }
   // Blobs, manifest, syncs, rename: the commit point.
   Result<ConvertSummary> Commit();
 
  private:
+  // Finishes the states of the open parameter that are complete (or empty) from `state_` on.
+  void FinishCompleteStates();
+
   FileSystem* fs_;
   std::string out_dir_, tmp_, kind_, path_;
   int64_t step_;
@@ -97,6 +107,13 @@ class UniversalSink {
   std::vector<std::pair<std::string, std::string>> blobs_;
   ConvertSummary summary_;
   std::chrono::steady_clock::time_point started_;
+  // The open parameter: its file, manifest entry, states' sizes, and the state being written.
+  std::unique_ptr<WritableFile> file_;
+  proto::UniversalParam open_;
+  std::vector<uint64_t> state_bytes_;
+  size_t state_ = 0;
+  uint64_t state_done_ = 0;  // bytes of state_ written
+  uint64_t crc_ = 0, chunk_crc_ = 0;
 };
 
 }  // namespace memento

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cctype>
 #include <cerrno>
 #include <cstdio>
 #include <cstdlib>
@@ -12,6 +13,8 @@
 #include <limits>
 #include <map>
 #include <unordered_map>
+
+#include "core/utf8.h"
 
 namespace memento {
 namespace {
@@ -168,19 +171,36 @@ class Machine {
     return v;
   }
 
+  // The identity of a str or int key ("" for other keys, which are never merged).
+  static std::string KeySig(const PickleValue& key) {
+    if (key.kind == PickleValue::Kind::kString) return "s" + key.s;
+    if (key.kind == PickleValue::Kind::kInt) return "i" + std::to_string(key.i);
+    return "";
+  }
+
   Status SetItem(PickleValue* dict, PickleValuePtr key, PickleValuePtr value) {
     MEMENTO_RETURN_IF_ERROR(Place(dict, key));
     MEMENTO_RETURN_IF_ERROR(Place(dict, value));
-    std::string sig;
-    if (key->kind == PickleValue::Kind::kString) sig = "s" + key->s;
-    if (key->kind == PickleValue::Kind::kInt) sig = "i" + std::to_string(key->i);
+    const std::string sig = KeySig(*key);
     if (!sig.empty()) {
+      // The index is keyed by address, and a dict freed during the run (popped, a BUILD state)
+      // can leave its index to a new dict at the same address: an entry is used only when the
+      // dict holds that key there, and the index is rebuilt from the dict's entries otherwise.
       auto& index = dict_index_[dict];
-      auto [it, inserted] = index.emplace(sig, dict->entries.size());
-      if (!inserted) {
+      auto it = index.find(sig);
+      if (it != index.end() && (it->second >= dict->entries.size() || KeySig(*dict->entries[it->second].first) != sig)) {
+        index.clear();
+        for (size_t k = 0; k < dict->entries.size(); ++k) {
+          const std::string ks = KeySig(*dict->entries[k].first);
+          if (!ks.empty()) index[ks] = k;
+        }
+        it = index.find(sig);
+      }
+      if (it != index.end()) {
         dict->entries[it->second].second = std::move(value);
         return Status::Ok();
       }
+      index.emplace(sig, dict->entries.size());
     }
     dict->entries.emplace_back(std::move(key), std::move(value));
     return Status::Ok();
@@ -428,6 +448,8 @@ class Machine {
         const int width = (op == 0x8c || op == 'U' || op == 'C') ? 1 : (op == 0x8d || op == 0x8e || op == 0x96) ? 8 : 4;
         MEMENTO_ASSIGN_OR_RETURN(uint64_t n, ReadLE(width));
         MEMENTO_ASSIGN_OR_RETURN(std::string s, ReadBytes(n));
+        // Python decodes these as UTF-8 and fails otherwise; names must be, for the manifests.
+        if (text && !IsUtf8(s)) return Bad("a str that is not UTF-8");
         auto v = std::make_shared<PickleValue>();
         v->kind = text ? K::kString : K::kBytes;
         v->s = std::move(s);
@@ -605,7 +627,38 @@ class Machine {
 // Pickle writer, protocol 2.
 class Writer {
  public:
+  // Counts how often each container is reached, so that Write knows which ones are shared.
+  void CountShared(const PickleValue& v, int depth) {
+    using K = PickleValue::Kind;
+    if (depth > 200 || (v.kind != K::kList && v.kind != K::kTuple && v.kind != K::kDict && v.kind != K::kObject)) return;
+    if (++refs_[&v] > 1) return;  // its parts were counted on the first visit
+    for (const PickleValuePtr& item : v.items) CountShared(*item, depth + 1);
+    for (const auto& [k, x] : v.entries) {
+      CountShared(*k, depth + 1);
+      CountShared(*x, depth + 1);
+    }
+  }
+  // A container reached more than once (a pickle's memo can share one container 2^n times through
+  // n levels) is written once and then fetched from the pickle's memo (BINPUT, BINGET), as
+  // Python's pickler does: the output is as large as the value, not as its expansion. Values
+  // without sharing are written exactly as before.
   Status Write(const PickleValue& v, int depth) {
+    auto refs = refs_.find(&v);
+    if (refs == refs_.end() || refs->second < 2) return WriteValue(v, depth);
+    if (auto m = memo_.find(&v); m != memo_.end()) {
+      MemoOp('h', 'j', m->second);  // BINGET, LONG_BINGET
+      return Status::Ok();
+    }
+    MEMENTO_RETURN_IF_ERROR(WriteValue(v, depth));
+    const auto index = static_cast<uint32_t>(memo_.size());
+    memo_[&v] = index;
+    MemoOp('q', 'r', index);  // BINPUT, LONG_BINPUT
+    return Status::Ok();
+  }
+  std::string Finish() { return std::string("\x80\x02", 2) + out_ + "."; }
+
+ private:
+  Status WriteValue(const PickleValue& v, int depth) {
     using K = PickleValue::Kind;
     if (depth > 200) return InvalidArgument("value nested deeper than 200 levels");
     switch (v.kind) {
@@ -658,13 +711,22 @@ class Writer {
         return Status::Ok();
       case K::kTensor:
         return Tensor(v.tensor);
+      case K::kObject:
+        if (IsWritableDataclass(v)) return Dataclass(v, depth);
+        return InvalidArgument("cannot write " + An(v) + " into a torch file");
       default:
         return InvalidArgument("cannot write " + An(v) + " into a torch file");
     }
   }
-  std::string Finish() { return std::string("\x80\x02", 2) + out_ + "."; }
-
- private:
+  void MemoOp(char op, char long_op, uint32_t index) {
+    if (index < 256) {
+      out_ += op;
+      out_ += static_cast<char>(index);
+      return;
+    }
+    out_ += long_op;
+    for (int k = 0; k < 4; ++k) out_ += static_cast<char>((index >> (8 * k)) & 0xff);
+  }
   void Int(int64_t i) {
     if (i >= 0 && i < 256) {
       out_ += 'K';
@@ -689,6 +751,33 @@ class Writer {
     const auto n = static_cast<uint32_t>(s.size());
     for (int k = 0; k < 4; ++k) out_ += static_cast<char>((n >> (8 * k)) & 0xff);
     out_ += s;
+  }
+  // DeepSpeed's dataclasses, as Python's pickler writes an instance of a plain class at protocol 2:
+  // the class (GLOBAL), cls.__new__(cls) (EMPTY_TUPLE, NEWOBJ), then its __dict__ (BUILD).
+  // The name goes into a GLOBAL line: dotted identifiers only.
+  static bool IsWritableDataclass(const PickleValue& v) {
+    const bool identifier = std::all_of(v.s.begin(), v.s.end(), [](char c) {
+      return std::isalnum(static_cast<unsigned char>(c)) != 0 || c == '_' || c == '.';
+    });
+    return identifier && v.items.empty() &&
+           (IsDeepSpeedClass(v.s, "SubparamShape") || IsDeepSpeedClass(v.s, "fragment_address"));
+  }
+  Status Dataclass(const PickleValue& v, int depth) {
+    const size_t dot = v.s.rfind('.');
+    out_ += 'c' + v.s.substr(0, dot) + '\n' + v.s.substr(dot + 1) + '\n';
+    out_ += ')';
+    out_ += static_cast<char>(0x81);
+    out_ += '}';
+    if (!v.entries.empty()) {
+      out_ += '(';
+      for (const auto& [k, x] : v.entries) {
+        MEMENTO_RETURN_IF_ERROR(Write(*k, depth + 1));
+        MEMENTO_RETURN_IF_ERROR(Write(*x, depth + 1));
+      }
+      out_ += 'u';
+    }
+    out_ += 'b';
+    return Status::Ok();
   }
   Status Tensor(const TorchTensorRef& t) {
     const std::string_view storage = TorchStorageName(t.dtype);
@@ -715,6 +804,8 @@ class Writer {
   }
 
   std::string out_;
+  std::unordered_map<const PickleValue*, int> refs_;         // containers: times reached
+  std::unordered_map<const PickleValue*, uint32_t> memo_;    // shared containers written: memo index
 };
 
 }  // namespace
@@ -773,6 +864,7 @@ Result<PickleValuePtr> Unpickle(std::string_view data, const PickleLimits& limit
 
 Result<std::string> PickleForTorch(const PickleValue& value) {
   Writer w;
+  w.CountShared(value, 0);
   MEMENTO_RETURN_IF_ERROR(w.Write(value, 0));
   return w.Finish();
 }
@@ -824,6 +916,12 @@ PickleValuePtr PyTensor(TorchTensorRef t) {
   auto p = std::make_shared<PickleValue>();
   p->kind = PickleValue::Kind::kTensor;
   p->tensor = std::move(t);
+  return p;
+}
+PickleValuePtr PyDataclass(std::string global_name) {
+  auto p = std::make_shared<PickleValue>();
+  p->kind = PickleValue::Kind::kObject;
+  p->s = std::move(global_name);
   return p;
 }
 void DictSet(PickleValue* dict, const std::string& key, PickleValuePtr value) {

@@ -100,7 +100,11 @@ Result<PickleValuePtr> Unpickle(std::string_view data, const PickleLimits& limit
 // Builds a protocol 2 pickle of plain values and tensors (storages as persistent ids
 // ('storage', torch.<T>Storage, key, location, numel)), loadable by torch.load(weights_only=True).
 // Supported kinds: None, bool, int, float, str, list, tuple, dict (OrderedDict when ordered),
-// tensor. InvalidArgument for others (bytes, sets, globals, objects).
+// tensor, and DeepSpeed's dataclasses fragment_address and SubparamShape (made by PyDataclass),
+// written as Python pickles a dataclass: GLOBAL, NEWOBJ of no arguments, BUILD of its fields.
+// A pickle holding such an object needs torch.load(weights_only=False) (or the class in
+// torch.serialization.add_safe_globals), with DeepSpeed importable. InvalidArgument for other
+// kinds (bytes, sets, globals, any other object).
 Result<std::string> PickleForTorch(const PickleValue& value);
 
 // Value constructors (for writers and tests).
@@ -113,7 +117,10 @@ PickleValuePtr PyList(std::vector<PickleValuePtr> items = {});
 PickleValuePtr PyTuple(std::vector<PickleValuePtr> items = {});
 PickleValuePtr PyDict(bool ordered = false);
 PickleValuePtr PyTensor(TorchTensorRef t);
-// Appends (key, value) to a dict built with PyDict.
+// An instance (kObject, no constructor arguments) of the dataclass `global_name`
+// ("module.QualName"); its fields are set with DictSet, in declaration order.
+PickleValuePtr PyDataclass(std::string global_name);
+// Appends (key, value) to a dict built with PyDict (or a field to a PyDataclass).
 void DictSet(PickleValue* dict, const std::string& key, PickleValuePtr value);
 
 // The name of torch's storage class for a dtype ("FloatStorage", "BFloat16Storage", ...) and back.

@@ -158,9 +158,14 @@ Status CheckRankMetadata(const proto::RankMetadata& meta, const std::string& pat
         return DataLoss(what + ": run of fragment " + std::to_string(run.fragment()) + " with replica id " +
                         std::to_string(f.replica_id));
       }
-      if (run.bytes() != static_cast<uint64_t>(f.numel()) * width) {
+      uint64_t fragment_bytes = 0;
+      if (__builtin_mul_overflow(static_cast<uint64_t>(f.numel()), width, &fragment_bytes)) {
+        return DataLoss(what + ": fragment " + std::to_string(run.fragment()) + " of " + Str(static_cast<uint64_t>(f.numel())) +
+                        " elements of " + Str(width) + " bytes is larger than 64 bits can count");
+      }
+      if (run.bytes() != fragment_bytes) {
         return DataLoss(what + ": run of fragment " + std::to_string(run.fragment()) + " holds " +
-                        Str(run.bytes()) + " bytes, the fragment " + Str(static_cast<uint64_t>(f.numel()) * width));
+                        Str(run.bytes()) + " bytes, the fragment " + Str(fragment_bytes));
       }
       MEMENTO_RETURN_IF_ERROR(CheckRun(run, meta.data_bytes(), what));
     }

@@ -22,6 +22,7 @@ class ErrorCollector : public google::protobuf::io::ErrorCollector {
 };
 
 Result<std::regex> Compile(const std::string& pattern, const std::string& what) {
+  if (!RegexNumbersFit(pattern)) return InvalidArgument(what + ": bad regex '" + pattern + "': a number of more than 9 digits");
   try {
     return std::regex(pattern, std::regex::ECMAScript);
   } catch (const std::regex_error& e) {
@@ -30,6 +31,17 @@ Result<std::regex> Compile(const std::string& pattern, const std::string& what) 
 }
 
 }  // namespace
+
+bool RegexNumbersFit(const std::string& pattern) {
+  for (size_t i = 0; i < pattern.size(); ++i) {
+    if (pattern[i] != '\\' && pattern[i] != '{' && pattern[i] != ',') continue;
+    size_t digits = 0;
+    while (i + 1 + digits < pattern.size() && pattern[i + 1 + digits] >= '0' && pattern[i + 1 + digits] <= '9') ++digits;
+    if (digits > 9) return false;
+    if (pattern[i] == '\\') ++i;  // the escaped character is not an escape itself
+  }
+  return true;
+}
 
 PatternSpec::PatternSpec() : states_(kDefaultStateRegex, std::regex::ECMAScript) {}
 

@@ -49,6 +49,12 @@ class PatternSpec {
   std::vector<std::regex> rules_;
 };
 
+// Whether std::regex (libstdc++) can read every number in `pattern`: it reads a back-reference
+// (\N) or a count ({n,m}) into a long without checking, and a longer run of digits overflows
+// (undefined behaviour). False for a run of more than 9 digits after '\', '{' or ','. Callers
+// refuse such a pattern before compiling it.
+bool RegexNumbersFit(const std::string& pattern);
+
 // "split dim 1", "sub_params dim 0 [64,16,16]", "vocab 1000", "replicated", "average",
 // "pipeline_replicated", for messages and the manifest.
 std::string RuleKindString(const proto::PatternRule& rule);

@@ -7,6 +7,7 @@
 #include <utility>
 
 #include "core/shard.h"
+#include "core/utf8.h"
 
 namespace memento {
 namespace {
@@ -203,6 +204,8 @@ class JsonParser {
     }
     if (pos_ >= s_.size()) return Error("unterminated string");
     ++pos_;
+    // JSON text is UTF-8 (the reference reader refuses other bytes); keys become Protobuf strings.
+    if (!IsUtf8(*out)) return Error("a string that is not UTF-8");
     return Status::Ok();
   }
 
@@ -320,7 +323,18 @@ Result<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(FileSystem* fs, c
     }
     if (!has_dtype || !has_shape || !has_offsets) return DataLoss(what + ": needs dtype, shape and data_offsets");
     if (e.end < e.begin) return DataLoss(what + ": data_offsets end before they begin");
-    const uint64_t want = static_cast<uint64_t>(NumElements(e.shape)) * DTypeSize(e.dtype);
+    // Every partial product fits, so that readers may take NumElements of the shape.
+    int64_t numel = 1;
+    uint64_t want = 0;
+    for (int64_t d : e.shape) {
+      if (__builtin_mul_overflow(numel, d, &numel)) {
+        return DataLoss(what + ": shape " + ShapeString(e.shape) + " has more elements than int64 can count");
+      }
+    }
+    if (__builtin_mul_overflow(static_cast<uint64_t>(numel), DTypeSize(e.dtype), &want)) {
+      return DataLoss(what + ": shape " + ShapeString(e.shape) + " of " + std::string(DTypeName(e.dtype)) +
+                      " has more bytes than 64 bits can count");
+    }
     if (e.end - e.begin != want) {
       return DataLoss(what + ": data_offsets span " + std::to_string(e.end - e.begin) + " bytes, " +
                       ShapeString(e.shape) + " of " + std::string(DTypeName(e.dtype)) + " needs " + std::to_string(want));

@@ -10,6 +10,7 @@
 #include <atomic>
 #include <cctype>
 #include <chrono>
+#include <cstdint>
 #include <cstring>
 #include <map>
 #include <memory>
@@ -22,6 +23,7 @@
 #include "core/dtype.h"
 #include "core/reshard.h"
 #include "core/shard.h"
+#include "core/utf8.h"
 #include "proto/shard_convert.h"
 #include "proto/version.h"
 #include "ucp_format/native_checkpoint.h"
@@ -909,8 +911,7 @@ Result<ConvertSummary> ConvertInto(FileSystem* fs, const std::string& native_dir
   if (!google::protobuf::util::MessageToJsonString(manifest, &json, json_options).ok()) {
     return Internal("cannot print the universal manifest as JSON");
   }
-  std::string pb;
-  if (!manifest.SerializeToString(&pb)) return Internal("cannot serialize the universal manifest");
+  MEMENTO_ASSIGN_OR_RETURN(const std::string pb, SerializeUniversalManifest(manifest));
   MEMENTO_RETURN_IF_ERROR(WriteFileAtomically(fs, Join(tmp, kUniversalManifestJsonName), json));
   MEMENTO_RETURN_IF_ERROR(WriteFileAtomically(fs, Join(tmp, kUniversalManifestName), pb));
   MEMENTO_RETURN_IF_ERROR(fs->SyncDir(Join(tmp, "params")));
@@ -1097,6 +1098,28 @@ Result<ConvertSummary> ConvertNativeToUniversal(FileSystem* fs, const std::strin
   return out;
 }
 
+Result<std::string> SerializeUniversalManifest(const proto::UniversalManifest& m) {
+  auto refuse = [](const std::string& what) {
+    return InvalidArgument(what + " is not UTF-8: a universal manifest (Protobuf strings) cannot hold it");
+  };
+  for (const proto::UniversalParam& p : m.params()) {
+    if (!IsUtf8(p.name())) return refuse("parameter name '" + p.name() + "'");
+    for (const proto::UniversalTensor& t : p.states()) {
+      if (!IsUtf8(t.source_name())) return refuse("tensor name '" + t.source_name() + "'");
+      if (!IsUtf8(t.state())) return refuse("parameter '" + p.name() + "': state name '" + t.state() + "'");
+    }
+  }
+  for (const proto::UniversalBlob& b : m.blobs()) {
+    if (!IsUtf8(b.name())) return refuse("blob name '" + b.name() + "'");
+  }
+  std::string pb;
+  proto::UniversalManifest back;
+  if (!m.SerializeToString(&pb) || !back.ParseFromString(pb)) {
+    return refuse("a string of the manifest (source path, job, pattern spec)");
+  }
+  return pb;
+}
+
 Result<proto::UniversalManifest> ReadUniversalManifest(FileSystem* fs, const std::string& dir) {
   const std::string path = Join(dir, kUniversalManifestName);
   if (!fs->Exists(path)) return NotFound(dir + " is not a universal checkpoint: it has no " + kUniversalManifestName);
@@ -1107,10 +1130,26 @@ Result<proto::UniversalManifest> ReadUniversalManifest(FileSystem* fs, const std
     return FailedPrecondition(path + ": format version " + std::to_string(m.format_version()) +
                               ", this build reads version " + std::to_string(kUniversalFormatVersion));
   }
+  // Readers compare offset + bytes with a file's size and count a shape's elements: neither may
+  // wrap around.
+  auto past_2_64 = [](uint64_t offset, uint64_t bytes) { return bytes > UINT64_MAX - offset; };
   for (const proto::UniversalParam& p : m.params()) {
     for (const proto::UniversalTensor& t : p.states()) {
       if (!IsRelativeInside(t.file())) {
         return DataLoss(path + ": tensor '" + t.source_name() + "' names file '" + t.file() + "'");
+      }
+      if (past_2_64(t.data_offset(), t.bytes())) {
+        return DataLoss(path + ": tensor '" + t.source_name() + "': " + std::to_string(t.bytes()) + " bytes at " +
+                        std::to_string(t.data_offset()) + " end past 2^64");
+      }
+      int64_t numel = 1;
+      bool fits = true;
+      for (int64_t d : t.shape()) fits = fits && d >= 0 && !__builtin_mul_overflow(numel, d, &numel);
+      uint64_t bytes = 0;
+      if (!fits || __builtin_mul_overflow(static_cast<uint64_t>(numel), DTypeSize(static_cast<DType>(t.dtype())), &bytes)) {
+        return DataLoss(path + ": tensor '" + t.source_name() + "': shape " +
+                        ShapeString(std::vector<int64_t>(t.shape().begin(), t.shape().end())) +
+                        " has a negative dim or more elements than 64 bits can count");
       }
     }
   }
@@ -1119,6 +1158,10 @@ Result<proto::UniversalManifest> ReadUniversalManifest(FileSystem* fs, const std
     if (!IsRelativeInside(b.file())) {
       return DataLoss(path + ": blob '" + b.name() + "' of rank " + std::to_string(b.rank()) + " names file '" +
                       b.file() + "'");
+    }
+    if (past_2_64(b.data_offset(), b.bytes())) {
+      return DataLoss(path + ": blob '" + b.name() + "' of rank " + std::to_string(b.rank()) + ": " +
+                      std::to_string(b.bytes()) + " bytes at " + std::to_string(b.data_offset()) + " end past 2^64");
     }
   }
   return m;

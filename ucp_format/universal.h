@@ -75,6 +75,11 @@ Result<ConvertSummary> ConvertNativeToUniversal(FileSystem* fs, const std::strin
 // NotFound when `dir` has no manifest.pb (not a universal checkpoint); DataLoss when malformed.
 Result<proto::UniversalManifest> ReadUniversalManifest(FileSystem* fs, const std::string& dir);
 
+// The bytes of manifest.pb. Protobuf's string fields hold UTF-8 only, and a manifest holding other
+// bytes does not parse back: a name that is not UTF-8 (a key of a foreign torch or safetensors
+// file) is refused, InvalidArgument naming it.
+Result<std::string> SerializeUniversalManifest(const proto::UniversalManifest& manifest);
+
 // All bytes of one state of one parameter, checked against the manifest's CRC. NotFound when absent.
 Result<std::vector<uint8_t>> ReadUniversalTensor(FileSystem* fs, const std::string& dir,
                                                  const proto::UniversalManifest& manifest, const std::string& param,

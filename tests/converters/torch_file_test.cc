@@ -124,6 +124,72 @@ TEST(PickleTest, UnknownCallableIsOpaqueAndRefusedWhereAValueIsNeeded) {
   EXPECT_EQ(PickleForTorch(**v).status().ToString(), "InvalidArgument: cannot write an object of unknown callable mymod.evil into a torch file");
 }
 
+// DeepSpeed's SubparamShape as its universal files hold it ('sub_param_shape'): written as
+// Python's pickler writes a dataclass (GLOBAL, NEWOBJ of (), BUILD of its fields), and read back,
+// from our bytes and from Python's. Python 3.11 with a stand-in dataclass of the same module and
+// name loads the bytes below to SubparamShape(patterns=['qkv'], shape=((8, 4, 4), 8),
+// partition_dim=0), equal to the object pickle.dumps(protocol=2) wrote the second string from.
+TEST(PickleTest, SubparamShapeIsWrittenAsPythonWritesIt) {
+  PickleValuePtr sp = PyDataclass("deepspeed.checkpoint.universal_checkpoint.SubparamShape");
+  DictSet(sp.get(), "patterns", PyList({PyStr("qkv")}));
+  DictSet(sp.get(), "shape", PyTuple({PyTuple({PyInt(8), PyInt(4), PyInt(4)}), PyInt(8)}));
+  DictSet(sp.get(), "partition_dim", PyInt(0));
+  Result<std::string> ours = PickleForTorch(*sp);
+  ASSERT_TRUE(ours.ok()) << ours.status().ToString();
+  const char kOurs[] =
+      "\x80\x02" "cdeepspeed.checkpoint.universal_checkpoint\nSubparamShape\n)\x81}("
+      "X\x08\x00\x00\x00patterns](X\x03\x00\x00\x00qkve"
+      "X\x05\x00\x00\x00shape((K\x08K\x04K\x04tK\x08t"
+      "X\x0d\x00\x00\x00partition_dimK\x00ub.";
+  EXPECT_EQ(*ours, std::string(kOurs, sizeof(kOurs) - 1));
+  const char kPython[] =
+      "\x80\x02" "cdeepspeed.checkpoint.universal_checkpoint\nSubparamShape\nq\x00)\x81q\x01}q\x02("
+      "X\x08\x00\x00\x00patternsq\x03]q\x04X\x03\x00\x00\x00qkvq\x05" "a"
+      "X\x05\x00\x00\x00shapeq\x06K\x08K\x04K\x04\x87q\x07K\x08\x86q\x08"
+      "X\x0d\x00\x00\x00partition_dimq\x09K\x00ub.";
+  for (const std::string& bytes : {*ours, std::string(kPython, sizeof(kPython) - 1)}) {
+    Result<PickleValuePtr> v = Unpickle(bytes, PickleLimits{.strict_globals = true});
+    ASSERT_TRUE(v.ok()) << v.status().ToString();
+    const PickleValue& o = **v;
+    EXPECT_EQ(o.kind, PickleValue::Kind::kObject);
+    EXPECT_EQ(o.name(), "deepspeed.checkpoint.universal_checkpoint.SubparamShape");
+    EXPECT_EQ(o.Field("patterns", 0)->items[0]->s, "qkv");
+    const PickleValue* shape = o.Field("shape", 1);
+    ASSERT_EQ(shape->kind, PickleValue::Kind::kTuple);
+    ASSERT_EQ(shape->items[0]->kind, PickleValue::Kind::kTuple);
+    EXPECT_EQ(shape->items[0]->items[2]->i, 4);
+    EXPECT_EQ(shape->items[1]->i, 8);
+    EXPECT_EQ(o.Field("partition_dim", 2)->i, 0);
+  }
+  // Only DeepSpeed's dataclasses, with no constructor arguments and a plain dotted name.
+  EXPECT_EQ(PickleForTorch(*PyDataclass("mymod.SubparamShape")).status().ToString(),
+            "InvalidArgument: cannot write an object of unknown callable mymod.SubparamShape into a torch file");
+  EXPECT_EQ(PickleForTorch(*PyDataclass("deepspeed.x\nos\nsystem.SubparamShape")).status().ToString(),
+            "InvalidArgument: cannot write an object of unknown callable deepspeed.x\nos\nsystem.SubparamShape into a torch file");
+}
+
+// A dict freed during the run (popped, or a BUILD state) whose address a new dict takes: the new
+// dict's keys are its own (this input used to write past the new dict's entries).
+TEST(PickleTest, AFreedDictLeavesNothingToTheNext) {
+  const char kP[] = "\x80\x02}(X\x01\x00\x00\x00" "aK\x01u0}(X\x01\x00\x00\x00" "aK\x02X\x01\x00\x00\x00" "bK\x03u.";
+  Result<PickleValuePtr> v = Unpickle(std::string_view(kP, sizeof(kP) - 1));
+  ASSERT_TRUE(v.ok()) << v.status().ToString();
+  ASSERT_EQ((*v)->entries.size(), 2u);
+  EXPECT_EQ((*v)->Get("a")->i, 2);
+  EXPECT_EQ((*v)->Get("b")->i, 3);
+  // Two BUILDs of one object: the second state's 'a' replaces the first's; its dict may reuse the
+  // first state's address.
+  const char kB[] = "\x80\x02" "cdeepspeed.x\nSubparamShape\n)\x81}(X\x01\x00\x00\x00" "aK\x01ub}(X\x01\x00\x00\x00"
+                    "bK\x02X\x01\x00\x00\x00" "aK\x03ub.";
+  v = Unpickle(std::string_view(kB, sizeof(kB) - 1));
+  ASSERT_TRUE(v.ok()) << v.status().ToString();
+  ASSERT_EQ((*v)->entries.size(), 2u);
+  EXPECT_EQ((*v)->entries[0].first->s, "a");
+  EXPECT_EQ((*v)->entries[0].second->i, 3);
+  EXPECT_EQ((*v)->entries[1].first->s, "b");
+  EXPECT_EQ((*v)->entries[1].second->i, 2);
+}
+
 TEST(PickleTest, DeepNestingIsRefused) {
   std::string p = "\x80\x02";
   for (int k = 0; k < 300; ++k) p += "]";
@@ -167,6 +233,34 @@ TEST(PickleTest, RecursiveStructuresAndMalformedInputAreRefused) {
   EXPECT_EQ(Error("\x80\x02" "a."), "InvalidArgument: pickle at byte 2: stack underflow");
   EXPECT_EQ(Error("\x80\x02i."), "InvalidArgument: pickle at byte 2: unsupported opcode 0x69");
   EXPECT_EQ(Error("\x80\x02NN."), "InvalidArgument: pickle at byte 4: STOP with 2 values on the stack");
+}
+
+// Found with tests/fuzz/fuzz_pickle.cc (a timeout): the memo lets 40 levels of [x, x] share one
+// list per level, 2^40 paths; the writer wrote every path. It writes each shared container once
+// and fetches it from the memo after (BINPUT/BINGET, as Python's pickler does).
+TEST(PickleTest, SharedContainersAreWrittenOnce) {
+  std::string dag("\x80\x02]q\x00" "0", 6);  // x0 = []
+  for (int i = 1; i <= 40; ++i) {              // x_i = [x_{i-1}, x_{i-1}]
+    dag += std::string("(h") + static_cast<char>(i - 1) + "h" + static_cast<char>(i - 1) + "lq" + static_cast<char>(i) + "0";
+  }
+  dag += std::string("h") + static_cast<char>(40) + ".";
+  Result<PickleValuePtr> v = Unpickle(dag);
+  ASSERT_TRUE(v.ok()) << v.status().ToString();
+  Result<std::string> written = PickleForTorch(**v);
+  ASSERT_TRUE(written.ok()) << written.status().ToString();
+  EXPECT_LT(written->size(), 400u);
+  Result<PickleValuePtr> back = Unpickle(*written);
+  ASSERT_TRUE(back.ok()) << back.status().ToString();
+  const PickleValue* x = back->get();
+  for (int level = 40; level > 0; --level) {
+    ASSERT_EQ(x->kind, PickleValue::Kind::kList);
+    ASSERT_EQ(x->items.size(), 2u);
+    EXPECT_EQ(x->items[0], x->items[1]);  // still one shared list
+    x = x->items[0].get();
+  }
+  EXPECT_TRUE(x->items.empty());
+  // Without sharing, the bytes are those of before (no memo opcodes).
+  EXPECT_EQ(*PickleForTorch(*PyList({PyList(), PyList()})), std::string("\x80\x02](]]e.", 8));
 }
 
 TEST(TorchFileTest, WriterRoundTripAndLayout) {

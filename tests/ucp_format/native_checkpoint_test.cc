@@ -363,6 +363,39 @@ TEST_F(NativeCheckpointTest, MalformedAndForeignManifests) {
   EXPECT_EQ(m.status().message(), dir_ + "/manifest: format version 7, this build reads version 1");
 }
 
+// Found with tests/fuzz/fuzz_native_meta.cc: a fragment's bytes (elements x width) wrapped around
+// 64 bits, so a run of 0 bytes (and chunk size 0) passed for a fragment of 2^62 F32 elements, and
+// restoring a registered shard of that tensor from it divided by the chunk size.
+TEST_F(NativeCheckpointTest, FragmentOfMoreBytesThan64BitsCountIsRefused) {
+  proto::RankMetadata meta;
+  meta.set_format_version(kNativeFormatVersion);
+  meta.set_step(kStep);
+  meta.set_world_size(1);
+  meta.set_data_file("rank-0.data");
+  proto::PersistedTensor* t = meta.add_tensors();
+  t->set_name("w");
+  t->set_dtype(static_cast<int32_t>(DType::kF32));
+  ShardSpec spec;
+  spec.global_shape = {int64_t{1} << 62};
+  spec.local_numel = int64_t{1} << 62;
+  Fragment f;
+  f.kind = Fragment::Kind::kFlat;
+  f.flat_length = int64_t{1} << 62;
+  spec.fragments.push_back(f);
+  ASSERT_TRUE(spec.Validate().ok());
+  ToProto(spec, t->mutable_spec());
+  t->add_runs()->set_fragment(0);
+  const std::string bytes = meta.SerializeAsString();
+  std::ofstream(dir_ + "/big.meta", std::ios::binary) << bytes;
+  proto::ManifestRank entry;
+  entry.set_meta_file("big.meta");
+  entry.set_data_file("rank-0.data");
+  entry.set_meta_crc(Crc64(bytes.data(), bytes.size()));
+  Result<proto::RankMetadata> read = ReadRankMetadata(fs_, dir_, BuildManifest("job", kStep, 1, {entry}), 0);
+  EXPECT_EQ(read.status().ToString(), "DataLoss: " + dir_ + "/big.meta: tensor 'w': fragment 0 of 4611686018427387904 "
+                                      "elements of 4 bytes is larger than 64 bits can count");
+}
+
 TEST_F(NativeCheckpointTest, RestoresIntoOneRankHoldingEverything) {
   const proto::RankRecord whole = MakeLayout(0, 1,
                                              {{"w", DType::kF32, WholeTensor(kW)},

@@ -275,7 +275,8 @@ Job MakeJob(const Layout& l, float pad = 1e30f) {
     for (int i = 0; i < job.records.back().tensors_size(); ++i) {
       const proto::TensorRecord& t = job.records.back().tensors(i);
       const std::vector<float> v = LocalBuffer(t.name(), tensors[static_cast<size_t>(i)].spec, pad);
-      std::memcpy(slot.data() + t.slot_offset(), v.data(), v.size() * 4);
+      // An empty fragment's vector has no data(): memcpy from null is undefined even for 0 bytes.
+      if (!v.empty()) std::memcpy(slot.data() + t.slot_offset(), v.data(), v.size() * 4);
     }
     const proto::BlobRecord& b = job.records.back().blobs(0);
     const std::string blob = BlobFor(r);
@@ -657,6 +658,31 @@ TEST_F(UniversalTest, CorruptedOrTruncatedUniversalFilesAreReported) {
   EXPECT_EQ(gone.status().message(), root_ + "/ucp is not a universal checkpoint: it has no manifest.pb");
 }
 
+// Found with tests/fuzz/fuzz_universal_manifest.cc: a tensor's data_offset + bytes wrapped around
+// 64 bits past the file-size check, and ReadUniversalTensor then allocated 2^64 - 5 bytes
+// (std::length_error: the process ended); a shape's element count could overflow likewise.
+TEST_F(UniversalTest, ManifestSizesThatWrapAroundAreRefused) {
+  const std::string dir = root_ + "/wrap";
+  ASSERT_TRUE(fs_->CreateDirs(dir).ok());
+  proto::UniversalManifest m;
+  m.set_format_version(kUniversalFormatVersion);
+  proto::UniversalTensor* t = m.add_params()->add_states();
+  t->set_source_name("w");
+  t->set_dtype(static_cast<int32_t>(DType::kF32));
+  t->set_file("params/w.safetensors");
+  t->set_data_offset(10);
+  t->set_bytes(~uint64_t{0} - 4);
+  ASSERT_TRUE(WriteFileAtomically(fs_, dir + "/manifest.pb", m.SerializeAsString()).ok());
+  EXPECT_EQ(ReadUniversalManifest(fs_, dir).status().ToString(),
+            "DataLoss: " + dir + "/manifest.pb: tensor 'w': 18446744073709551611 bytes at 10 end past 2^64");
+  t->set_bytes(4);
+  t->add_shape(int64_t{1} << 62);
+  ASSERT_TRUE(WriteFileAtomically(fs_, dir + "/manifest.pb", m.SerializeAsString()).ok());
+  EXPECT_EQ(ReadUniversalManifest(fs_, dir).status().ToString(),
+            "DataLoss: " + dir + "/manifest.pb: tensor 'w': shape [4611686018427387904] has a negative dim or more "
+            "elements than 64 bits can count");
+}
+
 TEST_F(UniversalTest, MalformedSafetensorsHeadersAreRefused) {
   auto write = [&](const std::string& name, const std::string& json, size_t data) {
     std::string s(8, '\0');
@@ -676,6 +702,24 @@ TEST_F(UniversalTest, MalformedSafetensorsHeadersAreRefused) {
   p = write("json", R"({"a":{"dtype":"F32",)", 0);
   EXPECT_EQ(SafetensorsFile::Open(fs_, p).status().code(), StatusCode::kDataLoss);
   EXPECT_EQ(SafetensorsFile::Open(fs_, p).status().message(), p + ": malformed header JSON at byte 20: expected a string");
+  // Found with tests/fuzz/fuzz_safetensors.cc (UBSan): the element count was an int64 product that overflowed
+  // (undefined), and [2^32,2^32] of F32 wrapped around to 0 bytes, so the header was accepted.
+  p = write("overflow", R"({"a":{"dtype":"F32","shape":[4294967296,4294967296],"data_offsets":[0,0]}})", 0);
+  EXPECT_EQ(SafetensorsFile::Open(fs_, p).status().message(),
+            p + ": tensor 'a': shape [4294967296,4294967296] has more elements than int64 can count");
+  p = write("bytes", R"({"a":{"dtype":"F64","shape":[4611686018427387904],"data_offsets":[0,0]}})", 0);
+  EXPECT_EQ(SafetensorsFile::Open(fs_, p).status().message(),
+            p + ": tensor 'a': shape [4611686018427387904] of F64 has more bytes than 64 bits can count");
+  // Keys become Protobuf strings (UTF-8 only): other bytes, raw or as a lone surrogate, are refused.
+  p = write("latin1", "{\"w\xff\":{\"dtype\":\"U8\",\"shape\":[0],\"data_offsets\":[0,0]}}", 0);
+  EXPECT_EQ(SafetensorsFile::Open(fs_, p).status().message(), p + ": malformed header JSON at byte 5: a string that is not UTF-8");
+  p = write("surrogate", R"({"\ud800":{"dtype":"U8","shape":[0],"data_offsets":[0,0]}})", 0);
+  EXPECT_EQ(SafetensorsFile::Open(fs_, p).status().message(), p + ": malformed header JSON at byte 9: a string that is not UTF-8");
+  proto::UniversalManifest m;
+  m.set_format_version(kUniversalFormatVersion);
+  m.add_params()->set_name("w\xff");
+  EXPECT_EQ(SerializeUniversalManifest(m).status().ToString(),
+            "InvalidArgument: parameter name 'w\xFF' is not UTF-8: a universal manifest (Protobuf strings) cannot hold it");
 }
 
 // ---- partial metadata and the pattern spec -------------------------------------------------------
@@ -815,6 +859,14 @@ TEST_F(UniversalTest, PatternSpecSyntaxAndRuleErrors) {
   Result<PatternSpec> bad = PatternSpec::Parse("rule { pattern: \"(\" split { dim: 0 } }");
   EXPECT_EQ(bad.status().code(), StatusCode::kInvalidArgument);
   EXPECT_EQ(bad.status().message().substr(0, 41), "pattern spec rule 0 ('('): bad regex '(':");
+  // Found by tests/fuzz/fuzz_pattern_spec.cc (UBSan): libstdc++ reads \N and {n,m} into a long
+  // without checking; a longer number overflowed inside std::regex.
+  Result<PatternSpec> number = PatternSpec::Parse(R"(rule { pattern: "a{2222222222222222222}" split { dim: 0 } })");
+  EXPECT_EQ(number.status().ToString(),
+            "InvalidArgument: pattern spec rule 0 ('a{2222222222222222222}'): bad regex 'a{2222222222222222222}': a number of "
+            "more than 9 digits");
+  EXPECT_FALSE(RegexNumbersFit("(a)\\12345678901"));
+  EXPECT_TRUE(RegexNumbersFit("layer\\.[0-9]+\\.w{1,3}x123456789012"));  // a literal number is fine
   Result<PatternSpec> syntax = PatternSpec::Parse("rule { patern: \"x\" }");
   EXPECT_EQ(syntax.status().message().substr(0, 37), "pattern spec: line 1 column 14: Messa");
   Result<PatternSpec> empty = PatternSpec::Parse("rule { pattern: \"x\" }");

@@ -69,10 +69,7 @@ Status RunAgent(AgentOptions options, Communicator* comm, const std::atomic<bool
   const std::string catalog_dir = ExpandNodePattern(options.catalog_dir, node_id);
   SetLogTag("agent[" + std::to_string(node_id) + "]");
 
-  std::error_code ec;
-  std::filesystem::create_directories(catalog_dir, ec);
-  if (ec) return IOError("creating catalog directory " + catalog_dir + ": " + ec.message());
-  ::chmod(catalog_dir.c_str(), 0700);
+  MEMENTO_RETURN_IF_ERROR(MakePrivateDir(catalog_dir, "catalog directory"));
   MEMENTO_ASSIGN_OR_RETURN(auto catalog, Catalog::Open(catalog_dir));
   FileSystem* fs = PosixFileSystem();
   std::unique_ptr<FaultInjectionFileSystem> faulty;
@@ -123,6 +120,7 @@ Status RunAgent(AgentOptions options, Communicator* comm, const std::atomic<bool
   NodeState state(options, node_id, catalog.get(), flusher.get(), comm->rank() == 0, group.get());
   if (flusher) flusher->SetYield([&state] { return state.captures_in_flight() > 0; });
   MEMENTO_RETURN_IF_ERROR(state.Recover());
+  std::error_code ec;
   std::filesystem::create_directories(std::filesystem::path(socket_path).parent_path(), ec);
   SocketServer server(socket_path, &state);
   MEMENTO_RETURN_IF_ERROR(server.Start());

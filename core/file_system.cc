@@ -16,6 +16,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <deque>
+#include <filesystem>
 #include <map>
 #include <mutex>
 #include <string_view>
@@ -562,6 +563,27 @@ std::string ParentDir(const std::string& path) {
 }
 
 }  // namespace
+
+Status MakePrivateDir(const std::string& dir, const std::string& what) {
+  if (dir.empty()) return InvalidArgument(what + ": empty path");
+  std::error_code ec;
+  std::filesystem::create_directories(dir, ec);
+  if (ec) return IOError("creating " + what + " " + dir + ": " + ec.message());
+  struct stat st {};
+  if (::lstat(dir.c_str(), &st) != 0) return PosixError("lstat(" + dir + ")");
+  if (S_ISLNK(st.st_mode)) {
+    return FailedPrecondition(what + " " + dir + " is a symbolic link: refusing to keep job data behind it");
+  }
+  if (!S_ISDIR(st.st_mode)) return FailedPrecondition(what + " " + dir + " is not a directory");
+  if (st.st_uid != ::geteuid()) {
+    return FailedPrecondition(what + " " + dir + " belongs to uid " + std::to_string(st.st_uid) + ", not to uid " +
+                              std::to_string(::geteuid()) + " that runs this job: refusing to keep job data there");
+  }
+  if ((st.st_mode & 07777) != 0700 && ::chmod(dir.c_str(), 0700) != 0) {
+    return PosixError("chmod 0700 " + what + " " + dir);
+  }
+  return Status::Ok();
+}
 
 FileSystem* PosixFileSystem() {
   static PosixFileSystemImpl* const fs = new PosixFileSystemImpl();  // never destroyed: usable at exit

@@ -88,6 +88,11 @@ class FileSystem {
 FileSystem* PosixFileSystem();
 
 // Reads a whole (small) file.
+// A directory only this user may enter, for job data (the agent's catalog, memento-run's work
+// directory): created (mkdir -p) when missing, then checked to be a real directory (not a link)
+// owned by this process's effective uid, and made mode 0700. `what` names it in errors.
+Status MakePrivateDir(const std::string& dir, const std::string& what);
+
 Result<std::string> ReadFileToString(FileSystem* fs, const std::string& path);
 // Writes `data` to `path` atomically: a temporary name in the same directory, fsync, rename,
 // fsync of the directory. A crash leaves either the old file or the new one, never a torn one.

@@ -19,6 +19,8 @@
 #include <sstream>
 #include <thread>
 
+#include "core/file_system.h"
+
 namespace memento::launcher {
 namespace {
 
@@ -100,9 +102,7 @@ Status Supervisor::Prepare() {
   if (o_.timeline.empty()) o_.timeline = o_.work_dir + "/timeline.json";
   timeline_.job = o_.job;
   token_ = RandomToken();
-  std::error_code ec;
-  std::filesystem::create_directories(o_.work_dir, ec);
-  if (ec) return IOError("creating the work directory " + o_.work_dir + ": " + ec.message());
+  MEMENTO_RETURN_IF_ERROR(MakePrivateDir(o_.work_dir, "work directory"));
   if (o_.simulate_nodes > 0) {
     for (int i = 0; i < o_.simulate_nodes; ++i) plan_.ids.push_back(i);
     for (int i = 0; i < o_.spares; ++i) spare_ids_.push_back(o_.simulate_nodes + i);
@@ -421,8 +421,8 @@ Supervisor::End Supervisor::RunAttempt(Attempt* a, Failure* recovering, Failure*
   for (int id : a->plan.ids) {
     const std::string dir = ExpandNodePattern(node_dir, id);
     if (o_.simulate_nodes > 0) {
-      std::error_code ec;
-      std::filesystem::create_directories(dir, ec);
+      Status st = MakePrivateDir(dir, "node directory");
+      if (!st.ok()) std::fprintf(stderr, "memento-run: %s\n", st.ToString().c_str());  // the agent fails too
     }
     ::unlink((dir + "/agent.pid").c_str());
   }

@@ -2,6 +2,7 @@
 // its shared-memory slots; a client of another job, or with a wrong token, is refused; a job id
 // cannot turn the checkpoint directory into a path outside the storage root. The other-user cases
 // fork, drop to `nobody` with setresuid, and report what they saw through a pipe.
+#include <dirent.h>
 #include <fcntl.h>
 #include <gtest/gtest.h>
 #include <grp.h>
@@ -16,9 +17,11 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
 #include <functional>
 #include <string>
 
+#include "core/file_system.h"
 #include "integration/harness.h"
 #include "proto/memento.pb.h"
 #include "proto/wire.h"
@@ -56,6 +59,19 @@ std::string AsNobody(const std::function<std::string()>& body) {
   ::close(fds[0]);
   int status = 0;
   ::waitpid(pid, &status, 0);
+  return out;
+}
+
+// Runs a shell command; its output, and its exit code in *rc.
+std::string RunCommand(const std::string& cmd, int* rc) {
+  std::string out;
+  FILE* p = ::popen(cmd.c_str(), "r");
+  if (p == nullptr) return "popen failed";
+  char buf[4096];
+  size_t n;
+  while ((n = std::fread(buf, 1, sizeof buf, p)) > 0) out.append(buf, n);
+  const int st = ::pclose(p);
+  *rc = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
   return out;
 }
 
@@ -172,6 +188,103 @@ TEST_F(IsolationTest, WrongTokenIsRefused) {
   auto c = cluster_->Connect(0, 1, 0, 0, "guess");
   EXPECT_EQ(c.status().code(), StatusCode::kPermissionDenied);
   EXPECT_EQ(c.status().message(), "rank 0: wrong job token for job '" + cluster_->job() + "'");
+}
+
+TEST_F(IsolationTest, OtherUserCannotReadTheCatalog) {
+  HoldOneVersion();
+  const std::string catalog = cluster_->CatalogDir(0);
+  struct stat st {};
+  ASSERT_EQ(::stat(catalog.c_str(), &st), 0) << catalog;
+  EXPECT_EQ(st.st_mode & 0777, 0700u);
+  EXPECT_EQ(st.st_uid, 0u);
+  // With the directories above it open to everyone, the catalog's own mode stops nobody.
+  ASSERT_EQ(::chmod(TestTmp().c_str(), 0711), 0);
+  ASSERT_EQ(::chmod(cluster_->Dir().c_str(), 0711), 0);
+  const std::string seen = AsNobody([&] {
+    DIR* d = ::opendir(catalog.c_str());
+    if (d != nullptr) ::closedir(d);
+    const std::string listed = d != nullptr ? "listed" : std::strerror(errno);
+    const int fd = ::open((catalog + "/CURRENT").c_str(), O_RDONLY);
+    if (fd >= 0) ::close(fd);
+    return listed + "; " + (fd >= 0 ? std::string("opened") : std::string(std::strerror(errno)));
+  });
+  EXPECT_EQ(seen, "Permission denied; Permission denied");
+}
+
+// A directory for job data that someone else made first (a catalog or work directory under /tmp)
+// is refused, not adopted: its owner could read or replace what the job writes there.
+TEST_F(IsolationTest, DirectoryOfAnotherUserIsRefused) {
+  const passwd* pw = ::getpwnam("nobody");
+  ASSERT_NE(pw, nullptr);
+  const std::string dir = cluster_->Dir() + "/planted";
+  ASSERT_EQ(::mkdir(dir.c_str(), 0777), 0);
+  ASSERT_EQ(::chown(dir.c_str(), pw->pw_uid, pw->pw_gid), 0);
+  Status st = MakePrivateDir(dir, "catalog directory");
+  EXPECT_EQ(st.code(), StatusCode::kFailedPrecondition);
+  EXPECT_EQ(st.message(), "catalog directory " + dir + " belongs to uid " + NobodyUid() +
+                              ", not to uid 0 that runs this job: refusing to keep job data there");
+  // A link to a directory of this user is refused too: it could be swapped for another.
+  const std::string mine = cluster_->Dir() + "/mine";
+  const std::string link = cluster_->Dir() + "/link";
+  ASSERT_EQ(::mkdir(mine.c_str(), 0700), 0);
+  ASSERT_EQ(::symlink(mine.c_str(), link.c_str()), 0);
+  st = MakePrivateDir(link, "work directory");
+  EXPECT_EQ(st.code(), StatusCode::kFailedPrecondition);
+  EXPECT_EQ(st.message(), "work directory " + link + " is a symbolic link: refusing to keep job data behind it");
+  // A directory of this user that others may enter is closed.
+  const std::string open_dir = cluster_->Dir() + "/open";
+  ASSERT_EQ(::mkdir(open_dir.c_str(), 0755), 0);
+  ASSERT_EQ(::chmod(open_dir.c_str(), 0755), 0);
+  ASSERT_TRUE(MakePrivateDir(open_dir, "work directory").ok());
+  struct stat sb {};
+  ASSERT_EQ(::stat(open_dir.c_str(), &sb), 0);
+  EXPECT_EQ(sb.st_mode & 07777, 0700u);
+}
+
+// The agent refuses such a catalog directory at start, naming it.
+TEST_F(IsolationTest, AgentRefusesACatalogOfAnotherUser) {
+  const passwd* pw = ::getpwnam("nobody");
+  ASSERT_NE(pw, nullptr);
+  const std::string dir = cluster_->Dir() + "/theirs";
+  ASSERT_EQ(::mkdir(dir.c_str(), 0777), 0);
+  ASSERT_EQ(::chown(dir.c_str(), pw->pw_uid, pw->pw_gid), 0);
+  int rc = 0;
+  const std::string out = RunCommand("OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 " + BinDir() +
+                                         "/memento-agent --job theirs --socket " + cluster_->Dir() + "/theirs.sock --catalog " +
+                                         dir + " 2>&1",
+                                     &rc);
+  EXPECT_NE(rc, 0) << out;
+  EXPECT_NE(out.find("catalog directory " + dir + " belongs to uid " + NobodyUid() +
+                     ", not to uid 0 that runs this job: refusing to keep job data there"),
+            std::string::npos)
+      << out;
+}
+
+// memento-run's work directory holds the agents' log, the timeline and the simulated nodes'
+// catalogs and sockets (under node-N/, which are 0700 too): only its user may enter it.
+TEST_F(IsolationTest, LauncherWorkDirectoryIsPrivate) {
+  const std::string work = cluster_->Dir() + "/run";
+  int rc = 0;
+  const std::string out = RunCommand("OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 " + BinDir() +
+                                         "/memento-run --simulate-nodes 1 --ranks-per-node 1 --quiet --work-dir " + work +
+                                         " -- true 2>&1",
+                                     &rc);
+  struct stat st {};
+  ASSERT_EQ(::stat(work.c_str(), &st), 0) << out;
+  EXPECT_EQ(st.st_mode & 07777, 0700u) << out;
+  // Given a work directory of another user, memento-run stops before starting anything.
+  const passwd* pw = ::getpwnam("nobody");
+  ASSERT_NE(pw, nullptr);
+  const std::string theirs = cluster_->Dir() + "/their-run";
+  ASSERT_EQ(::mkdir(theirs.c_str(), 0777), 0);
+  ASSERT_EQ(::chown(theirs.c_str(), pw->pw_uid, pw->pw_gid), 0);
+  const std::string refused = RunCommand("OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 " + BinDir() +
+                                             "/memento-run --simulate-nodes 1 --ranks-per-node 1 --quiet --work-dir " +
+                                             theirs + " -- true 2>&1",
+                                         &rc);
+  EXPECT_NE(rc, 0) << refused;
+  EXPECT_NE(refused.find("work directory " + theirs + " belongs to uid " + NobodyUid()), std::string::npos) << refused;
+  EXPECT_FALSE(std::filesystem::exists(theirs + "/node-0")) << refused;
 }
 
 // The job id names the checkpoint directory (<storage>/<job>/step-N) and the shared-memory

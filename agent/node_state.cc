@@ -516,6 +516,16 @@ int64_t NodeState::NewestGlobal() const {
   return -1;
 }
 
+std::string NodeState::EncoderStateLocked() const {
+  if (group_ == nullptr) return "none";
+  static const char* const kStates[] = {"idle", "encoding", "done", "failed"};
+  const int32_t st = encode_state_.load();
+  return std::string(st >= 0 && st < 4 ? kStates[st] : "?") + ", current step " + std::to_string(encode_current_) +
+         (coordinator_ ? ", order " + std::to_string(encode_order_) + ", announcing " + std::to_string(protected_announce_)
+                       : std::string()) +
+         ", last protected " + std::to_string(last_protected_);
+}
+
 Status NodeState::DropVersion(int64_t step) {
   versions_.erase(step);
   return catalog_->DeleteVersion(step);
@@ -582,7 +592,9 @@ Result<proto::BeginCaptureReply> NodeState::BeginCapture(Session* session, int64
   MEMENTO_RETURN_IF_ERROR(CheckSessionInEpoch(*session));
   const std::string who = "rank " + std::to_string(session->rank);
   if (step < 0) return InvalidArgument(who + ": step must be >= 0, got " + std::to_string(step));
-  auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
+  const auto started = std::chrono::steady_clock::now();
+  const auto deadline = started + std::chrono::milliseconds(timeout_ms);
+  auto next_report = started + std::chrono::seconds(3);
   for (;;) {
     MEMENTO_RETURN_IF_ERROR(CheckSessionInEpoch(*session));
     auto it = versions_.find(step);
@@ -623,7 +635,17 @@ Result<proto::BeginCaptureReply> NodeState::BeginCapture(Session* session, int64
       ++captures_in_flight_;
       return reply;
     }
-    if (cv_.wait_until(lock, deadline) == std::cv_status::timeout) {
+    // A capture waits for a slot only while the encoder or the flusher holds the older versions:
+    // a wait of seconds is worth a line in the agent's log (every 10 s), naming what holds them.
+    const auto now = std::chrono::steady_clock::now();
+    if (now >= next_report) {
+      MEMENTO_LOG(kWarning) << who << " has waited " << std::chrono::duration_cast<std::chrono::milliseconds>(now - started).count()
+                            << " ms for a slot for step " << step << " on node " << node_id_ << ": " << why
+                            << "; encoder: " << EncoderStateLocked() << "; newest restorable " << NewestGlobal();
+      next_report = now + std::chrono::seconds(10);
+    }
+    if (cv_.wait_until(lock, std::min(deadline, next_report)) == std::cv_status::timeout &&
+        std::chrono::steady_clock::now() >= deadline) {
       return Timeout(who + ": no free slot for step " + std::to_string(step) + " on node " + std::to_string(node_id_) +
                      " after " + std::to_string(timeout_ms) + " ms: " + why);
     }

@@ -121,6 +121,7 @@ class NodeState {
   Status CheckSessionInEpoch(const Session& s) const;  // REQUIRES(mu_)
   Result<int> ChooseSlot(int64_t step, std::string* why_none);  // REQUIRES(mu_)
   Status DropVersion(int64_t step);                    // REQUIRES(mu_)
+  std::string EncoderStateLocked() const;  // for logs; caller holds mu_
   int64_t NewestGlobal() const;                        // REQUIRES(mu_)
   // Checks every region CRC of `rank` in version `v`; DataLoss naming rank, tensor and step.
   Status VerifyRank(const proto::VersionRecord& v, const RankSlots& rs);

@@ -65,10 +65,37 @@ const std::string& Reference() {
   return ref;
 }
 
+// The work directories of the current test's runs: their agents' logs are printed if it fails.
+std::vector<std::string>& LaunchedDirs() {
+  static std::vector<std::string> dirs;
+  return dirs;
+}
+
+class PrintAgentLogsOnFailure : public ::testing::EmptyTestEventListener {
+  void OnTestStart(const ::testing::TestInfo&) override { LaunchedDirs().clear(); }
+  void OnTestEnd(const ::testing::TestInfo& info) override {
+    if (info.result()->Failed()) {
+      for (const std::string& dir : LaunchedDirs()) {
+        std::ifstream f(dir + "/agents.log");
+        std::stringstream ss;
+        ss << f.rdbuf();
+        std::printf("==== %s/agents.log\n%s\n", dir.c_str(), ss.str().c_str());
+      }
+    }
+    LaunchedDirs().clear();
+  }
+};
+
+[[maybe_unused]] const bool kListenerAdded = [] {
+  ::testing::UnitTest::GetInstance()->listeners().Append(new PrintAgentLogsOnFailure);
+  return true;
+}();
+
 LaunchResult Launch(const std::string& name, const std::string& args) {
   LaunchResult r;
   const std::string job = UniqueJob(name);
   r.work_dir = TestTmp() + "/" + job;
+  LaunchedDirs().push_back(r.work_dir);
   r.output = Run(BinDir() + "/memento-run --simulate-nodes 4 --ranks-per-node 2 --job " + job + " --work-dir " +
                      r.work_dir + " --quiet " + args + " -- " + TrainCommand(),
                  &r.exit_code);

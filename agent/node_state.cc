@@ -531,6 +531,15 @@ Status NodeState::DropVersion(int64_t step) {
   return catalog_->DeleteVersion(step);
 }
 
+int64_t NodeState::NewestProtected() const {
+  int64_t newest = -1;
+  if (group_ == nullptr) return newest;
+  for (const auto& [s, v] : versions_) {
+    if (v.is_protected() && v.state() == proto::VERSION_GLOBALLY_COMPLETE) newest = std::max(newest, s);
+  }
+  return newest;
+}
+
 Result<int> NodeState::ChooseSlot(int64_t step, std::string* why_none) {
   const int64_t newest_global = NewestGlobal();
   std::vector<const proto::VersionRecord*> by_slot(options_.slots_per_rank, nullptr);
@@ -538,13 +547,11 @@ Result<int> NodeState::ChooseSlot(int64_t step, std::string* why_none) {
     if (v.slot_index() >= 0 && v.slot_index() < options_.slots_per_rank) by_slot[v.slot_index()] = &v;
   }
   // With erasure coding, the newest protected version stays too: until a newer one is encoded, it
-  // is the newest a lost node can be rebuilt to.
-  int64_t newest_protected = -1;
-  if (group_ != nullptr) {
-    for (const auto& [s, v] : versions_) {
-      if (v.is_protected() && v.state() == proto::VERSION_GLOBALLY_COMPLETE) newest_protected = std::max(newest_protected, s);
-    }
-  }
+  // is the newest a lost node can be rebuilt to. So does the newest one every node has recorded
+  // protected, while some node may not have recorded a newer one yet: a rebuild needs a version
+  // that the surviving nodes all hold protected.
+  const int64_t newest_protected = NewestProtected();
+  const int64_t protected_everywhere = group_ != nullptr ? protected_everywhere_ : -1;
   // With storage, the newest version the flush policy admits stays until it is flushed or a newer
   // admitted one replaces it: else captures could recycle it while an older flush runs, and the
   // policy's "every N-th" version would never reach storage.
@@ -567,7 +574,7 @@ Result<int> NodeState::ChooseSlot(int64_t step, std::string* why_none) {
     if (v == nullptr) return k;
     bool usable = v->state() == proto::VERSION_GLOBALLY_COMPLETE && v->step() != newest_global &&
                   v->step() != flush_current_ && v->step() != encode_current_ && v->step() != newest_protected &&
-                  v->step() != flush_candidate;
+                  v->step() != protected_everywhere && v->step() != flush_candidate;
     if (!usable) {
       *why_none += (why_none->empty() ? "" : ", ") + std::string("slot ") + std::to_string(k) + " holds step " +
                    std::to_string(v->step()) + " (" + StateName(v->state()) +
@@ -575,6 +582,9 @@ Result<int> NodeState::ChooseSlot(int64_t step, std::string* why_none) {
                    (v->step() == flush_current_ ? ", being flushed" : "") +
                    (v->step() == encode_current_ ? ", being erasure-coded" : "") +
                    (v->step() == newest_protected ? ", newest erasure-coded" : "") +
+                   (v->step() == protected_everywhere && v->step() != newest_protected
+                        ? ", newest erasure-coded on every node"
+                        : "") +
                    (v->step() == flush_candidate ? ", next to flush" : "") + ")";
       continue;
     }
@@ -1101,6 +1111,7 @@ TickPayload NodeState::MakeTick(bool stop) {
     p.protected_step = coordinator_ ? protected_announce_ : -1;
     p.encode_step = encode_current_;
     p.encode_state = encode_state_.load();
+    p.newest_protected = NewestProtected();
   }
   if (flusher_ != nullptr) {
     p.flush_order = coordinator_ ? flush_order_ : -1;
@@ -1127,6 +1138,14 @@ bool NodeState::ApplyTick(const std::vector<TickPayload>& all) {
   }
   if (stop) return true;
   job_registered_ = registered;
+  if (group_ != nullptr) {
+    int64_t everywhere = INT64_MAX;
+    for (const TickPayload& p : all) everywhere = std::min(everywhere, p.newest_protected);
+    if (everywhere != protected_everywhere_) {
+      protected_everywhere_ = everywhere;
+      cv_.notify_all();  // a slot may have come free
+    }
+  }
   if (all_open) {
     // Global completion: a step every agent holds locally complete.
     bool changed = false;
@@ -1457,6 +1476,9 @@ void NodeState::EncodeRound(const std::vector<TickPayload>& all) {
     if (encode_state_ == 2) {
       auto it = versions_.find(encode_current_);
       if (it != versions_.end()) {
+        // The round that announces the protection completed here; a node that dies (or hangs) at
+        // this point never records it while the others do.
+        KillPoint("agent.protect", node_id_, encode_current_);
         it->second.set_is_protected(true);
         it->second.set_padded_length(padded_);
         it->second.clear_parity_crcs();

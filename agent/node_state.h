@@ -79,6 +79,7 @@ struct TickPayload {
   int64_t protected_step = -1;  // coordinator only: the step every group finished encoding
   int64_t encode_step = -1;   // the step encode_state refers to
   int32_t encode_state = 0;   // 0 idle, 1 encoding, 2 done, 3 failed
+  int64_t newest_protected = -1;  // the newest version this node has recorded protected
 };
 
 class NodeState {
@@ -122,6 +123,7 @@ class NodeState {
   Result<int> ChooseSlot(int64_t step, std::string* why_none);  // REQUIRES(mu_)
   Status DropVersion(int64_t step);                    // REQUIRES(mu_)
   std::string EncoderStateLocked() const;  // for logs; caller holds mu_
+  int64_t NewestProtected() const;                     // REQUIRES(mu_); -1 without erasure coding
   int64_t NewestGlobal() const;                        // REQUIRES(mu_)
   // Checks every region CRC of `rank` in version `v`; DataLoss naming rank, tensor and step.
   Status VerifyRank(const proto::VersionRecord& v, const RankSlots& rs);
@@ -204,6 +206,10 @@ class NodeState {
   int64_t encode_order_ = -1;                           // GUARDED_BY(mu_) coordinator
   int64_t protected_announce_ = -1;                     // GUARDED_BY(mu_) coordinator
   int64_t last_protected_ = -1;                         // GUARDED_BY(mu_)
+  // The oldest of the nodes' newest protected versions, as the last round saw them: a node keeps
+  // it until every node has recorded a newer one (the round that announces a protection may
+  // complete on some nodes and not on others when a node dies in it).
+  int64_t protected_everywhere_ = -1;                   // GUARDED_BY(mu_)
   std::set<int64_t> protected_here_;                    // GUARDED_BY(mu_) phase 2
   std::set<int64_t> rebuild_attempted_;                 // GUARDED_BY(mu_) this job start
   int64_t rebuild_target_ = -1;                         // GUARDED_BY(mu_)

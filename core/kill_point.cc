@@ -17,6 +17,7 @@ struct Spec {
   int rank = -1;
   int64_t step = -1;
   std::string once;  // marker file: fire only in the process that creates it
+  bool stop = false;  // SIGSTOP instead of SIGKILL
 };
 
 Spec Parse() {
@@ -32,6 +33,7 @@ Spec Parse() {
     if (kv.rfind("rank=", 0) == 0) s.rank = std::atoi(kv.c_str() + 5);
     if (kv.rfind("step=", 0) == 0) s.step = std::atoll(kv.c_str() + 5);
     if (kv.rfind("once=", 0) == 0) s.once = kv.substr(5);
+    if (kv == "stop=1") s.stop = true;
     pos = next;
   }
   s.active = true;
@@ -51,7 +53,7 @@ void KillPoint(const char* name, int rank, int64_t step) {
     if (fd < 0) return;
     ::close(fd);
   }
-  std::raise(SIGKILL);
+  std::raise(spec.stop ? SIGSTOP : SIGKILL);
 }
 
 }  // namespace memento

@@ -179,7 +179,8 @@ class AgentCluster {
   }
 
   Result<std::unique_ptr<Client>> Connect(int rank, int world, int node, int local_rank,
-                                          const std::string& token = "", const std::string& job = "") const {
+                                          const std::string& token = "", const std::string& job = "",
+                                          int slot_timeout_ms = 0) const {
     ClientOptions o;
     o.agent_socket = SocketPattern();
     o.job_id = job.empty() ? job_ : job;
@@ -191,7 +192,7 @@ class AgentCluster {
     o.copy_threads = 2;
     o.connect_timeout_ms = 5000;
     o.registration_timeout_ms = 60000;
-    o.slot_timeout_ms = 60000;
+    o.slot_timeout_ms = slot_timeout_ms > 0 ? slot_timeout_ms : 60000;
     return Client::Connect(o);
   }
 

@@ -8,13 +8,18 @@
 //    identically; and the restore point of an epoch is agreed the same way.
 #include "agent/node_state.h"
 
+#include <fcntl.h>
+#include <unistd.h>
+
 #include <algorithm>
+#include <cerrno>
 #include <chrono>
 #include <cstdio>
 #include <cstring>
 
 #include "core/crc.h"
 #include "core/dtype.h"
+#include "core/env.h"
 #include "core/kill_point.h"
 #include "core/log.h"
 #include "proto/shard_convert.h"
@@ -22,6 +27,24 @@
 
 namespace memento {
 namespace {
+
+// MEMENTO_EVENT_LOG (tests, debugging): one line per event, appended with a single write(2) so
+// that lines of concurrent agents never interleave.
+void LogEvent(int node_id, int64_t step, const char* event) {
+  const std::string& path = Env().event_log;
+  if (path.empty()) return;
+  const std::string line = "attempt=" + std::to_string(Env().attempt) + " node=" + std::to_string(node_id) +
+                           " step=" + std::to_string(step) + " " + event + "\n";
+  const int fd = ::open(path.c_str(), O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0600);
+  if (fd < 0) {
+    MEMENTO_LOG(kWarning) << "MEMENTO_EVENT_LOG " << path << ": " << std::strerror(errno);
+    return;
+  }
+  if (::write(fd, line.data(), line.size()) != static_cast<ssize_t>(line.size())) {
+    MEMENTO_LOG(kWarning) << "MEMENTO_EVENT_LOG " << path << ": short write";
+  }
+  ::close(fd);
+}
 
 constexpr uint64_t kSlotAlignment = 4096;
 // A sanity bound on a registration's slot (2^62 bytes, far past any memory), which keeps its
@@ -1244,6 +1267,7 @@ void NodeState::FlushRound(const std::vector<TickPayload>& all) {
       it->second.set_persisted(true);
       catalog_->PutVersion(it->second).IgnoreError();
     }
+    LogEvent(node_id_, flush_current_, "committed");
     last_committed_ = std::max(last_committed_, flush_current_);
     flush_errors_.erase(flush_current_);
     if (flusher_->Reset()) flush_current_ = -1;
@@ -1491,6 +1515,7 @@ void NodeState::EncodeRound(const std::vector<TickPayload>& all) {
         }
         catalog_->PutVersion(it->second).IgnoreError();
         MEMENTO_LOG(kDebug) << "step " << encode_current_ << " protected";
+        LogEvent(node_id_, encode_current_, "protected");
       }
       last_protected_ = std::max(last_protected_, encode_current_);
     }

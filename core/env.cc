@@ -48,6 +48,7 @@ EnvSettings Read() {
   e.fault_fs = Get("MEMENTO_FAULT_FS");
   e.attempt = GetInt("MEMENTO_ATTEMPT", -1);
   e.capture_log = Get("MEMENTO_CAPTURE_LOG");
+  e.event_log = Get("MEMENTO_EVENT_LOG");
   return e;
 }
 

@@ -67,9 +67,10 @@ bool UsesSrun(const Options& o, bool slurm_job_present) {
 std::string NodeDirPattern(const std::string& work_dir) { return work_dir + "/node-%n"; }
 
 Command AgentCommand(const Options& o, const NodePlan& plan, bool srun, const std::string& agent_bin,
-                     const std::string& work_dir, const std::string& token) {
+                     const std::string& work_dir, const std::string& token, int attempt) {
   Command c;
   c.env = {{"MEMENTO_JOB_TOKEN", token}};
+  if (attempt >= 0) c.env.push_back({"MEMENTO_ATTEMPT", std::to_string(attempt)});
   c.argv = LaunchPrefix(o, plan, srun, 1, c.env);
   // The agent's checksum, flush and encoding threads need the node's cores: a launcher's default
   // binding (one core per process) would put them all on one.

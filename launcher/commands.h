@@ -34,7 +34,8 @@ std::string NodeDirPattern(const std::string& work_dir);
 
 // The agents' job. `token` goes into the environment, never on the command line.
 Command AgentCommand(const Options& o, const NodePlan& plan, bool srun, const std::string& agent_bin,
-                     const std::string& work_dir, const std::string& token);
+                     const std::string& work_dir, const std::string& token,
+                     int attempt = -1);
 
 // The training job: every rank gets MEMENTO_* in its environment.
 Command TrainingCommand(const Options& o, const NodePlan& plan, bool srun, const std::string& work_dir,

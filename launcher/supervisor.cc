@@ -254,6 +254,12 @@ void Supervisor::HandleBeat(Attempt* a, const Beat& b, Failure* recovering, Fail
   r.pid = b.pid;
   r.last_beat = Clock::now();
   r.phase = b.phase;
+  if (b.phase == BeatPhase::kWaiting && b.step >= 0) {
+    if (r.waiting_step != b.step) r.waiting_since = r.last_beat;
+    r.waiting_step = b.step;
+  } else {
+    r.waiting_step = -1;
+  }
   switch (b.phase) {
     case BeatPhase::kRegistered:
       if (r.registered_s < 0) r.registered_s = t;
@@ -426,7 +432,7 @@ Supervisor::End Supervisor::RunAttempt(Attempt* a, Failure* recovering, Failure*
     }
     ::unlink((dir + "/agent.pid").c_str());
   }
-  Command agents = AgentCommand(o_, a->plan, srun_, agent_bin_, o_.work_dir, token_);
+  Command agents = AgentCommand(o_, a->plan, srun_, agent_bin_, o_.work_dir, token_, a->index);
   {
     std::ofstream log(o_.work_dir + "/agents.log", std::ios::app);
     log << "== memento-run attempt " << a->index << ": " << agents.ToString() << "\n";
@@ -534,9 +540,24 @@ Supervisor::End Supervisor::RunAttempt(Attempt* a, Failure* recovering, Failure*
       if (!failed->injected) failed->kind = "agent-exit";
     } else if (o_.hang_timeout_s > 0) {
       // The hung rank is the one silent the longest: the others soon wait for it and fall silent too.
+      // A rank whose snapshot waits for its agent beats while it waits, and the others wait for it
+      // in their collectives: then the verdict is about that wait, which is a hang once it lasts
+      // the timeout (its agent's log says what holds the slots).
       int hung = -1;
       double longest = 0;
+      bool capture_wait = false;
       for (const auto& [rank, s] : a->ranks) {
+        const double silent = std::chrono::duration<double>(Clock::now() - s.last_beat).count();
+        if (s.waiting_step < 0 || s.phase != BeatPhase::kWaiting || silent > 2.0) continue;
+        capture_wait = true;
+        const double waited = std::chrono::duration<double>(Clock::now() - s.waiting_since).count();
+        if (waited > o_.hang_timeout_s && waited > longest) {
+          hung = rank;
+          longest = waited;
+        }
+      }
+      for (const auto& [rank, s] : a->ranks) {
+        if (capture_wait) break;
         const double silent = std::chrono::duration<double>(Clock::now() - s.last_beat).count();
         if (s.phase != BeatPhase::kClosed && silent > o_.hang_timeout_s && silent > longest) {
           hung = rank;
@@ -545,9 +566,16 @@ Supervisor::End Supervisor::RunAttempt(Attempt* a, Failure* recovering, Failure*
       }
       if (hung >= 0) {
         const RankSeen& s = a->ranks[hung];
-        char buf[160];
-        std::snprintf(buf, sizeof buf, "rank %d sent no heartbeat for %.1f s (last: %s, step %lld)", hung, longest,
-                      BeatPhaseName(s.phase), static_cast<long long>(s.step));
+        char buf[200];
+        if (capture_wait) {
+          std::snprintf(buf, sizeof buf,
+                        "rank %d has waited %.1f s for its agent to take its snapshot of step %lld (no free slot: "
+                        "see the agents' log)",
+                        hung, longest, static_cast<long long>(s.waiting_step));
+        } else {
+          std::snprintf(buf, sizeof buf, "rank %d sent no heartbeat for %.1f s (last: %s, step %lld)", hung, longest,
+                        BeatPhaseName(s.phase), static_cast<long long>(s.step));
+        }
         detected = buf;
         std::string others;
         for (const auto& [rank, r] : a->ranks) {

@@ -37,6 +37,10 @@ class Supervisor {
     BeatPhase phase = BeatPhase::kConnected;
     Clock::time_point last_beat;
     int64_t step = -1;                 // newest Snapshot step
+    // Since when the rank's snapshot of `waiting_step` waits for its agent (kWaiting beats with a
+    // step: a capture waiting for a free slot); waiting_step -1 when it does not.
+    int64_t waiting_step = -1;
+    Clock::time_point waiting_since;
     double registered_s = -1, ready_s = -1, restored_s = -1, resumed_s = -1;
     int64_t restored_step = -2;
     std::string source;

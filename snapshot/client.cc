@@ -242,7 +242,16 @@ class ClientImpl : public Client {
   Status WaitUntilSafeToUpdate() override {
     if (!inflight_.valid()) return Status::Ok();
     auto t0 = Clock::now();
-    Status st = inflight_.get();
+    Status st;
+    if (inflight_.wait_for(std::chrono::seconds(0)) == std::future_status::ready) {
+      st = inflight_.get();
+    } else {
+      // The copy waits for the agent (a slot held by the encoder or the flusher, under load): the
+      // rank is alive and says so, and a stuck agent ends the wait with the slot timeout's error,
+      // which names what holds the slots.
+      HeartbeatSender::KeepAlive alive(heartbeat_.get(), inflight_step_);
+      st = inflight_.get();
+    }
     stats_.wait_seconds = Seconds(t0, Clock::now());
     stats_.step = inflight_step_;
     stats_.copy_seconds = copy_seconds_.load();

@@ -18,6 +18,7 @@
 #include <atomic>
 #include <chrono>
 #include <map>
+#include <set>
 #include <mutex>
 #include <sstream>
 #include <string>
@@ -272,7 +273,8 @@ class Stress {
     std::filesystem::remove_all(dir);
     std::filesystem::create_directories(dir);
     // Every rank appends "attempt=A rank=R step=S" once its agent acknowledged the capture.
-    std::string env = "MEMENTO_CAPTURE_LOG=" + dir + "/captured.log ", injects;
+    // Every agent appends "attempt=A node=N step=S protected|committed" (MEMENTO_EVENT_LOG).
+    std::string env = "MEMENTO_CAPTURE_LOG=" + dir + "/captured.log MEMENTO_EVENT_LOG=" + dir + "/events.log ", injects;
     std::string marker;
     for (const auto& f : plan.faults) {
       for (const auto& d : f.drills) injects += " --inject " + d;
@@ -294,6 +296,9 @@ class Stress {
     const std::string out = RunCommand(cmd, &rc);
     std::vector<std::string> problems = Check(plan, rc, out, ReadFile(dir + "/timeline.json"), marker, dir, notes);
     for (const std::string& p : CheckRestoredVersions(ReadFile(dir + "/captured.log"), ReadFile(dir + "/timeline.json"))) {
+      problems.push_back(p);
+    }
+    for (const std::string& p : CheckRestoresAfterLosses(ReadFile(dir + "/events.log"), ReadFile(dir + "/timeline.json"))) {
       problems.push_back(p);
     }
     if (problems.empty()) {
@@ -468,6 +473,85 @@ class Stress {
     return bad;
   }
 
+  // After a node loss the restore must be at least the newest version the surviving nodes could
+  // rebuild or load: the newest step every surviving node recorded erasure-coded in the failed
+  // attempt, and the newest checkpoint committed to storage (in that attempt or before, at most
+  // the step reached). Both come from the agents' event log (MEMENTO_EVENT_LOG).
+  std::vector<std::string> CheckRestoresAfterLosses(const std::string& log, const std::string& timeline) const {
+    std::vector<std::string> bad;
+    std::map<long, std::map<long, std::set<long>>> protected_steps;  // attempt -> node -> steps
+    std::map<long, std::set<long>> committed;                        // attempt -> steps
+    std::istringstream in(log);
+    for (std::string line; std::getline(in, line);) {
+      long a = -1, n = -1, st = -1;
+      char event[16] = {};
+      if (std::sscanf(line.c_str(), "attempt=%ld node=%ld step=%ld %15s", &a, &n, &st, event) != 4 || a < 0) {
+        bad.push_back("malformed event log line: " + line);
+        continue;
+      }
+      if (std::string(event) == "protected") {
+        protected_steps[a][n].insert(st);
+      } else if (std::string(event) == "committed") {
+        committed[a].insert(st);
+      } else {
+        bad.push_back("malformed event log line: " + line);
+      }
+    }
+    std::set<long> nodes;  // the node ids of the current attempt
+    for (int i = 0; i < o_.nodes; ++i) nodes.insert(i);
+    for (const auto& e : Failures(timeline)) {
+      const long attempt = Number(e, "attempt");
+      const std::vector<long> lost = Numbers(Field(e, "lost_nodes")), added = Numbers(Field(e, "replacements"));
+      const bool resumed = Field(e, "resumed_after_s").rfind("-", 0) != 0;
+      if (!lost.empty() && resumed) {
+        const long restored = Number(e, "restored_step"), last = Number(e, "last_step");
+        std::vector<long> survivors;
+        for (long n : nodes) {
+          if (std::find(lost.begin(), lost.end(), n) == lost.end()) survivors.push_back(n);
+        }
+        long coded = -1;
+        if (!survivors.empty()) {
+          const std::set<long>& first = protected_steps[attempt][survivors[0]];
+          for (auto it = first.rbegin(); it != first.rend() && coded < 0; ++it) {
+            bool everywhere = true;
+            for (long n : survivors) everywhere = everywhere && protected_steps[attempt][n].count(*it) > 0;
+            if (everywhere && *it <= last) coded = *it;
+          }
+        }
+        long stored = -1;
+        for (const auto& [a, steps] : committed) {
+          if (a > attempt) break;
+          for (long st : steps) {
+            if (st <= last) stored = std::max(stored, st);
+          }
+        }
+        if (restored < coded) {
+          bad.push_back("restored step " + std::to_string(restored) + " after losing node(s) " + Field(e, "lost_nodes") +
+                        ", but every surviving node had recorded step " + std::to_string(coded) +
+                        " erasure-coded in attempt " + std::to_string(attempt) + " (event log): " + e);
+        }
+        if (restored < stored) {
+          bad.push_back("restored step " + std::to_string(restored) + " after losing node(s) " + Field(e, "lost_nodes") +
+                        ", but step " + std::to_string(stored) + " had been committed to storage (event log): " + e);
+        }
+      }
+      for (long n : lost) nodes.erase(n);
+      for (long n : added) nodes.insert(n);
+    }
+    return bad;
+  }
+
+  // "[1,3]" -> {1, 3}.
+  static std::vector<long> Numbers(const std::string& array) {
+    std::vector<long> out;
+    for (size_t p = array.find_first_of("0123456789"); p != std::string::npos;) {
+      size_t q = array.find_first_not_of("0123456789", p);
+      out.push_back(std::atol(array.substr(p, q - p).c_str()));
+      p = q == std::string::npos ? q : array.find_first_of("0123456789", q);
+    }
+    return out;
+  }
+
   static std::string Tail(const std::string& s, int lines) {
     size_t p = s.size();
     for (int i = 0; i <= lines && p != std::string::npos && p > 0; ++i) p = s.rfind('\n', p - 1);
@@ -487,7 +571,9 @@ void Usage(FILE* f) {
                "round's seed (S + round): rank-crash, hang, agent-crash, node-loss, node-loss-x2 (two nodes at\n"
                "once, when the scheme tolerates 2), node-loss-during-recovery, flusher-kill (an agent dies\n"
                "mid-write through MEMENTO_KILL_POINT). Checks exit 0, the failure-free state_hash, every fault\n"
-               "in the timeline, and each restore's step and source against the ranks' capture log.\n"
+               "in the timeline, and each restore's step and source against the ranks' capture log and,\n"
+               "after node losses, the agents' event log (newest step erasure-coded on every survivor,\n"
+               "newest committed checkpoint).\n"
                "`--seed S --rounds 1` replays round S. `--jobs N` runs N rounds at once.\n"
                "Exit status: 0 all rounds passed; 1 a round failed; 2 bad options.\n");
 }

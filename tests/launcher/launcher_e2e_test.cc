@@ -91,12 +91,13 @@ class PrintAgentLogsOnFailure : public ::testing::EmptyTestEventListener {
   return true;
 }();
 
-LaunchResult Launch(const std::string& name, const std::string& args) {
+// `env`: NAME=VALUE words put before memento-run (its agents and ranks inherit them).
+LaunchResult Launch(const std::string& name, const std::string& args, const std::string& env = "") {
   LaunchResult r;
   const std::string job = UniqueJob(name);
   r.work_dir = TestTmp() + "/" + job;
   LaunchedDirs().push_back(r.work_dir);
-  r.output = Run(BinDir() + "/memento-run --simulate-nodes 4 --ranks-per-node 2 --job " + job + " --work-dir " +
+  r.output = Run((env.empty() ? "" : "env " + env + " ") + BinDir() + "/memento-run --simulate-nodes 4 --ranks-per-node 2 --job " + job + " --work-dir " +
                      r.work_dir + " --quiet " + args + " -- " + TrainCommand(),
                  &r.exit_code);
   std::ifstream f(r.work_dir + "/timeline.json");
@@ -193,6 +194,27 @@ TEST(LauncherE2E, AgentCrashKeepsMemory) {
   ASSERT_EQ(fs.size(), 1u) << r.timeline;
   EXPECT_EQ(Field(fs[0], "kind"), "\"agent-crash\"");
   EXPECT_EQ(Field(fs[0], "lost_nodes"), "[]");  // the node's memory outlived its agent
+  ExpectRecoveredFromMemory(fs[0]);
+}
+
+// Node 1's agent freezes (SIGSTOP) in its first erasure coding: its ranks' next snapshots wait for
+// it and beat "waiting"; the other ranks wait for them in their collectives and fall silent. The
+// verdict names the rank whose snapshot waits, not one of the silent ones.
+TEST(LauncherE2E, SnapshotWaitingForAFrozenAgentIsAHangThatNamesTheWait) {
+  const std::string marker = TestTmp() + "/" + UniqueJob("frozen-marker");
+  LaunchResult r = Launch("frozen", "--ec rs:2 --spares 1 --hang-timeout 2",
+                          "MEMENTO_KILL_POINT=agent.encode:rank=1:stop=1:once=" + marker);
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_EQ(r.StateHash(), Reference()) << r.output;
+  struct stat st {};
+  EXPECT_EQ(::stat(marker.c_str(), &st), 0) << "the kill point never fired";
+  auto fs = Failures(r.timeline);
+  ASSERT_EQ(fs.size(), 1u) << r.timeline;
+  EXPECT_EQ(Field(fs[0], "kind"), "\"hang\"");
+  EXPECT_EQ(Field(fs[0], "injected"), "false");
+  const std::string detail = Field(fs[0], "detail");
+  EXPECT_TRUE(detail.rfind("\"rank 2 has waited ", 0) == 0 || detail.rfind("\"rank 3 has waited ", 0) == 0) << detail;
+  EXPECT_NE(detail.find(" s for its agent to take its snapshot of step "), std::string::npos) << detail;
   ExpectRecoveredFromMemory(fs[0]);
 }
 

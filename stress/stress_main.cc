@@ -75,6 +75,7 @@ struct Fault {
                       // node-loss-during-recovery, flusher-kill
   std::vector<std::string> drills;
   int node = -1;      // flusher-kill: the node whose flusher dies mid-write
+  std::string fs_spec;  // storage-full, storage-eio: every agent's --inject-fs
 };
 
 struct Plan {
@@ -178,6 +179,18 @@ Plan Draw(const Options& o, uint64_t seed) {
     ++p.expected_failures;
     p.faults.push_back(f);
   }
+  // Storage that fails for the whole round, the file system full or failing with EIO after a few
+  // MiB per agent (less than one flush of a node): no flush commits, and the job goes on from
+  // memory. Drawn after the faults above, so that their draws stay those of earlier versions; not
+  // beside a flusher kill, which needs a flush to get half-way.
+  if (!flusher_used && rng.Uniform(0, 3) == 0) {
+    Fault f;
+    const bool eio = rng.Uniform(0, 1) == 1;
+    const uint64_t bytes = static_cast<uint64_t>(rng.Uniform(0, 4)) << 20;
+    f.kind = eio ? "storage-eio" : "storage-full";
+    f.fs_spec = (eio ? "eio_after=" : "enospc_after=") + std::to_string(bytes);
+    p.faults.push_back(f);
+  }
   return p;
 }
 
@@ -278,6 +291,7 @@ class Stress {
     std::string marker;
     for (const auto& f : plan.faults) {
       for (const auto& d : f.drills) injects += " --inject " + d;
+      if (!f.fs_spec.empty()) injects += " --agent-arg --inject-fs --agent-arg " + f.fs_spec;
       if (f.kind == "flusher-kill") {
         marker = dir + "/flusher-killed";
         env += "MEMENTO_KILL_POINT=agent.flush_mid_write:rank=" + std::to_string(f.node) + ":once=" + marker + " ";
@@ -380,6 +394,22 @@ class Stress {
         bool seen = false;
         for (const auto& e : fs) seen = seen || is_flusher_kill(e);
         if (!seen) bad.push_back("the flusher kill on node " + std::to_string(f.node) + " is not in the timeline");
+      }
+      if (!f.fs_spec.empty()) {
+        // The fault fired (a flush failed with its error), and nothing reached storage as committed.
+        const std::string error = f.kind == "storage-eio" ? "Input/output error" : "No space left on device";
+        const std::string agents = ReadFile(dir + "/work/agents.log");
+        if (agents.find(error) == std::string::npos) {
+          bad.push_back(f.kind + " (" + f.fs_spec + "): no flush failed with \"" + error + "\" in work/agents.log");
+        }
+        std::error_code ec;
+        for (const auto& job : std::filesystem::directory_iterator(dir + "/storage", ec)) {
+          for (const auto& step : std::filesystem::directory_iterator(job.path(), ec)) {
+            if (std::filesystem::exists(step.path() / "manifest")) {
+              bad.push_back(f.kind + " (" + f.fs_spec + "): " + step.path().string() + " was committed");
+            }
+          }
+        }
       }
     }
     // Every completed recovery restored a version at most the newest step reached, from memory
@@ -570,10 +600,11 @@ void Usage(FILE* f) {
                "Each round runs memento-train-example under memento-run with 1-3 faults drawn from the\n"
                "round's seed (S + round): rank-crash, hang, agent-crash, node-loss, node-loss-x2 (two nodes at\n"
                "once, when the scheme tolerates 2), node-loss-during-recovery, flusher-kill (an agent dies\n"
-               "mid-write through MEMENTO_KILL_POINT). Checks exit 0, the failure-free state_hash, every fault\n"
-               "in the timeline, and each restore's step and source against the ranks' capture log and,\n"
-               "after node losses, the agents' event log (newest step erasure-coded on every survivor,\n"
-               "newest committed checkpoint).\n"
+               "mid-write through MEMENTO_KILL_POINT), and in some rounds storage-full or storage-eio\n"
+               "(every agent's storage fails after a few MiB). Checks exit 0, the failure-free state_hash,\n"
+               "every fault in the timeline, and each restore's step and source against the ranks' capture\n"
+               "log and, after node losses, the agents' event log (newest step erasure-coded on every\n"
+               "survivor, newest committed checkpoint).\n"
                "`--seed S --rounds 1` replays round S. `--jobs N` runs N rounds at once.\n"
                "Exit status: 0 all rounds passed; 1 a round failed; 2 bad options.\n");
 }
@@ -648,6 +679,7 @@ int Main(int argc, char** argv) {
         what += (what.empty() ? "" : ", ") + f.kind;
         for (const auto& d : f.drills) what += " " + d;
         if (f.node >= 0) what += " node=" + std::to_string(f.node);
+        if (!f.fs_spec.empty()) what += " " + f.fs_spec;
       }
       if (o.dry_run) {
         std::lock_guard<std::mutex> lock(mu);

@@ -110,15 +110,19 @@ void HeartbeatSender::Send(BeatPhase phase, int64_t step, const std::string& det
 HeartbeatSender::KeepAlive::KeepAlive(HeartbeatSender* sender, int64_t step) : sender_(sender) {
   if (sender_ == nullptr) return;
   thread_ = std::thread([this, step] {
-    while (!stop_.load()) {
-      for (int i = 0; i < 50 && !stop_.load(); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(10));
-      if (!stop_.load()) sender_->Send(BeatPhase::kWaiting, step);
+    std::unique_lock<std::mutex> lock(mu_);
+    while (!cv_.wait_for(lock, std::chrono::milliseconds(500), [this] { return stop_; })) {
+      sender_->Send(BeatPhase::kWaiting, step);
     }
   });
 }
 
 HeartbeatSender::KeepAlive::~KeepAlive() {
-  stop_.store(true);
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stop_ = true;
+  }
+  cv_.notify_all();
   if (thread_.joinable()) thread_.join();
 }
 

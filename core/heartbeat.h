@@ -11,8 +11,10 @@
 #pragma once
 
 #include <atomic>
+#include <condition_variable>
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <thread>
 
@@ -64,7 +66,9 @@ class HeartbeatSender {
 
    private:
     HeartbeatSender* sender_;
-    std::atomic<bool> stop_{false};
+    std::mutex mu_;
+    std::condition_variable cv_;
+    bool stop_ = false;  // GUARDED_BY(mu_)
     std::thread thread_;
   };
 

@@ -243,7 +243,7 @@ class ClientImpl : public Client {
     if (!inflight_.valid()) return Status::Ok();
     auto t0 = Clock::now();
     Status st;
-    if (inflight_.wait_for(std::chrono::seconds(0)) == std::future_status::ready) {
+    if (inflight_.wait_for(std::chrono::milliseconds(200)) == std::future_status::ready) {
       st = inflight_.get();
     } else {
       // The copy waits for the agent (a slot held by the encoder or the flusher, under load): the

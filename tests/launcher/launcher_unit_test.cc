@@ -248,6 +248,7 @@ TEST(Heartbeat, SenderToReceiver) {
     auto waiting = (*rx)->Receive(5000);
     ASSERT_TRUE(waiting.ok()) << waiting.status().ToString();
     EXPECT_EQ(waiting->phase, BeatPhase::kWaiting);
+    EXPECT_EQ(waiting->step, 4);  // memento-run tells a capture waiting for its agent by the step
   }
   EXPECT_EQ((*rx)->Receive(0).status().code(), StatusCode::kNotFound);
   EXPECT_EQ(HeartbeatSender::Create("nohostport", "j", 0).status().message(),

@@ -8,11 +8,7 @@
 //    identically; and the restore point of an epoch is agreed the same way.
 #include "agent/node_state.h"
 
-#include <fcntl.h>
-#include <unistd.h>
-
 #include <algorithm>
-#include <cerrno>
 #include <chrono>
 #include <cstdio>
 #include <cstring>
@@ -28,22 +24,13 @@
 namespace memento {
 namespace {
 
-// MEMENTO_EVENT_LOG (tests, debugging): one line per event, appended with a single write(2) so
-// that lines of concurrent agents never interleave.
+// MEMENTO_EVENT_LOG (tests, debugging): one line per event.
 void LogEvent(int node_id, int64_t step, const char* event) {
   const std::string& path = Env().event_log;
   if (path.empty()) return;
-  const std::string line = "attempt=" + std::to_string(Env().attempt) + " node=" + std::to_string(node_id) +
-                           " step=" + std::to_string(step) + " " + event + "\n";
-  const int fd = ::open(path.c_str(), O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0600);
-  if (fd < 0) {
-    MEMENTO_LOG(kWarning) << "MEMENTO_EVENT_LOG " << path << ": " << std::strerror(errno);
-    return;
-  }
-  if (::write(fd, line.data(), line.size()) != static_cast<ssize_t>(line.size())) {
-    MEMENTO_LOG(kWarning) << "MEMENTO_EVENT_LOG " << path << ": short write";
-  }
-  ::close(fd);
+  AppendLogLine(path, "attempt=" + std::to_string(Env().attempt) + " node=" + std::to_string(node_id) + " step=" +
+                          std::to_string(step) + " " + event + "\n",
+                "MEMENTO_EVENT_LOG");
 }
 
 constexpr uint64_t kSlotAlignment = 4096;

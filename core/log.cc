@@ -1,9 +1,12 @@
 // Logging implementation: a single write(2) per line so lines from threads never interleave.
 #include "core/log.h"
 
+#include <fcntl.h>
 #include <unistd.h>
 
 #include <atomic>
+#include <cerrno>
+#include <cstring>
 #include <chrono>
 #include <cstdio>
 #include <ctime>
@@ -67,6 +70,18 @@ LogLine::~LogLine() {
   std::string out = std::string(ts) + " " + LevelName(level_) + " " + tag + " " + stream_.str() + "\n";
   ssize_t ignored = ::write(STDERR_FILENO, out.data(), out.size());
   (void)ignored;
+}
+
+void AppendLogLine(const std::string& path, const std::string& line, const char* what) {
+  const int fd = ::open(path.c_str(), O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0600);
+  if (fd < 0) {
+    MEMENTO_LOG(kWarning) << what << " " << path << ": " << std::strerror(errno);
+    return;
+  }
+  if (::write(fd, line.data(), line.size()) != static_cast<ssize_t>(line.size())) {
+    MEMENTO_LOG(kWarning) << what << " " << path << ": short write";
+  }
+  ::close(fd);
 }
 
 }  // namespace memento

@@ -15,6 +15,11 @@ void SetLogTag(std::string tag);
 void SetLogLevel(LogLevel level);
 LogLevel GetLogLevel();
 
+// Appends `line` to the file at `path` (created 0600) with a single write(2), so that lines of
+// concurrent processes never interleave: the event logs of tests and debugging (MEMENTO_CAPTURE_LOG,
+// MEMENTO_EVENT_LOG, named by `what` in the warning logged when it fails).
+void AppendLogLine(const std::string& path, const std::string& line, const char* what);
+
 class LogLine {
  public:
   LogLine(LogLevel level, const char* file, int line);

@@ -3,7 +3,6 @@
 // and restore. See client.h for the contract.
 #include "snapshot/client.h"
 
-#include <fcntl.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <unistd.h>
@@ -422,15 +421,7 @@ class ClientImpl : public Client {
     if (path.empty()) return;
     const std::string line = "attempt=" + std::to_string(Env().attempt) + " rank=" + std::to_string(opts_.rank) +
                              " step=" + std::to_string(step) + " " + event + "\n";
-    const int fd = ::open(path.c_str(), O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0600);
-    if (fd < 0) {
-      MEMENTO_LOG(kWarning) << "MEMENTO_CAPTURE_LOG " << path << ": " << std::strerror(errno);
-      return;
-    }
-    if (::write(fd, line.data(), line.size()) != static_cast<ssize_t>(line.size())) {
-      MEMENTO_LOG(kWarning) << "MEMENTO_CAPTURE_LOG " << path << ": short write";
-    }
-    ::close(fd);
+    AppendLogLine(path, line, "MEMENTO_CAPTURE_LOG");
   }
 
   Status TakeReportError() {

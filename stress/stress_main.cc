@@ -315,11 +315,13 @@ class Stress {
     for (const std::string& p : CheckRestoresAfterLosses(ReadFile(dir + "/events.log"), ReadFile(dir + "/timeline.json"))) {
       problems.push_back(p);
     }
-    if (problems.empty()) {
+    if (problems.empty() && notes->empty()) {
       std::filesystem::remove_all(dir);
     } else {
+      // A failed round, or one with a hang nobody injected: the agents' log says what they waited for.
       std::ofstream(dir + "/memento-run.out") << cmd << "\n" << out;
-      problems.push_back("kept " + dir + " (memento-run.out, timeline.json, work/agents.log)");
+      const std::string kept = "kept " + dir + " (memento-run.out, timeline.json, work/agents.log)";
+      (problems.empty() ? *notes : problems).push_back(kept);
     }
     // A failed memento-run keeps its nodes' shared memory for a second run; this one is done.
     RunCommand("rm -f /dev/shm/memento-" + job + "-*", &rc);

@@ -659,8 +659,9 @@ Result<proto::BeginCaptureReply> NodeState::BeginCapture(Session* session, int64
     // a wait of seconds is worth a line in the agent's log (every 10 s), naming what holds them.
     const auto now = std::chrono::steady_clock::now();
     if (now >= next_report) {
-      MEMENTO_LOG(kWarning) << who << " has waited " << std::chrono::duration_cast<std::chrono::milliseconds>(now - started).count()
-                            << " ms for a slot for step " << step << " on node " << node_id_ << ": " << why
+      const auto waited_ms = std::chrono::duration_cast<std::chrono::milliseconds>(now - started).count();
+      MEMENTO_LOG(kWarning) << who << " has waited " << waited_ms << " ms for a slot for step " << step << " on node "
+                            << node_id_ << ": " << why
                             << "; encoder: " << EncoderStateLocked() << "; newest restorable " << NewestGlobal();
       next_report = now + std::chrono::seconds(10);
     }

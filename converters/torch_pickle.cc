@@ -700,15 +700,7 @@ class Writer {
         } else {
           out_ += '}';
         }
-        if (!v.entries.empty()) {
-          out_ += '(';
-          for (const auto& [k, x] : v.entries) {
-            MEMENTO_RETURN_IF_ERROR(Write(*k, depth + 1));
-            MEMENTO_RETURN_IF_ERROR(Write(*x, depth + 1));
-          }
-          out_ += 'u';
-        }
-        return Status::Ok();
+        return WriteItems(v, depth);
       case K::kTensor:
         return Tensor(v.tensor);
       case K::kObject:
@@ -762,20 +754,24 @@ class Writer {
     return identifier && v.items.empty() &&
            (IsDeepSpeedClass(v.s, "SubparamShape") || IsDeepSpeedClass(v.s, "fragment_address"));
   }
+  // A dict's key/value pairs after its empty dict is on the stack: MARK, the pairs, SETITEMS.
+  Status WriteItems(const PickleValue& v, int depth) {
+    if (v.entries.empty()) return Status::Ok();
+    out_ += '(';
+    for (const auto& [k, x] : v.entries) {
+      MEMENTO_RETURN_IF_ERROR(Write(*k, depth + 1));
+      MEMENTO_RETURN_IF_ERROR(Write(*x, depth + 1));
+    }
+    out_ += 'u';
+    return Status::Ok();
+  }
   Status Dataclass(const PickleValue& v, int depth) {
     const size_t dot = v.s.rfind('.');
     out_ += 'c' + v.s.substr(0, dot) + '\n' + v.s.substr(dot + 1) + '\n';
     out_ += ')';
     out_ += static_cast<char>(0x81);
     out_ += '}';
-    if (!v.entries.empty()) {
-      out_ += '(';
-      for (const auto& [k, x] : v.entries) {
-        MEMENTO_RETURN_IF_ERROR(Write(*k, depth + 1));
-        MEMENTO_RETURN_IF_ERROR(Write(*x, depth + 1));
-      }
-      out_ += 'u';
-    }
+    MEMENTO_RETURN_IF_ERROR(WriteItems(v, depth));
     out_ += 'b';
     return Status::Ok();
   }

@@ -36,6 +36,13 @@ class Cluster {
     return a;
   }
   AgentCluster& agents() { return *agents_; }
+  // Restarts the agents with MEMENTO_KILL_POINT set to `spec` (for them only).
+  void RestartWithKillPoint(const std::string& spec) {
+    agents_->Stop();
+    ::setenv("MEMENTO_KILL_POINT", spec.c_str(), 1);
+    Start();
+    ::unsetenv("MEMENTO_KILL_POINT");
+  }
   // Ranks hold row blocks of global tensors (what storage restores by position), or, by default,
   // tensors of their own with different sizes (memory restores by rank).
   void UseGlobalLayout() { global_ = true; }
@@ -227,10 +234,7 @@ TEST(ErasureTest, LossDuringEncodingFallsBackToThePreviousProtectedVersion) {
   Cluster c(4, "rs:1");
   c.Start();
   c.CaptureProtected(1);
-  c.agents().Stop();
-  ::setenv("MEMENTO_KILL_POINT", "agent.encode:rank=0:step=2", 1);
-  c.Start();
-  ::unsetenv("MEMENTO_KILL_POINT");
+  c.RestartWithKillPoint("agent.encode:rank=0:step=2");
   RunRanks(4, [&](int rank) {
     auto cl = c.agents().Connect(rank, 4, c.id(rank), 0);
     ASSERT_TRUE(cl.ok());
@@ -258,10 +262,7 @@ TEST(ErasureTest, ProtectionRecordedOnSomeNodesOnlyKeepsTheOlderOne) {
   Cluster c(4, "rs:2");
   c.Start();
   c.CaptureProtected(1);
-  c.agents().Stop();
-  ::setenv("MEMENTO_KILL_POINT", "agent.protect:rank=2:step=2:stop=1", 1);
-  c.Start();
-  ::unsetenv("MEMENTO_KILL_POINT");
+  c.RestartWithKillPoint("agent.protect:rank=2:step=2:stop=1");
   RunRanks(4, [&](int rank) {
     auto cl = c.agents().Connect(rank, 4, c.id(rank), 0, "", "", /*slot_timeout_ms=*/3000);
     ASSERT_TRUE(cl.ok());

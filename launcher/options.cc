@@ -33,7 +33,8 @@ const char* const kUsage =
     "  --hang-timeout S       a rank silent for S seconds is hung (default 300; 0 = off)\n"
     "  --stop-grace S         SIGTERM, then SIGKILL after S seconds (default 5)\n"
     "  --start-timeout S      agents must serve within S seconds (default 60)\n"
-    "Drills (repeatable; each fires once, when a rank of its target reaches Snapshot(step)):\n"
+    "Drills (repeatable; each fires once, when a rank of its target reaches Snapshot(step);\n"
+    "drills of the same step fire together, as one failure):\n"
     "  --inject node-loss:node=I:step=S     kill node I (its agent and ranks) and delete its memory\n"
     "  --inject node-loss:node=I:during=recovery   the same, during the next recovery\n"
     "  --inject rank-crash:rank=R:step=S    SIGKILL rank R\n"
@@ -78,6 +79,29 @@ const char* InjectionKindName(Injection::Kind k) {
     case Injection::Kind::kAgentCrash: return "agent-crash";
   }
   return "?";
+}
+
+std::vector<size_t> StepDrillsFired(const std::vector<Injection>& drills, const std::vector<bool>& fired, int rank,
+                                    int node, int64_t step, const std::function<bool(int)>& rank_known) {
+  auto is_node = [](const Injection& in) {
+    return in.kind == Injection::Kind::kNodeLoss || in.kind == Injection::Kind::kAgentCrash;
+  };
+  std::vector<size_t> out;
+  std::vector<bool> taken = fired;
+  for (size_t i = 0; i < drills.size(); ++i) {
+    const Injection& in = drills[i];
+    if (taken[i] || in.during_recovery || step < in.step || in.target != (is_node(in) ? node : rank)) continue;
+    taken[i] = true;
+    out.push_back(i);
+    for (size_t j = 0; j < drills.size(); ++j) {
+      const Injection& other = drills[j];
+      if (taken[j] || other.during_recovery || other.step != in.step) continue;
+      if (!is_node(other) && !rank_known(other.target)) continue;
+      taken[j] = true;
+      out.push_back(j);
+    }
+  }
+  return out;
 }
 
 Result<Injection> ParseInjection(const std::string& spec) {

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -24,6 +25,14 @@ const char* InjectionKindName(Injection::Kind k);
 // "agent-crash:node=I:step=S"; "node-loss:node=I:during=recovery" also. InvalidArgument naming the
 // part at fault.
 Result<Injection> ParseInjection(const std::string& spec);
+
+// The step drills (not during=recovery) that a rank's Snapshot(step) heartbeat fires, in order:
+// the unfired drills whose target sent it (the rank, or the node `node` it runs on) and whose step
+// it reached; and with each, every unfired drill of the same step, whatever its target has reached:
+// drills of one step are one failure. A rank drill's target must be signallable
+// (`rank_known(rank)`) to fire with another; else it waits for its own heartbeat.
+std::vector<size_t> StepDrillsFired(const std::vector<Injection>& drills, const std::vector<bool>& fired, int rank,
+                                    int node, int64_t step, const std::function<bool(int)>& rank_known);
 
 enum class Launcher { kAuto, kMpirun, kSrun };
 

@@ -284,26 +284,27 @@ void Supervisor::HandleBeat(Attempt* a, const Beat& b, Failure* recovering, Fail
     ::kill(static_cast<pid_t>(b.pid), SIGKILL);  // a rank of a lost node that was not known yet
     return;
   }
-  for (size_t i = 0; i < o_.injections.size(); ++i) {
-    Injection& in = o_.injections[i];
-    if (fired_[i]) continue;
-    const bool node_drill = in.kind == Injection::Kind::kNodeLoss || in.kind == Injection::Kind::kAgentCrash;
-    bool fire = false;
-    if (in.during_recovery) {
-      if (a->index >= 1 && b.phase == BeatPhase::kRegistered) {
-        if (std::find(a->plan.ids.begin(), a->plan.ids.end(), in.target) == a->plan.ids.end()) {
-          Say("drill " + in.spec + " skipped: node " + std::to_string(in.target) + " is not in the job any more");
-          fired_[i] = true;
-          continue;
-        }
-        fire = true;
-      }
-    } else if (b.phase == BeatPhase::kStep && b.step >= in.step) {
-      fire = node_drill ? node == in.target : b.rank == in.target;
-    }
-    if (fire) {
+  if (a->index >= 1 && b.phase == BeatPhase::kRegistered) {
+    for (size_t i = 0; i < o_.injections.size(); ++i) {
+      Injection& in = o_.injections[i];
+      if (fired_[i] || !in.during_recovery) continue;
       fired_[i] = true;
+      if (std::find(a->plan.ids.begin(), a->plan.ids.end(), in.target) == a->plan.ids.end()) {
+        Say("drill " + in.spec + " skipped: node " + std::to_string(in.target) + " is not in the job any more");
+        continue;
+      }
       Fire(a, &in, pending);
+    }
+  }
+  if (b.phase == BeatPhase::kStep) {
+    // A rank drill fires along with another only once its rank has a pid to signal.
+    auto rank_known = [a](int rank) {
+      auto seen = a->ranks.find(rank);
+      return seen != a->ranks.end() && seen->second.pid > 0;
+    };
+    for (size_t i : StepDrillsFired(o_.injections, fired_, b.rank, node, b.step, rank_known)) {
+      fired_[i] = true;
+      Fire(a, &o_.injections[i], pending);
     }
   }
   // The recovery is over when every rank has taken its first step after the restore.

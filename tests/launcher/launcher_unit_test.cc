@@ -101,6 +101,41 @@ TEST(LauncherOptions, Injections) {
             "--inject 'node-loss:node=1:step=2:during=recovery': needs either step=S or during=recovery, not both");
 }
 
+std::vector<Injection> Drills(const std::vector<std::string>& specs) {
+  std::vector<Injection> out;
+  for (const std::string& s : specs) {
+    auto in = ParseInjection(s);
+    EXPECT_TRUE(in.ok()) << s;
+    if (in.ok()) out.push_back(*in);
+  }
+  return out;
+}
+
+// The step drills a heartbeat fires, and with them every drill of the same step: two nodes lost "at
+// once" are one failure even when one node's ranks lag a step behind the other's.
+TEST(LauncherDrills, DrillsOfOneStepFireTogether) {
+  auto d = Drills({"node-loss:node=1:step=10", "node-loss:node=3:step=10", "rank-crash:rank=0:step=12",
+                   "hang:rank=5:step=10", "node-loss:node=2:during=recovery", "agent-crash:node=0:step=10"});
+  auto all_known = [](int) { return true; };
+  auto none_known = [](int) { return false; };
+  std::vector<bool> fired(d.size(), false);
+  // Rank 2 (node 1) reaches step 9: nothing; step 10: node 1, then node 3, rank 5 and node 0's agent.
+  EXPECT_EQ(StepDrillsFired(d, fired, 2, 1, 9, all_known), std::vector<size_t>{});
+  EXPECT_EQ(StepDrillsFired(d, fired, 2, 1, 10, all_known), (std::vector<size_t>{0, 1, 3, 5}));
+  // A rank drill whose rank has no pid yet waits for its own heartbeat; node drills do not wait.
+  EXPECT_EQ(StepDrillsFired(d, fired, 2, 1, 10, none_known), (std::vector<size_t>{0, 1, 5}));
+  // Then rank 5's own heartbeat fires its drill.
+  fired = {true, true, false, false, false, true};
+  EXPECT_EQ(StepDrillsFired(d, fired, 5, 2, 11, none_known), (std::vector<size_t>{3}));
+  // Fired drills do not fire again; a later step fires a drill of an earlier one that was missed.
+  fired = {true, true, false, true, false, true};
+  EXPECT_EQ(StepDrillsFired(d, fired, 6, 3, 11, all_known), std::vector<size_t>{});
+  EXPECT_EQ(StepDrillsFired(d, fired, 0, 0, 13, all_known), std::vector<size_t>{2});
+  // during=recovery drills are not step drills.
+  EXPECT_EQ(StepDrillsFired(Drills({"node-loss:node=2:during=recovery"}), {false}, 4, 2, 50, all_known),
+            std::vector<size_t>{});
+}
+
 Options Simulated() {
   auto o = Parse({"--simulate-nodes", "4", "--ranks-per-node", "2", "--ec", "rs:2", "--job", "j", "--storage", "/s",
                   "--flush-every", "5", "--", "train", "--steps", "9"});

@@ -4,6 +4,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <string>
 
 #include "core/posix_error.h"
@@ -66,8 +67,16 @@ Status RecvFrame(int fd, google::protobuf::MessageLite* message) {
     return InvalidArgument("frame of " + std::to_string(n) + " bytes exceeds the limit of " +
                            std::to_string(kMaxFrameBytes));
   }
-  std::string body(n, '\0');
-  MEMENTO_RETURN_IF_ERROR(ReadAll(fd, body.data(), n, false));
+  // The body grows as its bytes arrive (doubling from 64 KiB): a peer that declares a large frame
+  // and sends little of it costs what it sent, not the size it declared.
+  std::string body;
+  size_t got = 0;
+  while (got < n) {
+    const size_t want = std::min<size_t>(n, std::max<size_t>(2 * got, size_t{64} << 10));
+    body.resize(want);
+    MEMENTO_RETURN_IF_ERROR(ReadAll(fd, body.data() + got, want - got, false));
+    got = want;
+  }
   if (!message->ParseFromString(body)) return InvalidArgument("malformed " + message->GetTypeName() + " frame");
   return Status::Ok();
 }

@@ -6,6 +6,7 @@
 
 #include <cstring>
 #include <string>
+#include <thread>
 
 #include "core/crc.h"
 #include "core/dtype.h"
@@ -107,6 +108,15 @@ TEST(WireTest, FramesRoundTripAndMalformedInputIsRefused) {
   proto::Request got;
   ASSERT_TRUE(RecvFrame(sv[1], &got).ok());
   EXPECT_EQ(got.begin_capture().step(), 42);
+  // A frame larger than the first read (64 KiB), sent by a thread while the body grows.
+  proto::Request large;
+  std::string token(3 * (1 << 20) + 17, '\0');
+  for (size_t i = 0; i < token.size(); ++i) token[i] = static_cast<char>('a' + i % 26);
+  large.mutable_hello()->set_job_token(token);
+  std::thread sender([&] { EXPECT_TRUE(SendFrame(sv[0], large).ok()); });
+  ASSERT_TRUE(RecvFrame(sv[1], &got).ok());
+  sender.join();
+  EXPECT_EQ(got.hello().job_token(), token);
   // A length over the limit.
   const unsigned char big[4] = {0, 0, 0, 0x10};
   ASSERT_EQ(::write(sv[0], big, 4), 4);
@@ -124,6 +134,22 @@ TEST(WireTest, FramesRoundTripAndMalformedInputIsRefused) {
   ASSERT_EQ(::write(sv[0], part, 6), 6);
   ::close(sv[0]);
   st = RecvFrame(sv[1], &got);
+  ASSERT_EQ(st.code(), StatusCode::kUnavailable) << st.message();
+  EXPECT_EQ(st.message(), "peer closed the connection in the middle of a message");
+  ::close(sv[1]);
+  // A frame that declares 60 MiB and stops after 100 KiB (past the first read) fails the same way.
+  ASSERT_EQ(::socketpair(AF_UNIX, SOCK_STREAM, 0, sv), 0);
+  std::thread partial([&] {
+    const uint32_t n = 60u << 20;
+    const unsigned char header[4] = {static_cast<unsigned char>(n), static_cast<unsigned char>(n >> 8),
+                                     static_cast<unsigned char>(n >> 16), static_cast<unsigned char>(n >> 24)};
+    EXPECT_EQ(::write(sv[0], header, 4), 4);
+    const std::string some(100 << 10, 'x');
+    EXPECT_EQ(::write(sv[0], some.data(), some.size()), static_cast<ssize_t>(some.size()));
+    ::close(sv[0]);
+  });
+  st = RecvFrame(sv[1], &got);
+  partial.join();
   EXPECT_EQ(st.code(), StatusCode::kUnavailable);
   EXPECT_EQ(st.message(), "peer closed the connection in the middle of a message");
   ::close(sv[1]);

@@ -118,6 +118,7 @@ Status Flusher::WriteRanks(int64_t step, int32_t world_size, const std::vector<R
     image.world_size = world_size;
     image.layout = &job.layout;
     image.slot = job.slot->data();
+    image.region_crcs = &job.crcs;
     auto entry = WriteRankFiles(fs_, dir, options_.job_id, step, image, po);
     if (!entry.ok()) {
       Status st = entry.status().WithContext("flushing step " + std::to_string(step) + " of rank " +

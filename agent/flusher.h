@@ -41,6 +41,7 @@ class Flusher {
   struct RankJob {
     proto::RankRecord layout;
     std::shared_ptr<SharedMemory> slot;  // kept mapped while it is written
+    std::vector<proto::RegionCrc> crcs;  // the capture's CRCs of the slot's regions (reused)
   };
 
   Flusher(const AgentOptions& options, FileSystem* fs, int node_id);

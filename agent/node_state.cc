@@ -1280,7 +1280,11 @@ void NodeState::FlushRound(const std::vector<TickPayload>& all) {
       for (int32_t r : epoch_ranks_) {
         auto rit = ranks_.find(r);
         if (rit == ranks_.end()) continue;
-        jobs.push_back({rit->second.record, rit->second.slots.at(it->second.slot_index())});
+        Flusher::RankJob job{rit->second.record, rit->second.slots.at(it->second.slot_index()), {}};
+        for (const proto::RankCapture& cap : it->second.captured()) {
+          if (cap.rank() == r) job.crcs.assign(cap.crcs().begin(), cap.crcs().end());
+        }
+        jobs.push_back(std::move(job));
         world = rit->second.record.world_size();
       }
       flush_current_ = c.flush_order;

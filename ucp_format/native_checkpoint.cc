@@ -56,13 +56,26 @@ class RunWriter {
   // Writes `n` bytes as one run at the next 4 KiB-aligned offset, with its CRCs per `chunk_bytes`.
   // Each piece is handed to the file before its CRC is computed, so that the CRC of a piece
   // overlaps the write of the ones before it.
+  // With `known` (CRCs of exactly these bytes per `chunk_bytes`), the run takes them and computes none.
   Status WriteRun(const uint8_t* data, uint64_t n, int32_t fragment, uint64_t chunk_bytes,
-                  proto::PersistedRun* run) {
+                  proto::PersistedRun* run, const proto::RegionCrc* known = nullptr) {
     MEMENTO_RETURN_IF_ERROR(Align());
     run->set_fragment(fragment);
     run->set_file_offset(file_->size());
     run->set_bytes(n);
     run->set_chunk_bytes(chunk_bytes);
+    if (known != nullptr) {
+      *run->mutable_chunk_crcs() = known->chunk_crcs();
+      for (uint64_t off = 0; off < n;) {
+        if (yield_) yield_();
+        const uint64_t piece_end = off + std::min(n - off, kWritePieceBytes);
+        MEMENTO_RETURN_IF_ERROR(file_->AppendStable(data + off, static_cast<size_t>(piece_end - off)));
+        written_ += piece_end - off;
+        off = piece_end;
+        Throttle();
+      }
+      return Status::Ok();
+    }
     uint64_t crc = 0;
     uint64_t chunk_end = std::min(chunk_bytes, n);  // run offset where the current chunk ends
     for (uint64_t off = 0; off < n;) {
@@ -274,6 +287,16 @@ Result<proto::ManifestRank> WriteRankFiles(FileSystem* fs, const std::string& di
   MEMENTO_ASSIGN_OR_RETURN(std::unique_ptr<WritableFile> data, fs->NewWritableFile(data_path, options.write));
   RunWriter writer(data.get(), options.bandwidth_bytes_per_s, options.yield);
 
+  // The capture's CRCs of whole tensor regions, by slot offset, where their chunking is this file's.
+  std::map<uint64_t, const proto::RegionCrc*> known;
+  if (image.region_crcs != nullptr) {
+    for (const proto::RegionCrc& r : *image.region_crcs) {
+      if (r.chunk_bytes() == options.crc_chunk_bytes && r.bytes() > 0 &&
+          static_cast<uint64_t>(r.chunk_crcs_size()) == ChunkCount(r.bytes(), r.chunk_bytes())) {
+        known[r.offset()] = &r;
+      }
+    }
+  }
   for (const proto::TensorRecord& t : layout.tensors()) {
     const std::string what = rank_name + " tensor '" + t.name() + "'";
     MEMENTO_ASSIGN_OR_RETURN(DType dtype, DTypeFromInt(t.dtype()));
@@ -293,9 +316,12 @@ Result<proto::ManifestRank> WriteRankFiles(FileSystem* fs, const std::string& di
     for (size_t i = 0; i < spec->fragments.size(); ++i) {
       const Fragment& f = spec->fragments[i];
       if (f.replica_id != 0 || f.numel() == 0) continue;
-      const uint8_t* src = image.slot + t.slot_offset() + static_cast<uint64_t>(f.local_offset) * width;
-      MEMENTO_RETURN_IF_ERROR(writer.WriteRun(src, static_cast<uint64_t>(f.numel()) * width, static_cast<int32_t>(i),
-                                              options.crc_chunk_bytes, pt->add_runs()));
+      const uint64_t begin = t.slot_offset() + static_cast<uint64_t>(f.local_offset) * width;
+      const uint64_t bytes = static_cast<uint64_t>(f.numel()) * width;
+      auto k = known.find(begin);
+      const proto::RegionCrc* crcs = k != known.end() && k->second->bytes() == bytes ? k->second : nullptr;
+      MEMENTO_RETURN_IF_ERROR(writer.WriteRun(image.slot + begin, bytes, static_cast<int32_t>(i),
+                                              options.crc_chunk_bytes, pt->add_runs(), crcs));
     }
   }
   for (const proto::BlobRecord& b : layout.blobs()) {

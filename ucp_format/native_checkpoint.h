@@ -8,7 +8,6 @@
 
 #include <cstdint>
 #include <functional>
-#include <functional>
 #include <string>
 #include <vector>
 
@@ -35,6 +34,11 @@ struct RankImage {
   int32_t world_size = 0;
   const proto::RankRecord* layout = nullptr;  // tensors and blobs with their slot offsets
   const uint8_t* slot = nullptr;              // layout->slot_bytes() bytes
+  // Optional: the CRCs the agent took of the slot's regions when the version was captured
+  // (agent/node_state.cc RegionLayout). A run that is a whole tensor region, with the same chunk
+  // size, takes its chunk CRCs from there instead of reading the bytes once more; the file then
+  // carries the CRCs of what was captured, so bytes that changed in memory since fail on reading.
+  const std::vector<proto::RegionCrc>* region_crcs = nullptr;
 };
 
 struct PersistOptions {

@@ -13,6 +13,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 #include <memory>
 #include <random>
 #include <string>
@@ -281,6 +282,65 @@ TEST_F(NativeCheckpointTest, FlippedByteIsNamedByVerifyAndRefusedByLoad) {
   std::vector<uint8_t> slot0(layouts_[0].slot_bytes(), 0);
   EXPECT_TRUE(LoadRank(fs_, dir_, m, layouts_[0], slot0.data()).ok());
   EXPECT_TRUE(slot0 == slots_[0]);
+}
+
+// The agent's capture CRCs (per tensor region and chunk) stand in for the writer's own: the files
+// are the same, and a byte that changed in memory since the capture fails verification.
+TEST_F(NativeCheckpointTest, CaptureCrcsOfWholeTensorRunsAreReused) {
+  auto region_crcs = [&](int r, uint64_t chunk) {
+    std::vector<proto::RegionCrc> out;
+    for (const proto::TensorRecord& t : layouts_[r].tensors()) {
+      proto::RegionCrc c;
+      c.set_name(t.name());
+      c.set_offset(t.slot_offset());
+      c.set_bytes(t.bytes());
+      c.set_chunk_bytes(chunk);
+      for (uint64_t at = 0; at < t.bytes(); at += chunk) {
+        c.add_chunk_crcs(Crc64(slots_[r].data() + t.slot_offset() + at, std::min(chunk, t.bytes() - at)));
+      }
+      out.push_back(c);
+    }
+    return out;
+  };
+  auto write = [&](const std::string& dir, const std::vector<proto::RegionCrc>& crcs) {
+    Result<proto::ManifestRank> e0 =
+        WriteRankFiles(fs_, dir, "job", kStep, RankImage{0, kWorld, &layouts_[0], slots_[0].data()}, options_);
+    RankImage image{1, kWorld, &layouts_[1], slots_[1].data()};
+    image.region_crcs = &crcs;
+    Result<proto::ManifestRank> e1 = WriteRankFiles(fs_, dir, "job", kStep, image, options_);
+    ASSERT_TRUE(e0.ok() && e1.ok()) << e0.status().ToString() << " " << e1.status().ToString();
+    ASSERT_TRUE(CommitManifest(fs_, dir, BuildManifest("job", kStep, kWorld, {*e0, *e1})).ok());
+  };
+  auto read = [](const std::string& path) {
+    std::ifstream in(path, std::ios::binary);
+    return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+  };
+  const std::vector<proto::RegionCrc> captured = region_crcs(1, options_.crc_chunk_bytes);
+  const std::string same = root_ + "/reused";
+  write(same, captured);
+  EXPECT_EQ(read(same + "/rank-1.meta"), read(dir_ + "/rank-1.meta"));
+  EXPECT_EQ(read(same + "/rank-1.data"), read(dir_ + "/rank-1.data"));
+
+  // w changes in memory after its capture (byte 2148: chunk 2); the file carries the capture's CRCs.
+  const uint64_t w = Tensor(layouts_[1], "w").slot_offset();
+  slots_[1][w + 2148] ^= 0x40;
+  const std::string changed = root_ + "/changed";
+  write(changed, captured);
+  Result<std::vector<VerifyProblem>> problems = VerifyCheckpoint(fs_, changed);
+  ASSERT_TRUE(problems.ok()) << problems.status().ToString();
+  EXPECT_EQ(Strings(*problems),
+            std::vector<std::string>{changed + "/rank-1.data: tensor 'w' bytes 2048..3072: CRC mismatch"});
+
+  // CRCs of another chunk size are not this file's: the writer computes its own (of the bytes now).
+  const std::string other = root_ + "/other-chunks";
+  std::vector<proto::RegionCrc> wrong = region_crcs(1, 2048);
+  for (proto::RegionCrc& c : wrong) {
+    for (int i = 0; i < c.chunk_crcs_size(); ++i) c.set_chunk_crcs(i, 0);
+  }
+  write(other, wrong);
+  problems = VerifyCheckpoint(fs_, other);
+  ASSERT_TRUE(problems.ok()) << problems.status().ToString();
+  EXPECT_TRUE(problems->empty()) << Strings(*problems)[0];
 }
 
 TEST_F(NativeCheckpointTest, FlippedBlobByteAndMetadataByte) {

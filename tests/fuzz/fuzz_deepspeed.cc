@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <map>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "converters/deepspeed.h"
@@ -64,15 +65,25 @@ void Storages(const memento::PickleValue& v, std::map<std::string, uint64_t>* ou
   for (const auto& x : v.items) Storages(*x, out, depth + 1);
 }
 
+// The storages of a pickle's tensors. A mutation changes one file of a bundle: the pickles of the
+// others were unpickled before, and their storages are remembered (a few thousand pickles at most).
+const std::map<std::string, uint64_t>& StoragesOf(const std::string& pickle) {
+  static auto* seen = new std::unordered_map<std::string, std::map<std::string, uint64_t>>();
+  auto it = seen->find(pickle);
+  if (it != seen->end()) return it->second;
+  if (seen->size() >= 4096) seen->clear();
+  std::map<std::string, uint64_t> storages;
+  memento::Result<memento::PickleValuePtr> v = memento::Unpickle(pickle);
+  if (v.ok()) Storages(**v, &storages, 0);
+  return seen->emplace(pickle, std::move(storages)).first->second;
+}
+
 // A torch.save zip holding `pickle` as archive/data.pkl and a patterned storage per tensor.
 void WriteTorchFile(memento::fuzz::MemoryFileSystem* fs, const std::string& path, const std::string& pickle) {
   auto zip = memento::ZipBuilder::Create(fs, path);
   if (!zip.ok() || !(*zip)->Add("archive/data.pkl", pickle.data(), pickle.size()).ok()) return;
-  std::map<std::string, uint64_t> storages;
-  memento::Result<memento::PickleValuePtr> v = memento::Unpickle(pickle);
-  if (v.ok()) Storages(**v, &storages, 0);
   uint64_t total = 0;
-  for (const auto& [key, bytes] : storages) {
+  for (const auto& [key, bytes] : StoragesOf(pickle)) {
     if ((total += bytes) > kMaxStorageBytes) break;
     std::string data(static_cast<size_t>(bytes), '\0');
     for (size_t i = 0; i < data.size(); ++i) data[i] = static_cast<char>(i % 4 == 3 ? 0x3f : i * 13);

@@ -996,6 +996,7 @@ void NodeState::OpenEpoch(const std::vector<TickPayload>& all) {
     if (candidate >= 0) {
       MEMENTO_LOG(kInfo) << "restoring step " << candidate << " from storage (" << flusher_->SourceDir(candidate) << ")";
       load_target_ = candidate;
+      load_fallback_ = memory_point;
       storage_loaded_ = candidate;
       phase_ = 1;  // verify again, loading the checkpoint, in the next round
       return;
@@ -1219,8 +1220,25 @@ Status NodeState::LoadFromStorage(int64_t step) {
     if (!used.count(k)) slot = k;
   }
   if (slot < 0) {
-    return ResourceExhausted("no free slot on node " + std::to_string(node_id_) + " to load step " +
-                             std::to_string(step) + " into: every slot holds a version");
+    // Every slot holds a version, and none of them can be restored: the agents agreed on this
+    // checkpoint because no version newer than it is held, or can be rebuilt, everywhere (nodes
+    // lost beyond the scheme's tolerance leave their peers' versions useless). One of them makes
+    // room: first one that not every node holds, then the oldest; never the newest version every
+    // node holds, which the job falls back to if another node cannot load the checkpoint.
+    int64_t dropped = -1;
+    for (const auto& [s, v] : versions_) {  // oldest first
+      if (s == load_fallback_ || s == encode_current_ || s == flush_current_) continue;
+      if (dropped < 0 || (s > load_fallback_ && dropped < load_fallback_)) dropped = s;
+    }
+    if (dropped < 0) {
+      return ResourceExhausted("no free slot on node " + std::to_string(node_id_) + " to load step " +
+                               std::to_string(step) + " into: every slot holds a version that is in use");
+    }
+    slot = versions_.at(dropped).slot_index();
+    MEMENTO_LOG(kInfo) << "dropping version " << dropped << " (it cannot be restored: "
+                       << (dropped > load_fallback_ ? "not every node holds it" : "older than the checkpoint")
+                       << ") to load step " << step << " into its slot";
+    MEMENTO_RETURN_IF_ERROR(DropVersion(dropped));
   }
   proto::VersionRecord v = NewVersion(step, slot, proto::VERSION_LOCALLY_COMPLETE, incarnation_);
   v.set_persisted(true);

@@ -183,6 +183,7 @@ class NodeState {
   // Restore from storage (epoch start).
   int64_t load_target_ = -1;                            // GUARDED_BY(mu_) agreed checkpoint to load
   int64_t storage_loaded_ = -1;                         // GUARDED_BY(mu_) the last checkpoint agreed on
+  int64_t load_fallback_ = -1;  // GUARDED_BY(mu_) the version every node held when load_target_ was agreed
   std::vector<int64_t> persisted_;                      // GUARDED_BY(mu_) committed steps seen, newest first
   std::map<int64_t, std::string> failed_loads_;         // GUARDED_BY(mu_) this epoch start
   // Flush.

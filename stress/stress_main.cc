@@ -72,7 +72,8 @@ int Tolerance(const std::string& ec) {
 // One planned fault. `drills` are memento-run --inject specs (none for the flusher kill).
 struct Fault {
   std::string kind;   // counted kind: rank-crash, hang, agent-crash, node-loss, node-loss-x2,
-                      // node-loss-during-recovery, flusher-kill
+                      // node-loss-during-recovery, flusher-kill, storage-full, storage-eio,
+                      // memory-loss (more nodes at once than the scheme tolerates)
   std::vector<std::string> drills;
   int node = -1;      // flusher-kill: the node whose flusher dies mid-write
   std::string fs_spec;  // storage-full, storage-eio: every agent's --inject-fs
@@ -186,6 +187,24 @@ Plan Draw(const Options& o, uint64_t seed) {
     const uint64_t bytes = static_cast<uint64_t>(rng.Uniform(0, 4)) << 20;
     f.kind = eio ? "storage-eio" : "storage-full";
     f.fs_spec = (eio ? "eio_after=" : "enospc_after=") + std::to_string(bytes);
+    p.faults.push_back(f);
+  }
+  // Memory lost beyond what the scheme tolerates: m + 1 nodes at once, so that no version in memory
+  // can be rebuilt and the job resumes from the newest committed checkpoint (or, when none was
+  // committed yet, stops: "found no version to restore"). In about a quarter of the rounds whose
+  // storage works and that have nodes left, after every other fault and at least two flush
+  // intervals in. Drawn last, so that the plans of earlier versions' seeds are unchanged.
+  // Replication is left out: it survives some losses beyond m (non-adjacent nodes).
+  const bool storage_fault = !p.faults.empty() && !p.faults.back().fs_spec.empty();
+  const int after = std::max(steps.back() + 2, std::max(kFirstLossStep, 2 * p.flush_every + 2));
+  if (m >= 1 && o.ec.rfind("replicate:", 0) != 0 && !storage_fault && !flusher_used &&
+      static_cast<int>(intact.size()) >= m + 1 && after <= o.steps - 2 && rng.Uniform(0, 3) == 0) {
+    Fault f;
+    f.kind = "memory-loss";
+    const std::string at = ":step=" + std::to_string(rng.Uniform(after, o.steps - 2));
+    for (int i = 0; i <= m; ++i) f.drills.push_back("node-loss:node=" + std::to_string(take()) + at);
+    p.spares += m + 1;
+    ++p.expected_failures;
     p.faults.push_back(f);
   }
   return p;
@@ -334,10 +353,31 @@ class Stress {
                                  const std::string& marker, const std::string& dir,
                                  std::vector<std::string>* notes) const {
     std::vector<std::string> bad;
-    if (rc != 0) bad.push_back("memento-run exited " + std::to_string(rc) + "; last lines:\n" + Tail(out, 8));
-    const std::string hash = LastStateHash(out);
-    if (hash != reference_) bad.push_back("state " + (hash.empty() ? "<none>" : hash) + " != reference " + reference_);
     const std::vector<std::string> fs = Failures(timeline);
+    // Memory lost beyond the tolerance before any checkpoint was committed: the job stops, saying
+    // that it found no version to restore. Then the agents must not have committed one by then.
+    const Fault* memory_loss = nullptr;
+    for (const auto& f : plan.faults) {
+      if (f.kind == "memory-loss") memory_loss = &f;
+    }
+    bool stopped_unrecoverable = false;
+    if (memory_loss != nullptr && rc == 1 && out.find("found no version to restore") != std::string::npos) {
+      stopped_unrecoverable = true;
+      for (const auto& e : fs) {
+        if (!HasDrill(e, memory_loss->drills[0])) continue;
+        const long last = Number(e, "last_step");
+        for (const auto& [attempt, step] : Committed(ReadFile(dir + "/events.log"))) {
+          if (attempt <= Number(e, "attempt") && step <= last) {
+            bad.push_back("memento-run found no version to restore after the memory loss at step " + std::to_string(last) +
+                          ", but step " + std::to_string(step) + " had been committed (event log): " + e);
+          }
+        }
+      }
+    } else {
+      if (rc != 0) bad.push_back("memento-run exited " + std::to_string(rc) + "; last lines:\n" + Tail(out, 8));
+      const std::string hash = LastStateHash(out);
+      if (hash != reference_) bad.push_back("state " + (hash.empty() ? "<none>" : hash) + " != reference " + reference_);
+    }
     // The failures the plan caused: injected drills, and the agent-exit of a flusher kill. A hang
     // nobody injected (a rank silent for --hang-timeout under load) is a note, not an error: the
     // run must still end with the reference state, which is checked above.
@@ -362,6 +402,8 @@ class Stress {
     for (const auto& e : fs) {
       if (Field(e, "injected") == "true" || is_flusher_kill(e)) {
         ++caused;
+      } else if (stopped_unrecoverable && Field(e, "kind") == "\"unrecoverable\"") {
+        continue;  // the stop after the memory loss, checked above
       } else if (Field(e, "kind") == "\"hang\"") {
         notes->push_back("uninjected hang: " + Field(e, "detail"));
       } else {
@@ -385,11 +427,23 @@ class Stress {
         }
         if (!seen) bad.push_back("drill " + d + " is not in the timeline");
       }
-      if (f.kind == "node-loss-x2") {
-        // Lost at once: one failure names both drills.
-        bool together = false;
-        for (const auto& e : fs) together = together || (HasDrill(e, f.drills[0]) && HasDrill(e, f.drills[1]));
-        if (!together) bad.push_back("node-loss-x2 fired apart: " + f.drills[0] + ", " + f.drills[1]);
+      if (f.kind == "node-loss-x2" || f.kind == "memory-loss") {
+        // Lost at once: one failure names every drill. After a memory loss, storage serves the
+        // lost nodes' ranks.
+        const std::string* one = nullptr;
+        for (const auto& e : fs) {
+          bool all = true;
+          for (const auto& d : f.drills) all = all && HasDrill(e, d);
+          if (all) one = &e;
+        }
+        if (one == nullptr) {
+          std::string drills;
+          for (const auto& d : f.drills) drills += (drills.empty() ? "" : ", ") + d;
+          bad.push_back(f.kind + " fired apart: " + drills);
+        } else if (f.kind == "memory-loss" && Field(*one, "source") == "\"memory\"") {
+          // A survivor may hold the checkpoint's step in memory too; the lost nodes' ranks cannot.
+          bad.push_back("restored from memory alone after losing more nodes than --ec " + o_.ec + " tolerates: " + *one);
+        }
       }
       if (f.kind == "flusher-kill") {
         struct stat st {};
@@ -543,7 +597,9 @@ class Stress {
           if (std::find(lost.begin(), lost.end(), n) == lost.end()) survivors.push_back(n);
         }
         long coded = -1;
-        if (!survivors.empty()) {
+        // Beyond the scheme's tolerance nothing in memory can be rebuilt: only storage counts.
+        const bool within_tolerance = static_cast<int>(lost.size()) <= Tolerance(o_.ec);
+        if (!survivors.empty() && within_tolerance) {
           const std::set<long>& first = protected_steps[attempt][survivors[0]];
           for (auto it = first.rbegin(); it != first.rend() && coded < 0; ++it) {
             bool everywhere = true;
@@ -572,6 +628,21 @@ class Stress {
       for (long n : added) nodes.insert(n);
     }
     return bad;
+  }
+
+  // (attempt, step) of every "committed" line of the agents' event log.
+  static std::vector<std::pair<long, long>> Committed(const std::string& log) {
+    std::vector<std::pair<long, long>> out;
+    std::istringstream in(log);
+    for (std::string line; std::getline(in, line);) {
+      long a = -1, n = -1, st = -1;
+      char event[16] = {};
+      if (std::sscanf(line.c_str(), "attempt=%ld node=%ld step=%ld %15s", &a, &n, &st, event) == 4 &&
+          std::string(event) == "committed") {
+        out.emplace_back(a, st);
+      }
+    }
+    return out;
   }
 
   // "[1,3]" -> {1, 3}.
@@ -604,7 +675,9 @@ void Usage(FILE* f) {
                "round's seed (S + round): rank-crash, hang, agent-crash, node-loss, node-loss-x2 (two nodes at\n"
                "once, when the scheme tolerates 2), node-loss-during-recovery, flusher-kill (an agent dies\n"
                "mid-write through MEMENTO_KILL_POINT), and in some rounds storage-full or storage-eio\n"
-               "(every agent's storage fails after a few MiB). Checks exit 0, the failure-free state_hash,\n"
+               "(every agent's storage fails after a few MiB) or memory-loss (m + 1 nodes at once after the\n"
+               "other faults: the job resumes from storage, or stops when nothing was committed yet).\n"
+               "Checks exit 0, the failure-free state_hash,\n"
                "every fault in the timeline, and each restore's step and source against the ranks' capture\n"
                "log and, after node losses, the agents' event log (newest step erasure-coded on every\n"
                "survivor, newest committed checkpoint).\n"

@@ -203,6 +203,55 @@ TEST(ErasureTest, MoreLossesFallBackToTheNewestPersistedCheckpoint) {
   EXPECT_NE(r.refused[0].find("falling back to version 1 from " + store), std::string::npos) << r.refused[0];
 }
 
+// After losses beyond the tolerance the survivors' slots all hold versions newer than the
+// checkpoint, none of which can be restored: one of them makes room to load the checkpoint.
+TEST(ErasureTest, MoreLossesLoadTheCheckpointEvenWhenEverySlotHoldsAVersion) {
+  const std::string store = TestTmp() + "/ec-store-full-" + std::to_string(::getpid());
+  Cluster c(4, "rs:1", {"--storage", store, "--flush-every", "10"});
+  c.UseGlobalLayout();
+  c.Start();
+  RunRanks(4, [&](int rank) {
+    auto cl = c.agents().Connect(rank, 4, c.id(rank), 0);
+    ASSERT_TRUE(cl.ok()) << cl.status().ToString();
+    RankState s = c.State(rank);
+    ASSERT_TRUE(s.Register(cl->get()).ok());
+    ASSERT_TRUE((*cl)->FinishRegistration().ok());
+    // Only step 10 is flushed. Each step is protected before the next is taken, so that the
+    // newest protected versions keep their slots and step 10's is recycled.
+    std::vector<VersionInfo> held;
+    for (int64_t step = 10; step <= 19; ++step) {
+      s.Fill(rank, step);
+      ASSERT_TRUE((*cl)->Snapshot(step).ok());
+      ASSERT_TRUE((*cl)->WaitUntilSafeToUpdate().ok());
+      if (step == 10) {
+        ASSERT_TRUE(WaitPersisted(cl->get(), 10)) << c.agents().Log();
+      }
+      bool done = false;
+      for (int i = 0; i < 3000 && !done; ++i) {
+        auto v = (*cl)->ListVersions();
+        held = v.ok() ? *v : std::vector<VersionInfo>{};
+        for (const auto& x : held) done |= x.step == step && x.is_protected;
+        if (!done) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+      }
+      ASSERT_TRUE(done) << "step " << step << " was not protected on node " << c.id(rank) << "\n" << c.agents().Log();
+    }
+    std::string steps;
+    int64_t oldest = INT64_MAX;
+    for (const auto& x : held) {
+      steps += " " + std::to_string(x.step);
+      oldest = std::min(oldest, x.step);
+    }
+    ASSERT_EQ(held.size(), 5u) << "node " << c.id(rank) << " holds" << steps << ", not one version per slot";
+    ASSERT_GT(oldest, 10) << "node " << c.id(rank) << " holds" << steps;
+  });
+  c.LoseNodes({1, 2}, false);
+  c.Start();
+  RestoreResult r = c.RestoreAll(10);
+  EXPECT_TRUE(c.agents().LogHas("step 10 loaded from " + store)) << c.agents().Log();
+  EXPECT_TRUE(c.agents().LogHas("(it cannot be restored: not every node holds it) to load step 10 into its slot"))
+      << c.agents().Log();
+}
+
 TEST(ErasureTest, FlippedBytesInDataOrParityAreRepaired) {
   Cluster c(4, "rs:2");
   c.Start();

@@ -102,6 +102,7 @@ Status Flusher::WriteRanks(int64_t step, int32_t world_size, const std::vector<R
   MEMENTO_RETURN_IF_ERROR(fs_->CreateDirs(dir));
   PersistOptions po;
   if (options_.flush_bandwidth_mbps > 0) po.bandwidth_bytes_per_s = options_.flush_bandwidth_mbps * 1e6;
+  po.piece_bytes = options_.flush_piece_bytes;
   // One queued write at most: when captures start, the flush gets out of the way within one piece.
   po.write.max_queued_writes = 1;
   if (busy_) {

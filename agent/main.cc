@@ -35,6 +35,7 @@ void Usage() {
                "  --flush-every N       flush only steps that are multiples of N (default: any)\n"
                "  --flush-interval S    at least S seconds between flushes (default 0)\n"
                "  --flush-bandwidth M   write-rate cap per agent, MB/s (default: none)\n"
+               "  --flush-piece B       bytes written at a time; captures go first between pieces (default 4M)\n"
                "  --keep K              committed checkpoints kept (default 3)\n"
                "  --flush-retry S       first retry delay after a failed flush, seconds (default 1)\n"
                "  --inject-fs SPEC      tests only: fault-injecting storage (see core/file_system.h)\n"
@@ -129,6 +130,13 @@ int main(int argc, char** argv) {
       }
       (a == "--flush-interval" ? opts.flush_interval_s : a == "--flush-bandwidth" ? opts.flush_bandwidth_mbps
                                                                                  : opts.flush_retry_s) = x;
+    }
+    else if (a == "--flush-piece") {
+      const char* v = next();
+      if (!ParseBytes(v, &opts.flush_piece_bytes) || opts.flush_piece_bytes < 4096) {
+        std::fprintf(stderr, "memento-agent: --flush-piece expects bytes of at least 4K, like 4M, got '%s'\n", v);
+        return 2;
+      }
     }
     else if (a == "--memory-budget") {
       const char* v = next();

@@ -62,6 +62,7 @@ constexpr const char* kUsage =
     "  --no-loop          skip the training-loop runs\n"
     "  --slots R          slots per rank of every agent (default 4, the agent's default when flushing)\n"
     "  --flush-bandwidth M  the 'on' agents' write-rate cap, MB/s (default: none)\n"
+    "  --flush-piece B      the 'on' agents' --flush-piece (default: the agent's, 4M)\n"
     "  --keep K           checkpoints the bandwidth agent keeps (default: all of the run, so that no\n"
     "                     retention, which runs inside the commit, lands in a timed flush)\n"
     "  --json             end with one line of JSON holding every figure\n"
@@ -86,6 +87,7 @@ struct FlushFlags {
   bool loop = true;
   int slots = 4;  // the agent's default when flushing (agent/agent.h)
   double flush_mbps = 0;  // the agent's --flush-bandwidth in the 'on' runs; 0 = none
+  uint64_t flush_piece = 0;  // the agent's --flush-piece in the 'on' runs; 0 = its default
   int keep = 0;   // 0: every checkpoint of the bandwidth run
   bool json = false;
   bool verbose = false;
@@ -110,6 +112,7 @@ Status ParseFlags(int argc, char** argv, FlushFlags* f, bool* help) {
     }
     else if (n == "--slots") MEMENTO_RETURN_IF_ERROR(r.Int(&f->slots, 2));
     else if (n == "--flush-bandwidth") MEMENTO_RETURN_IF_ERROR(r.Double(&f->flush_mbps, 0));
+    else if (n == "--flush-piece") MEMENTO_RETURN_IF_ERROR(r.Bytes(&f->flush_piece));
     else if (n == "--keep") MEMENTO_RETURN_IF_ERROR(r.Int(&f->keep, 1));
     else if (n == "--json") MEMENTO_RETURN_IF_ERROR(r.Switch(&f->json));
     else if (n == "--verbose") MEMENTO_RETURN_IF_ERROR(r.Switch(&f->verbose));
@@ -524,6 +527,10 @@ Result<LoopRun> RunLoop(const FlushFlags& flags, StorageDir* dir, const HostTens
     if (flags.flush_mbps > 0) {
       agent_options.extra_args.push_back("--flush-bandwidth");
       agent_options.extra_args.push_back(std::to_string(flags.flush_mbps));
+    }
+    if (flags.flush_piece > 0) {
+      agent_options.extra_args.push_back("--flush-piece");
+      agent_options.extra_args.push_back(std::to_string(flags.flush_piece));
     }
   }
   MEMENTO_ASSIGN_OR_RETURN(auto agent, AgentProcess::Start(agent_options));

@@ -24,8 +24,6 @@ namespace memento {
 namespace {
 
 constexpr uint64_t kAlignment = 4096;
-// Writes are issued (and throttled) in pieces of this size.
-constexpr uint64_t kWritePieceBytes = uint64_t{16} << 20;
 // A reader refuses larger CRC chunks: it holds one chunk in memory.
 constexpr uint64_t kMaxChunkBytes = uint64_t{1} << 30;
 
@@ -45,13 +43,17 @@ bool IsPlainName(const std::string& name) {
   return !name.empty() && name != "." && name != ".." && name.find('/') == std::string::npos;
 }
 
-// Appends runs to a rank's data file: zero padding to 4 KiB, pieces of 16 MiB, throttled. A run's
+// Appends runs to a rank's data file: zero padding to 4 KiB, pieces of `piece_bytes`, throttled. A run's
 // bytes are the slot's, unchanged until WriteRankFiles returns (after Close), so they go through
 // AppendStable: where aligned, the file writes them from the slot, behind this thread.
 class RunWriter {
  public:
-  RunWriter(WritableFile* file, double bytes_per_s, std::function<void()> yield = nullptr)
-      : file_(file), bytes_per_s_(bytes_per_s), yield_(std::move(yield)), start_(std::chrono::steady_clock::now()) {}
+  RunWriter(WritableFile* file, double bytes_per_s, uint64_t piece_bytes, std::function<void()> yield = nullptr)
+      : file_(file),
+        bytes_per_s_(bytes_per_s),
+        piece_bytes_(std::max<uint64_t>(piece_bytes, 4096)),
+        yield_(std::move(yield)),
+        start_(std::chrono::steady_clock::now()) {}
 
   // Writes `n` bytes as one run at the next 4 KiB-aligned offset, with its CRCs per `chunk_bytes`.
   // Each piece is handed to the file before its CRC is computed, so that the CRC of a piece
@@ -68,7 +70,7 @@ class RunWriter {
       *run->mutable_chunk_crcs() = known->chunk_crcs();
       for (uint64_t off = 0; off < n;) {
         if (yield_) yield_();
-        const uint64_t piece_end = off + std::min(n - off, kWritePieceBytes);
+        const uint64_t piece_end = off + std::min(n - off, piece_bytes_);
         MEMENTO_RETURN_IF_ERROR(file_->AppendStable(data + off, static_cast<size_t>(piece_end - off)));
         written_ += piece_end - off;
         off = piece_end;
@@ -80,7 +82,7 @@ class RunWriter {
     uint64_t chunk_end = std::min(chunk_bytes, n);  // run offset where the current chunk ends
     for (uint64_t off = 0; off < n;) {
       if (yield_) yield_();
-      const uint64_t piece_end = off + std::min(n - off, kWritePieceBytes);
+      const uint64_t piece_end = off + std::min(n - off, piece_bytes_);
       MEMENTO_RETURN_IF_ERROR(file_->AppendStable(data + off, static_cast<size_t>(piece_end - off)));
       for (uint64_t at = off; at < piece_end;) {
         const uint64_t end = std::min(piece_end, chunk_end);
@@ -117,6 +119,7 @@ class RunWriter {
 
   WritableFile* file_;
   double bytes_per_s_;
+  uint64_t piece_bytes_;
   std::function<void()> yield_;
   std::chrono::steady_clock::time_point start_;
   uint64_t written_ = 0;
@@ -285,7 +288,7 @@ Result<proto::ManifestRank> WriteRankFiles(FileSystem* fs, const std::string& di
 
   const std::string data_path = Join(dir, meta.data_file());
   MEMENTO_ASSIGN_OR_RETURN(std::unique_ptr<WritableFile> data, fs->NewWritableFile(data_path, options.write));
-  RunWriter writer(data.get(), options.bandwidth_bytes_per_s, options.yield);
+  RunWriter writer(data.get(), options.bandwidth_bytes_per_s, options.piece_bytes, options.yield);
 
   // The capture's CRCs of whole tensor regions, by slot offset, where their chunking is this file's.
   std::map<uint64_t, const proto::RegionCrc*> known;

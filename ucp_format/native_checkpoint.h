@@ -45,7 +45,10 @@ struct PersistOptions {
   WriteOptions write;
   // Cap on this call's write rate, bytes per second; 0 = unlimited (default).
   double bandwidth_bytes_per_s = 0;
-  // Called before each piece (16 MiB) is written: the agent uses it to let captures of the
+  // Bytes handed to the file at a time (default 16 MiB). Smaller pieces let `yield` stop the write
+  // stream sooner, at some cost in throughput.
+  uint64_t piece_bytes = uint64_t{16} << 20;
+  // Called before each piece is written: the agent uses it to let captures of the
   // training ranks go first (memory bandwidth and cores). Default: none.
   std::function<void()> yield;
   // CRC unit of persisted runs (default 64 MiB).

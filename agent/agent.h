@@ -57,8 +57,8 @@ struct AgentOptions {
   // Write-rate cap per agent, MB/s (10^6 bytes); 0 = unlimited (default).
   double flush_bandwidth_mbps = 0;
   // Bytes the flusher hands to storage at a time; between pieces it lets captures go first
-  // (default 4 MiB: a capture waits for at most one piece in flight and one queued).
-  uint64_t flush_piece_bytes = uint64_t{4} << 20;
+  // (default 1 MiB: a capture waits for at most one piece in flight and one queued).
+  uint64_t flush_piece_bytes = uint64_t{1} << 20;
   // Committed checkpoints kept; older ones are removed after each commit (default 3).
   int keep_persisted = 3;
   // Seconds before retrying a failed flush (doubles up to 60; default 1).

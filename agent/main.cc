@@ -35,7 +35,7 @@ void Usage() {
                "  --flush-every N       flush only steps that are multiples of N (default: any)\n"
                "  --flush-interval S    at least S seconds between flushes (default 0)\n"
                "  --flush-bandwidth M   write-rate cap per agent, MB/s (default: none)\n"
-               "  --flush-piece B       bytes written at a time; captures go first between pieces (default 4M)\n"
+               "  --flush-piece B       bytes written at a time; captures go first between pieces (default 1M)\n"
                "  --keep K              committed checkpoints kept (default 3)\n"
                "  --flush-retry S       first retry delay after a failed flush, seconds (default 1)\n"
                "  --inject-fs SPEC      tests only: fault-injecting storage (see core/file_system.h)\n"

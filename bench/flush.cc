@@ -62,7 +62,7 @@ constexpr const char* kUsage =
     "  --no-loop          skip the training-loop runs\n"
     "  --slots R          slots per rank of every agent (default 4, the agent's default when flushing)\n"
     "  --flush-bandwidth M  the 'on' agents' write-rate cap, MB/s (default: none)\n"
-    "  --flush-piece B      the 'on' agents' --flush-piece (default: the agent's, 4M)\n"
+    "  --flush-piece B      the 'on' agents' --flush-piece (default: the agent's, 1M)\n"
     "  --keep K           checkpoints the bandwidth agent keeps (default: all of the run, so that no\n"
     "                     retention, which runs inside the commit, lands in a timed flush)\n"
     "  --json             end with one line of JSON holding every figure\n"

@@ -48,7 +48,8 @@ class Flusher {
   ~Flusher();
 
   // While `busy` answers true (captures of the training ranks in flight), the writer pauses
-  // between pieces, at most 200 ms at a time: training goes first, flushing still progresses.
+  // between pieces, at most 200 ms per 16 MiB written: training goes first, flushing still progresses
+  // (at least 80 MB/s).
   void SetYield(std::function<bool()> busy) { busy_ = std::move(busy); }
 
   std::string JobDir() const;

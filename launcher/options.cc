@@ -83,20 +83,17 @@ const char* InjectionKindName(Injection::Kind k) {
 
 std::vector<size_t> StepDrillsFired(const std::vector<Injection>& drills, const std::vector<bool>& fired, int rank,
                                     int node, int64_t step, const std::function<bool(int)>& rank_known) {
-  auto is_node = [](const Injection& in) {
-    return in.kind == Injection::Kind::kNodeLoss || in.kind == Injection::Kind::kAgentCrash;
-  };
   std::vector<size_t> out;
   std::vector<bool> taken = fired;
   for (size_t i = 0; i < drills.size(); ++i) {
     const Injection& in = drills[i];
-    if (taken[i] || in.during_recovery || step < in.step || in.target != (is_node(in) ? node : rank)) continue;
+    if (taken[i] || in.during_recovery || step < in.step || in.target != (TargetsNode(in) ? node : rank)) continue;
     taken[i] = true;
     out.push_back(i);
     for (size_t j = 0; j < drills.size(); ++j) {
       const Injection& other = drills[j];
       if (taken[j] || other.during_recovery || other.step != in.step) continue;
-      if (!is_node(other) && !rank_known(other.target)) continue;
+      if (!TargetsNode(other) && !rank_known(other.target)) continue;
       taken[j] = true;
       out.push_back(j);
     }
@@ -270,7 +267,7 @@ Result<Options> ParseOptions(int argc, const char* const* argv) {
     }
   }
   for (const Injection& in : o.injections) {
-    const bool node = in.kind == Injection::Kind::kNodeLoss || in.kind == Injection::Kind::kAgentCrash;
+    const bool node = TargetsNode(in);
     if (node && o.simulate_nodes > 0 && in.target >= o.simulate_nodes) {
       return InvalidArgument("--inject '" + in.spec + "': there are only " + std::to_string(o.simulate_nodes) +
                              " nodes (ids 0.." + std::to_string(o.simulate_nodes - 1) + ")");

@@ -21,6 +21,10 @@ struct Injection {
   std::string spec;            // as given, for messages
 };
 const char* InjectionKindName(Injection::Kind k);
+// node-loss and agent-crash target a node; rank-crash and hang a rank.
+inline bool TargetsNode(const Injection& in) {
+  return in.kind == Injection::Kind::kNodeLoss || in.kind == Injection::Kind::kAgentCrash;
+}
 // "node-loss:node=I:step=S", "rank-crash:rank=R:step=S", "hang:rank=R:step=S",
 // "agent-crash:node=I:step=S"; "node-loss:node=I:during=recovery" also. InvalidArgument naming the
 // part at fault.

@@ -272,6 +272,31 @@ bool HasDrill(const std::string& failure, const std::string& drill) {
   return drills.find(" + " + drill + " + ") != std::string::npos;
 }
 
+// The agents' event log (MEMENTO_EVENT_LOG): "attempt=A node=N step=S protected|committed".
+struct EventLog {
+  std::map<long, std::map<long, std::set<long>>> protected_steps;  // attempt -> node -> steps
+  std::map<long, std::set<long>> committed;                        // attempt -> steps
+  std::vector<std::string> malformed;                              // "malformed event log line: ..."
+
+  static EventLog Parse(const std::string& log) {
+    EventLog out;
+    std::istringstream in(log);
+    for (std::string line; std::getline(in, line);) {
+      long a = -1, n = -1, st = -1;
+      char event[16] = {};
+      const bool parsed = std::sscanf(line.c_str(), "attempt=%ld node=%ld step=%ld %15s", &a, &n, &st, event) == 4 && a >= 0;
+      if (parsed && std::string(event) == "protected") {
+        out.protected_steps[a][n].insert(st);
+      } else if (parsed && std::string(event) == "committed") {
+        out.committed[a].insert(st);
+      } else {
+        out.malformed.push_back("malformed event log line: " + line);
+      }
+    }
+    return out;
+  }
+};
+
 class Stress {
  public:
   explicit Stress(const Options& o) : o_(o) {}
@@ -366,10 +391,13 @@ class Stress {
       for (const auto& e : fs) {
         if (!HasDrill(e, memory_loss->drills[0])) continue;
         const long last = Number(e, "last_step");
-        for (const auto& [attempt, step] : Committed(ReadFile(dir + "/events.log"))) {
-          if (attempt <= Number(e, "attempt") && step <= last) {
-            bad.push_back("memento-run found no version to restore after the memory loss at step " + std::to_string(last) +
-                          ", but step " + std::to_string(step) + " had been committed (event log): " + e);
+        for (const auto& [attempt, steps] : EventLog::Parse(ReadFile(dir + "/events.log")).committed) {
+          for (long step : steps) {
+            if (attempt <= Number(e, "attempt") && step <= last) {
+              bad.push_back("memento-run found no version to restore after the memory loss at step " +
+                            std::to_string(last) + ", but step " + std::to_string(step) +
+                            " had been committed (event log): " + e);
+            }
           }
         }
       }
@@ -565,25 +593,10 @@ class Stress {
   // attempt, and the newest checkpoint committed to storage (in that attempt or before, at most
   // the step reached). Both come from the agents' event log (MEMENTO_EVENT_LOG).
   std::vector<std::string> CheckRestoresAfterLosses(const std::string& log, const std::string& timeline) const {
-    std::vector<std::string> bad;
-    std::map<long, std::map<long, std::set<long>>> protected_steps;  // attempt -> node -> steps
-    std::map<long, std::set<long>> committed;                        // attempt -> steps
-    std::istringstream in(log);
-    for (std::string line; std::getline(in, line);) {
-      long a = -1, n = -1, st = -1;
-      char event[16] = {};
-      if (std::sscanf(line.c_str(), "attempt=%ld node=%ld step=%ld %15s", &a, &n, &st, event) != 4 || a < 0) {
-        bad.push_back("malformed event log line: " + line);
-        continue;
-      }
-      if (std::string(event) == "protected") {
-        protected_steps[a][n].insert(st);
-      } else if (std::string(event) == "committed") {
-        committed[a].insert(st);
-      } else {
-        bad.push_back("malformed event log line: " + line);
-      }
-    }
+    EventLog events = EventLog::Parse(log);
+    std::vector<std::string> bad = events.malformed;
+    auto& protected_steps = events.protected_steps;
+    const auto& committed = events.committed;
     std::set<long> nodes;  // the node ids of the current attempt
     for (int i = 0; i < o_.nodes; ++i) nodes.insert(i);
     for (const auto& e : Failures(timeline)) {
@@ -628,21 +641,6 @@ class Stress {
       for (long n : added) nodes.insert(n);
     }
     return bad;
-  }
-
-  // (attempt, step) of every "committed" line of the agents' event log.
-  static std::vector<std::pair<long, long>> Committed(const std::string& log) {
-    std::vector<std::pair<long, long>> out;
-    std::istringstream in(log);
-    for (std::string line; std::getline(in, line);) {
-      long a = -1, n = -1, st = -1;
-      char event[16] = {};
-      if (std::sscanf(line.c_str(), "attempt=%ld node=%ld step=%ld %15s", &a, &n, &st, event) == 4 &&
-          std::string(event) == "committed") {
-        out.emplace_back(a, st);
-      }
-    }
-    return out;
   }
 
   // "[1,3]" -> {1, 3}.

@@ -66,25 +66,14 @@ class RunWriter {
     run->set_file_offset(file_->size());
     run->set_bytes(n);
     run->set_chunk_bytes(chunk_bytes);
-    if (known != nullptr) {
-      *run->mutable_chunk_crcs() = known->chunk_crcs();
-      for (uint64_t off = 0; off < n;) {
-        if (yield_) yield_();
-        const uint64_t piece_end = off + std::min(n - off, piece_bytes_);
-        MEMENTO_RETURN_IF_ERROR(file_->AppendStable(data + off, static_cast<size_t>(piece_end - off)));
-        written_ += piece_end - off;
-        off = piece_end;
-        Throttle();
-      }
-      return Status::Ok();
-    }
+    if (known != nullptr) *run->mutable_chunk_crcs() = known->chunk_crcs();
     uint64_t crc = 0;
     uint64_t chunk_end = std::min(chunk_bytes, n);  // run offset where the current chunk ends
     for (uint64_t off = 0; off < n;) {
       if (yield_) yield_();
       const uint64_t piece_end = off + std::min(n - off, piece_bytes_);
       MEMENTO_RETURN_IF_ERROR(file_->AppendStable(data + off, static_cast<size_t>(piece_end - off)));
-      for (uint64_t at = off; at < piece_end;) {
+      for (uint64_t at = off; known == nullptr && at < piece_end;) {
         const uint64_t end = std::min(piece_end, chunk_end);
         crc = Crc64(data + at, static_cast<size_t>(end - at), crc);
         at = end;

@@ -141,4 +141,17 @@ Status Catalog::PutVersion(const proto::VersionRecord& version, bool sync) {
 }
 Status Catalog::DeleteVersion(int64_t step) { return Delete(VersionKey(step)); }
 
+Result<proto::RetiredRecord> Catalog::GetRetired() {
+  std::string v;
+  rocksdb::Status s = db_->Get(rocksdb::ReadOptions(), "retired", &v);
+  if (s.IsNotFound()) return NotFound("catalog " + dir_ + " has no retired layout");
+  MEMENTO_RETURN_IF_ERROR(FromRocks(s, "catalog " + dir_ + " get retired"));
+  proto::RetiredRecord rec;
+  if (!rec.ParseFromString(v)) return DataLoss("catalog " + dir_ + " holds a malformed retired-layout record");
+  return rec;
+}
+
+Status Catalog::PutRetired(const proto::RetiredRecord& retired) { return Put("retired", retired); }
+Status Catalog::DeleteRetired() { return Delete("retired"); }
+
 }  // namespace memento

@@ -51,6 +51,11 @@ class Catalog {
   Status PutVersion(const proto::VersionRecord& version, bool sync = true);
   Status DeleteVersion(int64_t step);
 
+  // The versions of a retired layout (agent/node_state.h); NotFound when there are none.
+  Result<proto::RetiredRecord> GetRetired();
+  Status PutRetired(const proto::RetiredRecord& retired);
+  Status DeleteRetired();
+
   const std::string& dir() const { return dir_; }
 
  private:

@@ -152,8 +152,11 @@ Status NodeState::CreateSlots(RankSlots* rs) {
   const uint64_t bytes = rs->record.slot_bytes();
   rs->record.clear_slot_names();
   for (int k = 0; k < options_.slots_per_rank; ++k) {
-    std::string name = ShmPrefix(options_.job_id, node_id_) + "-r" + std::to_string(rs->record.rank()) + "-s" +
-                       std::to_string(k);
+    const std::string base = ShmPrefix(options_.job_id, node_id_) + "-r" + std::to_string(rs->record.rank()) + "-s" +
+                             std::to_string(k);
+    std::string name = base;
+    // A retired layout keeps its segments: the new one takes the next free generation's names.
+    for (int g = 1; RetiredHoldsName(name); ++g) name = base + "-g" + std::to_string(g);
     if (SharedMemory::Exists(name)) SharedMemory::Unlink(name).IgnoreError();  // stale, not in the catalog
     auto seg = SharedMemory::Create(name, bytes);
     if (!seg.ok()) {
@@ -270,6 +273,7 @@ Status NodeState::Recover() {
     versions_.emplace(v.step(), v);
     ++kept;
   }
+  MEMENTO_RETURN_IF_ERROR(RecoverRetired());
   if (flusher_ != nullptr) {
     if (coordinator_) MEMENTO_RETURN_IF_ERROR(flusher_->RemovePartial());
     auto committed = flusher_->CommittedSteps(1);
@@ -388,12 +392,16 @@ Result<proto::RegisterReply> NodeState::Register(Session* session, const proto::
     }
   }
   auto it = ranks_.find(session->rank);
-  if (it != ranks_.end() && !SameLayout(it->second.record, rec)) {
+  const bool has_cuda = std::any_of(rec.tensors().begin(), rec.tensors().end(),
+                                    [](const proto::TensorRecord& t) { return t.memory_kind() == 1; });
+  const bool other_world = it != ranks_.end() && it->second.record.world_size() != session->world_size;
+  if (it != ranks_.end() && (!SameLayout(it->second.record, rec) || (has_cuda && other_world))) {
     // A new layout (other TP / DP / ZeRO degrees) cannot use versions held in memory in the old
-    // one; it restores from storage, where loading reshards (ucp_format/universal.h). The old
-    // layout's versions are dropped when storage holds them all; one that only memory holds is
-    // refused (nothing saved is lost). While one is being flushed or erasure-coded (its slots are
-    // in use), the registration is retryable.
+    // one as they are. Ranks with CUDA tensors reshard them over NCCL: the versions are retired
+    // (RetireLayout). Otherwise the new layout restores from storage, where loading reshards
+    // (ucp_format/universal.h): the old layout's versions are dropped when storage holds them all;
+    // one that only memory holds is refused (nothing saved is lost). While one is being flushed or
+    // erasure-coded (its slots are in use), the registration is retryable.
     std::vector<int64_t> held, lost, busy;
     // What storage holds now (the flush that committed it may not have been accounted yet).
     int64_t committed = last_committed_;
@@ -413,30 +421,41 @@ Result<proto::RegisterReply> NodeState::Register(Session* session, const proto::
       if (step == encode_current_ || (step == flush_current_ && !durable)) busy.push_back(step);
       if (!durable) lost.push_back(step);
     }
-    if (!lost.empty()) {
+    const std::string difference = SameLayout(it->second.record, rec)
+                                       ? "world size " + std::to_string(session->world_size) + " instead of " +
+                                             std::to_string(it->second.record.world_size())
+                                       : FirstLayoutDifference(it->second.record, rec);
+    if (busy.empty() && !held.empty() && has_cuda) {
+      std::set<int32_t> keep;
+      if (!epoch_open_) keep = pending_ranks_;  // registered in this round with their slots
+      keep.erase(session->rank);
+      MEMENTO_LOG(kInfo) << who << " registered a different layout (" << difference << "); retiring versions "
+                         << list(held) << " of the earlier layout for in-memory resharding";
+      MEMENTO_RETURN_IF_ERROR(RetireLayout(keep));
+      it = ranks_.end();
+    } else if (!lost.empty()) {
       // Nothing saved is dropped by a registration: the versions only memory holds restore in the
       // layout they were saved in.
-      return FailedPrecondition(who + ": registration differs from the saved layout: " +
-                                FirstLayoutDifference(it->second.record, rec) + "; versions " + list(lost) +
+      return FailedPrecondition(who + ": registration differs from the saved layout: " + difference + "; versions " + list(lost) +
                                 " of the saved layout are only in this node's memory (newest in storage: " +
                                 std::to_string(committed) +
                                 "). Restart with the saved layout to restore them, or start the agents afresh "
                                 "(a new catalog) to resume from storage in the new layout");
     }
     if (!busy.empty()) {
-      return Unavailable(who + ": registration differs from the saved layout: " +
-                         FirstLayoutDifference(it->second.record, rec) + "; versions " + list(busy) +
+      return Unavailable(who + ": registration differs from the saved layout: " + difference + "; versions " + list(busy) +
                          " of the saved layout are being flushed or erasure-coded on this node; retry when done");
     }
-    if (!held.empty()) {
-      MEMENTO_LOG(kInfo) << who << " registered a different layout (" << FirstLayoutDifference(it->second.record, rec)
-                         << "); dropping versions " << list(held) << " held in the old layout: a new layout restores from storage";
+    if (it != ranks_.end() && !held.empty()) {
+      MEMENTO_LOG(kInfo) << who << " registered a different layout (" << difference << "); dropping versions " << list(held) << " held in the old layout: a new layout restores from storage";
       for (int64_t s : held) DropVersion(s).IgnoreError();
     }
-    slot_bytes_in_use_ -= it->second.record.slot_bytes() * it->second.slots.size();
-    ReleaseSlots(&it->second);
-    ranks_.erase(it);
-    it = ranks_.end();
+    if (it != ranks_.end()) {
+      slot_bytes_in_use_ -= it->second.record.slot_bytes() * it->second.slots.size();
+      ReleaseSlots(&it->second);
+      ranks_.erase(it);
+      it = ranks_.end();
+    }
   }
   if (it == ranks_.end()) {
     const uint64_t need = rec.slot_bytes() * static_cast<uint64_t>(options_.slots_per_rank);
@@ -514,7 +533,7 @@ Result<proto::AwaitEpochReply> NodeState::AwaitEpoch(Session* session, int timeo
   }
   proto::AwaitEpochReply reply;
   reply.set_incarnation(incarnation_);
-  reply.set_restore_point(restore_point_);
+  reply.set_restore_point(std::max(restore_point_, reshard_point_));
   for (const auto& r : refused_) reply.add_refused(r);
   return reply;
 }
@@ -800,6 +819,22 @@ Result<proto::RestoreReply> NodeState::Restore(Session* session, int64_t step) {
   std::lock_guard<std::mutex> lock(mu_);
   MEMENTO_RETURN_IF_ERROR(CheckSessionInEpoch(*session));
   const std::string who = "rank " + std::to_string(session->rank);
+  if (reshard_point_ >= 0 && (step < 0 ? reshard_point_ > NewestGlobal() : step == reshard_point_)) {
+    auto vit = retired_.versions.find(reshard_point_);
+    if (vit == retired_.versions.end()) return Internal(who + ": the retired version " + std::to_string(reshard_point_) + " is gone");
+    proto::RestoreReply reply;
+    reply.set_step(reshard_point_);
+    reply.set_slot_index(-1);
+    reply.set_source("memory (resharded from world size " + std::to_string(retired_.world_size) + ")");
+    for (const auto& r : refused_) reply.add_refused(r);
+    proto::MemoryReshard* m = reply.mutable_memory_reshard();
+    m->set_step(reshard_point_);
+    m->set_slot_index(vit->second.slot_index());
+    m->set_old_world_size(retired_.world_size);
+    for (const auto& [r, rs] : retired_.ranks) *m->add_old_ranks() = rs.record;
+    for (int32_t r : epoch_ranks_) m->add_new_ranks(r);
+    return reply;
+  }
   int64_t chosen = step;
   if (step < 0) {
     chosen = NewestGlobal();
@@ -939,6 +974,20 @@ void NodeState::VerifyForEpoch() {
     MEMENTO_LOG(kInfo) << "dropping torn version " << s;
     DropVersion(s).IgnoreError();
   }
+  // The retired layout's versions this node holds intact, for in-memory resharding.
+  retired_valid_.clear();
+  for (auto it = retired_.versions.rbegin(); it != retired_.versions.rend(); ++it) {
+    Status st;
+    for (const auto& [r, rs] : retired_.ranks) {
+      st = VerifyRank(it->second, rs);
+      if (!st.ok()) break;
+    }
+    if (st.ok()) {
+      if (retired_valid_.size() < TickPayload::kMaxListed) retired_valid_.push_back(it->first);
+    } else {
+      MEMENTO_LOG(kWarning) << "version " << it->first << " of the retired layout refused: " << st.message();
+    }
+  }
   protected_here_.clear();
   if (group_ != nullptr) {
     for (int64_t step : valid_steps_) {
@@ -980,6 +1029,10 @@ void NodeState::OpenEpoch(const std::vector<TickPayload>& all) {
   const int64_t memory_point = common.empty() ? -1 : *common.rbegin();
   // A newer version the parity groups can rebuild comes first: memory is faster than storage.
   if (group_ != nullptr && PlanRebuild(all, memory_point)) return;
+  // A newer version of an earlier layout that every node holds: the ranks reshard it in memory.
+  std::string no_reshard;
+  const int64_t reshard = PlanMemoryReshard(all, &no_reshard);
+  reshard_point_ = reshard > memory_point ? reshard : -1;
   // A committed checkpoint newer than what memory holds everywhere, visible to every agent and not
   // refused by any: all agents load it, and the round is repeated.
   if (flusher_ != nullptr) {
@@ -991,7 +1044,9 @@ void NodeState::OpenEpoch(const std::vector<TickPayload>& all) {
     }
     int64_t candidate = -1;
     for (const auto& [s, c] : seen_everywhere) {
-      if (c == static_cast<int>(all.size()) && s > memory_point && !failed.count(s)) candidate = std::max(candidate, s);
+      if (c == static_cast<int>(all.size()) && s > std::max(memory_point, reshard_point_) && !failed.count(s)) {
+        candidate = std::max(candidate, s);
+      }
     }
     if (candidate >= 0) {
       MEMENTO_LOG(kInfo) << "restoring step " << candidate << " from storage (" << flusher_->SourceDir(candidate) << ")";
@@ -1009,6 +1064,12 @@ void NodeState::OpenEpoch(const std::vector<TickPayload>& all) {
     }
   }
   restore_point_ = memory_point;
+  if (reshard_point_ >= 0) {
+    MEMENTO_LOG(kInfo) << "version " << reshard_point_ << " of the earlier layout (world size "
+                       << retired_.world_size << ") is in memory on every node: the ranks reshard it over NCCL";
+  } else if (!no_reshard.empty()) {
+    refused_.push_back("the earlier layout's versions in memory cannot be resharded: " + no_reshard);
+  }
   if (group_ != nullptr) {
     Status st = EnsureParitySlots(GroupPadded(all));
     if (!st.ok()) {
@@ -1109,6 +1170,24 @@ TickPayload NodeState::MakeTick(bool stop) {
       if (p.n_failed_load < TickPayload::kMaxListed) p.failed_load[p.n_failed_load++] = s;
     }
   }
+  for (int32_t r : pending_ranks_) {
+    auto it = ranks_.find(r);
+    if (it == ranks_.end()) continue;
+    const auto& ts = it->second.record.tensors();
+    if (std::any_of(ts.begin(), ts.end(), [](const proto::TensorRecord& t) { return t.memory_kind() == 1; })) {
+      ++p.cuda_registered;
+    }
+  }
+  if (phase_ == 2 && !retired_.empty()) {
+    p.retired_world = retired_.world_size;
+    p.retired_ranks = static_cast<int32_t>(retired_.ranks.size());
+    for (int64_t s : retired_valid_) p.retired[p.n_retired++] = s;
+  }
+  if (nccl_id_incarnation_ == incarnation_ && !nccl_id_.empty()) {
+    p.nccl_id_incarnation = nccl_id_incarnation_;
+    p.nccl_id_bytes = static_cast<int32_t>(nccl_id_.size());
+    std::memcpy(p.nccl_id, nccl_id_.data(), nccl_id_.size());
+  }
   if (group_ != nullptr) {
     for (int32_t r : epoch_open_ ? epoch_ranks_ : pending_ranks_) {
       auto it = ranks_.find(r);
@@ -1150,6 +1229,14 @@ bool NodeState::ApplyTick(const std::vector<TickPayload>& all) {
   }
   if (stop) return true;
   job_registered_ = registered;
+  for (const TickPayload& p : all) {
+    if (p.nccl_id_bytes > 0 && p.nccl_id_bytes <= static_cast<int32_t>(sizeof p.nccl_id) &&
+        p.nccl_id_incarnation == incarnation_ && epoch_open_ && nccl_id_incarnation_ != incarnation_) {
+      nccl_id_.assign(p.nccl_id, static_cast<size_t>(p.nccl_id_bytes));
+      nccl_id_incarnation_ = incarnation_;
+      cv_.notify_all();
+    }
+  }
   if (group_ != nullptr) {
     int64_t everywhere = INT64_MAX;
     for (const TickPayload& p : all) everywhere = std::min(everywhere, p.newest_protected);
@@ -1177,6 +1264,7 @@ bool NodeState::ApplyTick(const std::vector<TickPayload>& all) {
       }
     }
     if (changed) cv_.notify_all();
+    if (changed && !retired_.empty()) DropRetired("a version of the new layout is globally complete");
     EncodeRound(all);
     FlushRound(all);
   } else if (all_waiting && world > 0 && registered == world) {

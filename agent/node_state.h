@@ -80,6 +80,17 @@ struct TickPayload {
   int64_t encode_step = -1;   // the step encode_state refers to
   int32_t encode_state = 0;   // 0 idle, 1 encoding, 2 done, 3 failed
   int64_t newest_protected = -1;  // the newest version this node has recorded protected
+  // In-memory resharding (phase 2): the retired layout this node holds and its intact steps; the
+  // pending ranks that registered a CUDA tensor.
+  int32_t retired_world = 0;
+  int32_t retired_ranks = 0;
+  int32_t n_retired = 0;
+  int64_t retired[kMaxListed] = {};
+  int32_t cuda_registered = 0;
+  // The NCCL unique id of this incarnation, once rank 0 has sent it to its agent.
+  uint64_t nccl_id_incarnation = 0;
+  int32_t nccl_id_bytes = 0;
+  char nccl_id[128] = {};
 };
 
 class NodeState {
@@ -102,6 +113,9 @@ class NodeState {
   Result<proto::BeginCaptureReply> BeginCapture(Session* session, int64_t step, int timeout_ms);
   Status Captured(Session* session, int64_t step);
   Result<proto::RestoreReply> Restore(Session* session, int64_t step);
+  // The NCCL unique id of this job start for in-memory resharding: rank 0 passes `id`, every rank
+  // waits up to timeout_ms for its agent to learn it from the agreement rounds.
+  Result<proto::NcclIdReply> NcclId(Session* session, const std::string& id, int timeout_ms);
   proto::ListVersionsReply ListVersions();
   // Ranks of this node copying into a slot right now (between BeginCapture and Captured).
   int captures_in_flight() const { return captures_in_flight_.load(std::memory_order_relaxed); }
@@ -151,6 +165,21 @@ class NodeState {
   bool ChecksumAcked(proto::VersionRecord* v, const std::set<int32_t>& expected);
   Status CreateSlots(RankSlots* rs);
   void ReleaseSlots(RankSlots* rs);
+  // In-memory resharding. A rank with CUDA tensors that registers a layout other than the saved
+  // one (other shapes of its shards, or another world size) retires the node's versions: their
+  // slots are kept, read-only, as the earlier layout, and the new layout's ranks get new slots.
+  // When every node of the job holds its part of a retired version, newer than anything storage
+  // holds, the ranks reshard it among themselves over NCCL (snapshot/memory_reshard.h) instead
+  // of loading a checkpoint. The retired layout is dropped once a version of the new layout is
+  // globally complete. `keep` are ranks of this registration round that kept their slots: the
+  // retired layout gets copies of them.
+  Status RetireLayout(const std::set<int32_t>& keep);  // REQUIRES(mu_)
+  void DropRetired(const std::string& why);            // REQUIRES(mu_)
+  Status PersistRetired();                             // REQUIRES(mu_)
+  Status RecoverRetired();                             // REQUIRES(mu_)
+  bool RetiredHoldsName(const std::string& name) const; // REQUIRES(mu_)
+  // The newest retired step every node holds, or -1 with `why` saying what is missing.
+  int64_t PlanMemoryReshard(const std::vector<TickPayload>& all, std::string* why) const;
 
   const AgentOptions options_;
   const int node_id_;
@@ -216,6 +245,18 @@ class NodeState {
   int64_t rebuild_target_ = -1;                         // GUARDED_BY(mu_)
   std::vector<int> rebuild_lost_;                       // GUARDED_BY(mu_) lost indices of this node's group
   std::vector<std::string> ec_refusals_;                // GUARDED_BY(mu_) this job start
+  // In-memory resharding (RetireLayout).
+  struct Retired {
+    int32_t world_size = 0;
+    std::map<int32_t, RankSlots> ranks;
+    std::map<int64_t, proto::VersionRecord> versions;
+    bool empty() const { return ranks.empty(); }
+  };
+  Retired retired_;                                     // GUARDED_BY(mu_)
+  std::vector<int64_t> retired_valid_;                  // GUARDED_BY(mu_) phase 2, newest first
+  int64_t reshard_point_ = -1;                          // GUARDED_BY(mu_) the retired step to reshard
+  std::string nccl_id_;                                 // GUARDED_BY(mu_)
+  uint64_t nccl_id_incarnation_ = 0;                    // GUARDED_BY(mu_)
 };
 
 }  // namespace memento

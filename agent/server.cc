@@ -160,6 +160,10 @@ void SocketServer::Serve(int fd) {
         case proto::Request::kListVersions:
           *reply.mutable_list_versions() = state_->ListVersions();
           break;
+        case proto::Request::kNcclId:
+          Answer(&reply, state_->NcclId(&session, req.nccl_id().id(), req.nccl_id().timeout_ms()),
+                 [&](auto v) { *reply.mutable_nccl_id() = v; });
+          break;
         case proto::Request::BODY_NOT_SET:
           SetError(&reply, InvalidArgument("empty request"));
           break;

@@ -26,6 +26,8 @@ constexpr Subcommand kSubcommands[] = {
      memento::bench::RecoveryMain},
     {"convert", "memento convert (native -> universal) throughput vs cp -r + sync; peak RSS vs 2 x largest tensor + 256 MiB",
      memento::bench::ConvertMain},
+    {"reshard", "restart in another layout: from the agents' memory over NCCL vs from storage (cold, warm); needs GPUs",
+     memento::bench::ReshardMain},
 };
 
 void Usage(FILE* out) {

@@ -25,4 +25,8 @@ int RecoveryMain(int argc, char** argv);
 // of the same checkpoint, and the conversion's peak RSS against 2 x the largest tensor + 256 MiB.
 int ConvertMain(int argc, char** argv);
 
+// A restart in another layout restored from the agents' memory over NCCL against the same restart
+// restored from storage (cold and warm page cache), and a memcpy of the bytes. Needs GPUs.
+int ReshardMain(int argc, char** argv);
+
 }  // namespace memento::bench

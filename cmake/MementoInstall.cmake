@@ -16,7 +16,8 @@ endforeach()
 list(APPEND _memento_whole "-Wl,--no-whole-archive")
 add_dependencies(memento_shared ${_memento_parts})
 target_link_libraries(memento_shared PRIVATE ${_memento_whole} protobuf::libprotobuf memento_isal Threads::Threads
-                      $<$<BOOL:${MEMENTO_WITH_CUDA}>:CUDA::cudart>)
+                      $<$<BOOL:${MEMENTO_WITH_CUDA}>:CUDA::cudart>
+                      $<$<BOOL:${MEMENTO_WITH_NCCL}>:memento_nccl>)
 target_link_options(memento_shared PRIVATE -Wl,--no-undefined)
 set_target_properties(memento_shared PROPERTIES OUTPUT_NAME memento VERSION ${PROJECT_VERSION}
                       SOVERSION ${MEMENTO_SOVERSION})
@@ -41,6 +42,10 @@ set(MEMENTO_STATIC_DEPS "${Protobuf_LIBRARIES};${ISAL_LIBRARY}")
 set(MEMENTO_PC_PRIVATE "-lprotobuf -lisal -lpthread")
 if(MEMENTO_WITH_CUDA)
   string(APPEND MEMENTO_PC_PRIVATE " -L${CUDAToolkit_LIBRARY_DIR} -lcudart")
+endif()
+if(MEMENTO_WITH_NCCL)
+  list(APPEND MEMENTO_STATIC_DEPS "${NCCL_LIBRARY}")
+  string(APPEND MEMENTO_PC_PRIVATE " -lnccl")
 endif()
 
 install(TARGETS memento_shared LIBRARY DESTINATION ${CMAKE_INSTALL_LIBDIR})

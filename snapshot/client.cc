@@ -28,6 +28,7 @@
 #include "proto/version.h"
 #include "proto/wire.h"
 #include "snapshot/cuda_copier.h"
+#include "snapshot/memory_reshard.h"
 
 namespace memento {
 namespace {
@@ -215,7 +216,6 @@ class ClientImpl : public Client {
   Status Snapshot(int64_t step) override {
     auto t0 = Clock::now();
     MEMENTO_RETURN_IF_ERROR(FinishRegistration());
-    MEMENTO_RETURN_IF_ERROR(AwaitPinning());
     if (inflight_.valid()) MEMENTO_RETURN_IF_ERROR(WaitUntilSafeToUpdate());
     MEMENTO_RETURN_IF_ERROR(TakeReportError());
     // Blobs are small and the caller may change them right after this call: stage them now.
@@ -261,7 +261,6 @@ class ClientImpl : public Client {
 
   Result<RestoreResult> Restore(int64_t step) override {
     MEMENTO_RETURN_IF_ERROR(FinishRegistration());
-    MEMENTO_RETURN_IF_ERROR(AwaitPinning());
     if (inflight_.valid()) MEMENTO_RETURN_IF_ERROR(WaitUntilSafeToUpdate());
     Drain();
     proto::Request req;
@@ -275,6 +274,8 @@ class ClientImpl : public Client {
     }
     MEMENTO_ASSIGN_OR_RETURN(proto::Reply reply, std::move(called));
     const proto::RestoreReply& rr = reply.restore();
+    if (rr.has_memory_reshard()) return RestoreResharded(rr);  // the slots need not be pinned for it
+    MEMENTO_RETURN_IF_ERROR(AwaitPinning());
     if (rr.slot_index() < 0 || rr.slot_index() >= static_cast<int>(slots_.size())) {
       return Internal("agent named slot " + std::to_string(rr.slot_index()) + " for the restore");
     }
@@ -317,6 +318,49 @@ class ClientImpl : public Client {
       std::memcpy(b.data, base + b.slot_offset + 8, len);
       *b.size = len;
     }
+    RestoreResult result;
+    result.step = rr.step();
+    result.refused.assign(rr.refused().begin(), rr.refused().end());
+    result.source = rr.source();
+    last_step_ = result.step;
+    Beat(BeatPhase::kRestored, result.step, result.source);
+    return result;
+  }
+
+  // The version is held in memory in an earlier layout: the ranks reshard it over NCCL.
+  Result<RestoreResult> RestoreResharded(const proto::RestoreReply& rr) {
+    MemoryReshardIo io;
+    io.rank = opts_.rank;
+    io.world_size = opts_.world_size;
+    for (const TensorEntry& t : tensors_) {
+      proto::TensorRecord* tr = io.registration.add_tensors();
+      tr->set_name(t.name);
+      tr->set_dtype(static_cast<int32_t>(t.dtype));
+      ToProto(t.spec, tr->mutable_spec());
+      tr->set_bytes(t.bytes);
+      tr->set_memory_kind(static_cast<int32_t>(t.where));
+      io.tensors.push_back({t.data, t.bytes, t.where == MemoryKind::kCuda, t.device});
+    }
+    for (const BlobEntry& b : blobs_) io.blobs.push_back({b.name, b.data, b.capacity, b.size});
+    io.exchange_id = [this](const std::string& id) -> Result<std::string> {
+      proto::Request req;
+      req.mutable_nccl_id()->set_id(id);
+      req.mutable_nccl_id()->set_timeout_ms(opts_.registration_timeout_ms);
+      MEMENTO_ASSIGN_OR_RETURN(proto::Reply reply, Call(req));
+      return reply.nccl_id().id();
+    };
+    ThreadPool pool(std::clamp(static_cast<int>(std::thread::hardware_concurrency()) / 2, 4, 16));
+    io.pool = &pool;
+    MemoryReshardStats stats;
+    {
+      HeartbeatSender::KeepAlive alive(heartbeat_.get(), -1);
+      Status st = RunMemoryReshard(rr.memory_reshard(), io, &stats);
+      if (!st.ok()) {
+        return st.WithContext("rank " + std::to_string(opts_.rank) + ": restoring step " + std::to_string(rr.step()) +
+                              " of the earlier layout from memory");
+      }
+    }
+    last_reshard_ = stats;
     RestoreResult result;
     result.step = rr.step();
     result.refused.assign(rr.refused().begin(), rr.refused().end());
@@ -498,6 +542,7 @@ class ClientImpl : public Client {
   ClientOptions opts_;
   int fd_ = -1;
   int node_id_ = -1;
+  MemoryReshardStats last_reshard_;            // the last in-memory reshard, for logs and benchmarks
   int64_t last_step_ = -1;                     // the newest Snapshot() or Restore() step
   std::mutex call_mu_;
   std::mutex report_mu_;

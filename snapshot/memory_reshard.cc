@@ -1,0 +1,352 @@
+// In-memory resharding over NCCL (memory_reshard.h). Steps, on every rank:
+//  1. the NCCL unique id (rank 0's) through the agents; a communicator on the rank's device;
+//  2. metadata: each rank maps the slots of the old ranks it serves and allgathers its new
+//     registration, the served old ranks' layouts and their blobs (ReshardPeer);
+//  3. every rank computes the same plan (memory_reshard_plan.h);
+//  4. rounds: servers pack up to `chunk` bytes per peer from the slots into pinned staging (the
+//     packing threads), copy them to the device, and ncclSend them; receivers ncclRecv and scatter
+//     into their tensors; bytes a rank serves to itself go from staging straight to its tensors.
+#include "snapshot/memory_reshard.h"
+
+#include <cuda_runtime_api.h>
+#include <nccl.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstring>
+#include <map>
+#include <memory>
+
+#include "core/log.h"
+#include "core/shared_memory.h"
+#include "snapshot/memory_reshard_plan.h"
+
+namespace memento {
+namespace {
+
+Status Cuda(cudaError_t e, const char* what) {
+  if (e == cudaSuccess) return Status::Ok();
+  return Internal(std::string("in-memory resharding: ") + what + ": " + cudaGetErrorString(e));
+}
+
+Status Nccl(ncclResult_t r, const char* what) {
+  if (r == ncclSuccess) return Status::Ok();
+  return Internal(std::string("in-memory resharding: ") + what + ": " + ncclGetErrorString(r));
+}
+
+#define RESHARD_OK(expr) MEMENTO_RETURN_IF_ERROR(expr)
+
+// Device and pinned buffers freed on every exit path.
+struct Buffers {
+  std::vector<void*> device, pinned;
+  ~Buffers() {
+    for (void* p : device) cudaFree(p);
+    for (void* p : pinned) cudaFreeHost(p);
+  }
+  Result<uint8_t*> Device(size_t n) {
+    void* p = nullptr;
+    MEMENTO_RETURN_IF_ERROR(Cuda(cudaMalloc(&p, std::max<size_t>(n, 1)), "cudaMalloc of a transfer buffer"));
+    device.push_back(p);
+    return static_cast<uint8_t*>(p);
+  }
+  Result<uint8_t*> Pinned(size_t n) {
+    void* p = nullptr;
+    MEMENTO_RETURN_IF_ERROR(Cuda(cudaMallocHost(&p, std::max<size_t>(n, 1)), "cudaMallocHost of a staging buffer"));
+    pinned.push_back(p);
+    return static_cast<uint8_t*>(p);
+  }
+};
+
+struct Comm {
+  ncclComm_t comm = nullptr;
+  ~Comm() {
+    if (comm != nullptr) ncclCommDestroy(comm);
+  }
+};
+
+struct Stream {
+  cudaStream_t s = nullptr;
+  ~Stream() {
+    if (s != nullptr) cudaStreamDestroy(s);
+  }
+};
+
+// Calls fn(run, offset in the run, stream position, length) for the part of a pair's stream in
+// [begin, end).
+template <typename Fn>
+void ForRange(const ReshardPair& p, uint64_t begin, uint64_t end, Fn fn) {
+  uint64_t pos = 0;
+  for (const ReshardRun& r : p.runs) {
+    const uint64_t a = std::max(pos, begin), b = std::min(pos + r.bytes, end);
+    if (a < b) fn(r, a - pos, a, b - a);
+    pos += r.bytes;
+    if (pos >= end) break;
+  }
+}
+
+// Allgathers each rank's bytes (any length) over `comm`.
+Result<std::vector<std::string>> AllgatherBytes(ncclComm_t comm, cudaStream_t stream, int world, const std::string& mine) {
+  Buffers buf;
+  MEMENTO_ASSIGN_OR_RETURN(uint8_t* sizes_d, buf.Device(sizeof(uint64_t) * world));
+  const uint64_t my_size = mine.size();
+  RESHARD_OK(Cuda(cudaMemcpy(sizes_d + sizeof(uint64_t) * 0, &my_size, 8, cudaMemcpyHostToDevice), "copy"));
+  MEMENTO_ASSIGN_OR_RETURN(uint8_t* sizes_all, buf.Device(sizeof(uint64_t) * world));
+  RESHARD_OK(Nccl(ncclAllGather(sizes_d, sizes_all, 8, ncclChar, comm, stream), "allgather of sizes"));
+  RESHARD_OK(Cuda(cudaStreamSynchronize(stream), "synchronize"));
+  std::vector<uint64_t> sizes(world);
+  RESHARD_OK(Cuda(cudaMemcpy(sizes.data(), sizes_all, 8 * world, cudaMemcpyDeviceToHost), "copy"));
+  const uint64_t most = std::max<uint64_t>(*std::max_element(sizes.begin(), sizes.end()), 1);
+  MEMENTO_ASSIGN_OR_RETURN(uint8_t* in, buf.Device(most));
+  MEMENTO_ASSIGN_OR_RETURN(uint8_t* out, buf.Device(most * world));
+  if (!mine.empty()) RESHARD_OK(Cuda(cudaMemcpy(in, mine.data(), mine.size(), cudaMemcpyHostToDevice), "copy"));
+  RESHARD_OK(Nccl(ncclAllGather(in, out, most, ncclChar, comm, stream), "allgather of the layouts"));
+  RESHARD_OK(Cuda(cudaStreamSynchronize(stream), "synchronize"));
+  std::vector<uint8_t> host(most * world);
+  RESHARD_OK(Cuda(cudaMemcpy(host.data(), out, host.size(), cudaMemcpyDeviceToHost), "copy"));
+  std::vector<std::string> all(world);
+  for (int r = 0; r < world; ++r) all[r].assign(reinterpret_cast<const char*>(host.data() + most * r), sizes[r]);
+  return all;
+}
+
+}  // namespace
+
+Status RunMemoryReshard(const proto::MemoryReshard& info, const MemoryReshardIo& io, MemoryReshardStats* stats) {
+  const auto t0 = std::chrono::steady_clock::now();
+  const std::string who = "rank " + std::to_string(io.rank);
+  int device = -1;
+  for (const MemoryReshardTensor& t : io.tensors) {
+    if (t.cuda) {
+      device = t.device;
+      break;
+    }
+  }
+  if (device < 0) return FailedPrecondition(who + ": in-memory resharding needs a CUDA tensor on every rank");
+  int previous_device = 0;
+  RESHARD_OK(Cuda(cudaGetDevice(&previous_device), "cudaGetDevice"));
+  struct RestoreDevice {
+    int d;
+    ~RestoreDevice() { cudaSetDevice(d); }
+  } restore_device{previous_device};
+  RESHARD_OK(Cuda(cudaSetDevice(device), "cudaSetDevice"));
+
+  // 1. The communicator.
+  std::string id;
+  if (io.rank == 0) {
+    ncclUniqueId uid;
+    RESHARD_OK(Nccl(ncclGetUniqueId(&uid), "ncclGetUniqueId"));
+    id.assign(reinterpret_cast<const char*>(&uid), sizeof uid);
+  }
+  MEMENTO_ASSIGN_OR_RETURN(std::string shared, io.exchange_id(id));
+  if (shared.size() != sizeof(ncclUniqueId)) {
+    return Internal(who + ": an NCCL id of " + std::to_string(shared.size()) + " bytes, expected " +
+                    std::to_string(sizeof(ncclUniqueId)));
+  }
+  ncclUniqueId uid;
+  std::memcpy(&uid, shared.data(), sizeof uid);
+  Comm comm;
+  RESHARD_OK(Nccl(ncclCommInitRank(&comm.comm, io.world_size, uid, io.rank), "ncclCommInitRank"));
+  Stream stream;
+  RESHARD_OK(Cuda(cudaStreamCreateWithFlags(&stream.s, cudaStreamNonBlocking), "cudaStreamCreate"));
+
+  // 2. The old ranks this rank serves, their slots and blobs; then everyone's.
+  std::vector<int32_t> old_here;
+  for (const proto::RankRecord& r : info.old_ranks()) old_here.push_back(r.rank());
+  std::vector<int32_t> new_here(info.new_ranks().begin(), info.new_ranks().end());
+  const std::vector<int32_t> servers = ServersOf(old_here, new_here);
+  proto::ReshardPeer mine;
+  *mine.mutable_target() = io.registration;
+  mine.mutable_target()->clear_slot_names();
+  std::map<int32_t, std::unique_ptr<SharedMemory>> slots;  // old rank -> its slot of the version
+  for (size_t i = 0; i < servers.size(); ++i) {
+    if (servers[i] != io.rank) continue;
+    const proto::RankRecord& old = info.old_ranks(static_cast<int>(i));
+    std::string error;
+    if (info.slot_index() < 0 || info.slot_index() >= old.slot_names_size()) {
+      error = "old rank " + std::to_string(old.rank()) + " has no slot " + std::to_string(info.slot_index());
+    } else {
+      auto seg = SharedMemory::Open(old.slot_names(info.slot_index()), old.slot_bytes(), /*writable=*/false,
+                                    /*populate=*/true);
+      if (!seg.ok()) {
+        error = "old rank " + std::to_string(old.rank()) + ": " + seg.status().message();
+      } else {
+        for (const proto::BlobRecord& b : old.blobs()) {
+          uint64_t len = 0;
+          std::memcpy(&len, (*seg)->data() + b.slot_offset(), 8);
+          if (len > b.capacity()) {
+            error = "old rank " + std::to_string(old.rank()) + " blob '" + b.name() + "' claims " +
+                    std::to_string(len) + " bytes, more than its capacity " + std::to_string(b.capacity());
+            break;
+          }
+          proto::ReshardBlob* rb = mine.add_blobs();
+          rb->set_old_rank(old.rank());
+          rb->set_name(b.name());
+          rb->set_data(reinterpret_cast<const char*>((*seg)->data() + b.slot_offset() + 8), len);
+        }
+        slots[old.rank()] = std::move(seg).value();
+      }
+    }
+    if (!error.empty()) mine.set_error(mine.error() + (mine.error().empty() ? "" : "; ") + error);
+    *mine.add_served() = old;
+  }
+  MEMENTO_ASSIGN_OR_RETURN(std::vector<std::string> peers_raw,
+                           AllgatherBytes(comm.comm, stream.s, io.world_size, mine.SerializeAsString()));
+  std::vector<proto::RankRecord> targets(io.world_size);
+  std::vector<ReshardSource> sources;
+  const proto::ReshardBlob* blob_source = nullptr;
+  std::vector<proto::ReshardPeer> peers(io.world_size);
+  for (int r = 0; r < io.world_size; ++r) {
+    if (!peers[r].ParseFromString(peers_raw[r])) return DataLoss(who + ": rank " + std::to_string(r) + " sent a malformed layout");
+    if (!peers[r].error().empty()) {
+      return FailedPrecondition("in-memory resharding of step " + std::to_string(info.step()) + " failed on rank " +
+                                std::to_string(r) + ": " + peers[r].error());
+    }
+    targets[r] = peers[r].target();
+    for (const proto::RankRecord& old : peers[r].served()) sources.push_back({r, old});
+  }
+  if (static_cast<int>(sources.size()) != info.old_world_size()) {
+    return FailedPrecondition(who + ": the ranks serve " + std::to_string(sources.size()) + " of the earlier layout's " +
+                              std::to_string(info.old_world_size()) + " ranks");
+  }
+  // Blobs: rank r gets old rank r's blob of the same name, as loading a checkpoint does.
+  for (const MemoryReshardBlob& b : io.blobs) {
+    blob_source = nullptr;
+    for (const proto::ReshardPeer& p : peers) {
+      for (const proto::ReshardBlob& rb : p.blobs()) {
+        if (rb.old_rank() == io.rank && rb.name() == b.name) blob_source = &rb;
+      }
+    }
+    if (blob_source == nullptr) {
+      return NotFound(who + " blob '" + b.name + "' is not in step " + std::to_string(info.step()) +
+                      " of the earlier layout (world size " + std::to_string(info.old_world_size()) + ")");
+    }
+    if (blob_source->data().size() > b.capacity) {
+      return FailedPrecondition(who + " blob '" + b.name + "': the earlier layout holds " +
+                                std::to_string(blob_source->data().size()) + " bytes, the capacity is " +
+                                std::to_string(b.capacity));
+    }
+  }
+
+  // 3. The plan.
+  MEMENTO_ASSIGN_OR_RETURN(std::vector<ReshardPair> pairs, PlanMemoryReshard(targets, sources));
+
+  // 4. The transfer.
+  size_t chunk = io.chunk_bytes;
+  if (chunk == 0) {
+    chunk = std::clamp<size_t>((size_t{1} << 30) / (2 * static_cast<size_t>(io.world_size)), size_t{8} << 20,
+                               size_t{64} << 20);
+  }
+  std::vector<const ReshardPair*> sends, recvs;
+  const ReshardPair* self = nullptr;
+  uint64_t most = 0;
+  for (const ReshardPair& p : pairs) {
+    most = std::max(most, p.bytes);
+    if (p.server == io.rank && p.target == io.rank) {
+      self = &p;
+    } else if (p.server == io.rank) {
+      sends.push_back(&p);
+    } else if (p.target == io.rank) {
+      recvs.push_back(&p);
+    }
+  }
+  const int rounds = static_cast<int>((most + chunk - 1) / chunk);
+  Buffers buf;
+  std::vector<uint8_t*> staging(sends.size()), send_d(sends.size()), recv_d(recvs.size());
+  for (size_t i = 0; i < sends.size(); ++i) {
+    const size_t n = std::min<uint64_t>(chunk, sends[i]->bytes);
+    MEMENTO_ASSIGN_OR_RETURN(staging[i], buf.Pinned(n));
+    MEMENTO_ASSIGN_OR_RETURN(send_d[i], buf.Device(n));
+  }
+  for (size_t i = 0; i < recvs.size(); ++i) {
+    MEMENTO_ASSIGN_OR_RETURN(recv_d[i], buf.Device(std::min<uint64_t>(chunk, recvs[i]->bytes)));
+  }
+  uint8_t* self_staging = nullptr;
+  if (self != nullptr) {
+    MEMENTO_ASSIGN_OR_RETURN(self_staging, buf.Pinned(std::min<uint64_t>(chunk, self->bytes)));
+  }
+
+  auto pack = [&](const ReshardPair& p, uint64_t begin, uint64_t end, uint8_t* out, TaskGroup* group) {
+    ForRange(p, begin, end, [&](const ReshardRun& r, uint64_t in_run, uint64_t pos, uint64_t n) {
+      const uint8_t* src = slots.at(r.old_rank)->data() + r.src_offset + in_run;
+      uint8_t* dst = out + (pos - begin);
+      constexpr uint64_t kTask = uint64_t{4} << 20;
+      for (uint64_t off = 0; off < n; off += kTask) {
+        const uint64_t len = std::min(kTask, n - off);
+        group->Add();
+        io.pool->Submit([=] {
+          std::memcpy(dst + off, src + off, len);
+          group->Done();
+        });
+      }
+    });
+  };
+  auto scatter = [&](const ReshardPair& p, uint64_t begin, uint64_t end, const uint8_t* in) -> Status {
+    Status st;
+    ForRange(p, begin, end, [&](const ReshardRun& r, uint64_t in_run, uint64_t pos, uint64_t n) {
+      if (!st.ok()) return;
+      const MemoryReshardTensor& t = io.tensors.at(static_cast<size_t>(r.tensor));
+      uint8_t* dst = static_cast<uint8_t*>(t.data) + r.dst_offset + in_run;
+      st = Cuda(cudaMemcpyAsync(dst, in + (pos - begin), n, cudaMemcpyDefault, stream.s), "scatter copy");
+    });
+    return st;
+  };
+  for (int round = 0; round < rounds; ++round) {
+    const uint64_t begin = static_cast<uint64_t>(round) * chunk;
+    TaskGroup packed;
+    for (size_t i = 0; i < sends.size(); ++i) {
+      if (begin < sends[i]->bytes) pack(*sends[i], begin, std::min<uint64_t>(begin + chunk, sends[i]->bytes), staging[i], &packed);
+    }
+    if (self != nullptr && begin < self->bytes) {
+      pack(*self, begin, std::min<uint64_t>(begin + chunk, self->bytes), self_staging, &packed);
+    }
+    packed.Wait();
+    for (size_t i = 0; i < sends.size(); ++i) {
+      if (begin >= sends[i]->bytes) continue;
+      const uint64_t n = std::min<uint64_t>(chunk, sends[i]->bytes - begin);
+      RESHARD_OK(Cuda(cudaMemcpyAsync(send_d[i], staging[i], n, cudaMemcpyHostToDevice, stream.s), "staging copy"));
+      stats->bytes_sent += n;
+    }
+    RESHARD_OK(Nccl(ncclGroupStart(), "ncclGroupStart"));
+    for (size_t i = 0; i < sends.size(); ++i) {
+      if (begin >= sends[i]->bytes) continue;
+      const uint64_t n = std::min<uint64_t>(chunk, sends[i]->bytes - begin);
+      RESHARD_OK(Nccl(ncclSend(send_d[i], n, ncclChar, sends[i]->target, comm.comm, stream.s), "ncclSend"));
+    }
+    for (size_t i = 0; i < recvs.size(); ++i) {
+      if (begin >= recvs[i]->bytes) continue;
+      const uint64_t n = std::min<uint64_t>(chunk, recvs[i]->bytes - begin);
+      RESHARD_OK(Nccl(ncclRecv(recv_d[i], n, ncclChar, recvs[i]->server, comm.comm, stream.s), "ncclRecv"));
+    }
+    RESHARD_OK(Nccl(ncclGroupEnd(), "ncclGroupEnd"));
+    for (size_t i = 0; i < recvs.size(); ++i) {
+      if (begin >= recvs[i]->bytes) continue;
+      const uint64_t end = std::min<uint64_t>(begin + chunk, recvs[i]->bytes);
+      RESHARD_OK(scatter(*recvs[i], begin, end, recv_d[i]));
+      stats->bytes_received += end - begin;
+    }
+    if (self != nullptr && begin < self->bytes) {
+      const uint64_t end = std::min<uint64_t>(begin + chunk, self->bytes);
+      RESHARD_OK(scatter(*self, begin, end, self_staging));
+      stats->bytes_local += end - begin;
+    }
+    // The staging buffers are refilled in the next round.
+    RESHARD_OK(Cuda(cudaStreamSynchronize(stream.s), "synchronize"));
+  }
+  for (const MemoryReshardBlob& b : io.blobs) {
+    for (const proto::ReshardPeer& p : peers) {
+      for (const proto::ReshardBlob& rb : p.blobs()) {
+        if (rb.old_rank() != io.rank || rb.name() != b.name) continue;
+        std::memcpy(b.data, rb.data().data(), rb.data().size());
+        *b.size = rb.data().size();
+      }
+    }
+  }
+  stats->rounds = rounds;
+  stats->seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  MEMENTO_LOG(kInfo) << who << ": resharded step " << info.step() << " from memory (world size "
+                     << info.old_world_size() << " -> " << io.world_size << "): " << stats->bytes_local
+                     << " bytes from this node's slots, " << stats->bytes_received << " received, " << stats->bytes_sent
+                     << " sent over NCCL in " << rounds << " rounds, " << stats->seconds << " s";
+  return Status::Ok();
+}
+
+}  // namespace memento

@@ -182,6 +182,7 @@ Result<proto::NcclIdReply> NodeState::NcclId(Session* session, const std::string
     }
     nccl_id_ = id;
     nccl_id_incarnation_ = incarnation_;
+    cv_.notify_all();  // the other ranks of this node wait for it here
   }
   const uint64_t serial = session->registration_serial;
   const bool ok = cv_.wait_for(lock, std::chrono::milliseconds(timeout_ms), [&] {

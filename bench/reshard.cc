@@ -17,7 +17,9 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
+#include <latch>
 #include <mutex>
 #include <thread>
 
@@ -40,6 +42,7 @@ constexpr const char* kUsage =
     "  --tensors T      fp32 tensors (default 8)\n"
     "  --storage DIR    checkpoint directory (default: a fresh one under /tmp)\n"
     "  --crc-threads N  passed to memento-agent (default: the agent's)\n"
+    "  --memory-only    only the memory restart (diagnostics; no ratios)\n"
     "  --json           end with one line of JSON holding every figure\n";
 
 constexpr double kGoalSpeedup = 5;
@@ -50,6 +53,7 @@ struct Flags {
   int tensors = 8;
   std::string storage;
   int crc_threads = 0;
+  bool memory_only = false;
   bool json = false;
 };
 
@@ -63,6 +67,7 @@ Status ParseFlags(int argc, char** argv, Flags* f, bool* help) {
     else if (n == "--storage") MEMENTO_RETURN_IF_ERROR(r.String(&f->storage));
     else if (n == "--crc-threads") MEMENTO_RETURN_IF_ERROR(r.Int(&f->crc_threads, 1));
     else if (n == "--json") MEMENTO_RETURN_IF_ERROR(r.Switch(&f->json));
+    else if (n == "--memory-only") MEMENTO_RETURN_IF_ERROR(r.Switch(&f->memory_only));
     else if (n == "-h" || n == "--help") *help = true;
     else return r.Unknown();
   }
@@ -132,6 +137,12 @@ Result<std::unique_ptr<Client>> ConnectRank(const AgentProcess& agent, int rank,
   return Client::Connect(o);
 }
 
+// Progress on stderr (unbuffered), with the seconds since the benchmark started.
+void Progress(const std::string& what) {
+  static const auto start = Clock::now();
+  std::fprintf(stderr, "reshard: [%7.2f s] %s\n", Seconds(start, Clock::now()), what.c_str());
+}
+
 // Runs fn(rank) in one thread per rank; the first error.
 Status ForRanks(int n, const std::function<Status(int)>& fn) {
   std::vector<Status> st(n);
@@ -151,22 +162,49 @@ struct Restart {
 };
 
 // A restart in the column layout against `agent`: every rank registers, restores, and closes.
-Result<Restart> RestartInColumns(const Flags& f, const Shape& s, const AgentProcess& agent) {
+// With `verify`, each rank then checks every restored byte (after the timing).
+Result<Restart> RestartInColumns(const Flags& f, const Shape& s, const AgentProcess& agent, bool verify) {
   std::mutex mu;
   Restart out;
+  std::latch ready(f.ranks);  // every rank starts registering at once
   MEMENTO_RETURN_IF_ERROR(ForRanks(f.ranks, [&](int r) -> Status {
-    MEMENTO_ASSIGN_OR_RETURN(auto tensors, RankTensors::Make(f, s, r, 1, false));
-    MEMENTO_ASSIGN_OR_RETURN(auto c, ConnectRank(agent, r, f.ranks));
-    MEMENTO_RETURN_IF_ERROR(tensors->Register(c.get()));
+    auto tensors = RankTensors::Make(f, s, r, 1, false);
+    Result<std::unique_ptr<Client>> c = tensors.ok() ? ConnectRank(agent, r, f.ranks) : tensors.status();
+    Status registered = c.ok() ? (*tensors)->Register(c->get()) : c.status();
+    ready.arrive_and_wait();
+    MEMENTO_RETURN_IF_ERROR(registered);
     const auto t0 = Clock::now();
-    MEMENTO_RETURN_IF_ERROR(c->FinishRegistration());
+    MEMENTO_RETURN_IF_ERROR((*c)->FinishRegistration());
     const auto t1 = Clock::now();
-    MEMENTO_ASSIGN_OR_RETURN(RestoreResult res, c->Restore());
+    Progress("rank " + std::to_string(r) + " registered in " + std::to_string(Seconds(t0, t1)) + " s; restoring");
+    Result<RestoreResult> res = (*c)->Restore();
     const auto t2 = Clock::now();
+    if (!res.ok() && res.status().code() != StatusCode::kNotFound) return res.status();
+    Progress("rank " + std::to_string(r) + " restored in " + std::to_string(Seconds(t1, t2)) + " s");
+    if (res.ok() && verify) {
+      // Column c of rows [k * rows / ranks, ...) came from old rank k: byte 0x40 + k + tensor.
+      const int64_t cols = s.cols / f.ranks;
+      std::vector<uint8_t> host(static_cast<size_t>(s.rows * cols) * 4);
+      cudaSetDevice(r);
+      for (int i = 0; i < f.tensors; ++i) {
+        if (cudaMemcpy(host.data(), (*tensors)->ptrs[i], host.size(), cudaMemcpyDeviceToHost) != cudaSuccess) {
+          return Internal("cudaMemcpy of the restored tensor failed");
+        }
+        for (int64_t row = 0; row < s.rows; ++row) {
+          const uint8_t want = static_cast<uint8_t>(0x40 + row / (s.rows / f.ranks) + i);
+          const uint8_t* p = host.data() + row * cols * 4;
+          if (p[0] != want || std::memcmp(p, p + 1, static_cast<size_t>(cols) * 4 - 1) != 0) {
+            return DataLoss("rank " + std::to_string(r) + " tensor t" + std::to_string(i) + " row " +
+                            std::to_string(row) + " does not hold old rank " +
+                            std::to_string(row / (s.rows / f.ranks)) + "'s bytes");
+          }
+        }
+      }
+    }
     std::lock_guard<std::mutex> lock(mu);
     out.seconds = std::max(out.seconds, Seconds(t0, t2));
     out.restore_seconds = std::max(out.restore_seconds, Seconds(t1, t2));
-    out.source = res.source;
+    out.source = res.ok() ? res->source : "nothing to restore";
     return Status::Ok();
   }));
   return out;
@@ -237,6 +275,7 @@ int Run(const Flags& flags_in) {
     memcpy_seconds = t.Median() * static_cast<double>(bytes) / static_cast<double>(probe);
   }
 
+  Progress("memcpy limit measured; saving " + std::to_string(bytes) + " bytes in rows");
   // 1. Save in rows, then restart in columns against the same agent: memory.
   AgentProcess::Options ao;
   ao.slots_per_rank = 3;
@@ -252,23 +291,39 @@ int Run(const Flags& flags_in) {
     MEMENTO_RETURN_IF_ERROR(tensors->Register(c.get()));
     MEMENTO_RETURN_IF_ERROR(c->Snapshot(1));
     MEMENTO_RETURN_IF_ERROR(c->WaitUntilSafeToUpdate());
+    Progress("rank " + std::to_string(r) + " captured step 1; waiting for its flush");
     return WaitPersisted(c.get(), 1);
   });
   if (!st.ok()) return fail(st, agent->get());
-  auto memory = RestartInColumns(f, s, **agent);
+  Progress("step 1 persisted; restarting in columns from memory");
+  auto memory = RestartInColumns(f, s, **agent, /*verify=*/true);
   if (!memory.ok()) return fail(memory.status(), agent->get());
+  Progress("memory restart done: " + memory->source);
   agent->reset();
+  if (f.memory_only) {
+    std::printf("reshard: memory restart %.3f s, Restore() %.3f s\n", memory->seconds, memory->restore_seconds);
+    if (f.storage.empty()) std::filesystem::remove_all(storage);
+    return kExitOk;
+  }
 
-  // 2, 3. Fresh agents restore the flushed checkpoint: cold, then warm page cache.
+  // 2, 3. Fresh agents restore the flushed checkpoint: cold, then warm page cache; 4. a fresh
+  // agent with nothing to restore: what every restart costs (slots, agreement), the baseline.
   const std::string checkpoint = storage + "/" + job + "/step-1";
   std::vector<Restart> from_storage;
-  for (bool cold : {true, false}) {
+  for (int run = 0; run < 3; ++run) {
+    const bool cold = run == 0;
     if (cold) Evict(storage);
     AgentProcess::Options so = ao;
-    so.extra_args = {"--storage", storage + "/restarted", "--restore-from", checkpoint};
+    so.extra_args = {"--storage", storage + "/restarted-" + std::to_string(run)};
+    if (run < 2) {
+      so.extra_args.push_back("--restore-from");
+      so.extra_args.push_back(checkpoint);
+    }
     auto fresh = AgentProcess::Start(so);
     if (!fresh.ok()) return fail(fresh.status(), nullptr);
-    auto r = RestartInColumns(f, s, **fresh);
+    Progress(run == 2 ? std::string("restarting in columns with nothing to restore")
+                      : std::string("restarting in columns from storage, ") + (cold ? "cold" : "warm") + " page cache");
+    auto r = RestartInColumns(f, s, **fresh, /*verify=*/run == 0);
     if (!r.ok()) return fail(r.status(), fresh->get());
     from_storage.push_back(*r);
   }
@@ -277,34 +332,43 @@ int Run(const Flags& flags_in) {
     ForgetOnFatalSignal(storage);
   }
 
-  const double cold_ratio = from_storage[0].seconds / memory->seconds;
-  const double warm_ratio = from_storage[1].seconds / memory->seconds;
+  // What restoring adds to a restart: each restart less the baseline's.
+  const double base = from_storage[2].seconds;
+  const double mem_net = memory->seconds - base, cold_net = from_storage[0].seconds - base,
+               warm_net = from_storage[1].seconds - base;
+  const double cold_ratio = cold_net / mem_net, warm_ratio = warm_net / mem_net;
   std::printf("reshard: %d ranks (GPUs), %d tensors of [%lld, %lld] fp32 = %.2f GB; rows -> columns\n", f.ranks,
               f.tensors, static_cast<long long>(s.rows), static_cast<long long>(s.cols), bytes / 1e9);
-  std::printf("  limit: memcpy of the bytes with %d threads          %8.3f s (%.2f GB/s)\n", threads, memcpy_seconds,
+  std::printf("  limit: memcpy of the bytes with %d threads  %8.3f s (%.2f GB/s)\n", threads, memcpy_seconds,
               GBps(bytes, memcpy_seconds));
-  std::printf("  memory (NCCL):        %8.3f s, of which Restore() %8.3f s   [%s]\n", memory->seconds,
-              memory->restore_seconds, memory->source.c_str());
-  std::printf("  storage, cold cache:  %8.3f s, of which Restore() %8.3f s\n", from_storage[0].seconds,
-              from_storage[0].restore_seconds);
-  std::printf("  storage, warm cache:  %8.3f s, of which Restore() %8.3f s\n", from_storage[1].seconds,
-              from_storage[1].restore_seconds);
-  std::printf("  memory vs storage: %.1fx (cold), %.1fx (warm); goal >= %.0fx: %s\n", cold_ratio, warm_ratio,
-              kGoalSpeedup, cold_ratio >= kGoalSpeedup ? "met" : "not met");
-  std::printf("  memory restart vs memcpy of the bytes: %.2f\n", memcpy_seconds / memory->seconds);
+  std::printf("  restart (FinishRegistration + Restore, slowest rank); restore = restart - baseline\n");
+  std::printf("  baseline, nothing to restore: %8.3f s\n", base);
+  std::printf("  memory (NCCL):        restart %8.3f s, restore %8.3f s (Restore() %6.3f s)  [%s]\n", memory->seconds,
+              mem_net, memory->restore_seconds, memory->source.c_str());
+  std::printf("  storage, cold cache:  restart %8.3f s, restore %8.3f s (Restore() %6.3f s)\n", from_storage[0].seconds,
+              cold_net, from_storage[0].restore_seconds);
+  std::printf("  storage, warm cache:  restart %8.3f s, restore %8.3f s (Restore() %6.3f s)\n", from_storage[1].seconds,
+              warm_net, from_storage[1].restore_seconds);
+  std::printf("  restore from memory vs storage: %.1fx (cold), %.1fx (warm); goal >= %.0fx: %s\n", cold_ratio,
+              warm_ratio, kGoalSpeedup, cold_ratio >= kGoalSpeedup ? "met" : "not met");
+  std::printf("  restore from memory vs memcpy of the bytes: %.2f\n", memcpy_seconds / mem_net);
   if (f.json) {
     JsonLine j;
     j.Add("bench", "reshard")
         .Add("ranks", f.ranks)
         .Add("bytes", bytes)
         .Add("memcpy_seconds", memcpy_seconds)
-        .Add("memory_seconds", memory->seconds)
-        .Add("memory_restore_seconds", memory->restore_seconds)
-        .Add("storage_cold_seconds", from_storage[0].seconds)
-        .Add("storage_warm_seconds", from_storage[1].seconds)
+        .Add("baseline_restart_seconds", base)
+        .Add("memory_restart_seconds", memory->seconds)
+        .Add("memory_restore_call_seconds", memory->restore_seconds)
+        .Add("storage_cold_restart_seconds", from_storage[0].seconds)
+        .Add("storage_warm_restart_seconds", from_storage[1].seconds)
+        .Add("memory_restore_seconds", mem_net)
+        .Add("storage_cold_restore_seconds", cold_net)
+        .Add("storage_warm_restore_seconds", warm_net)
         .Add("speedup_cold", cold_ratio)
         .Add("speedup_warm", warm_ratio)
-        .Add("ratio_to_memcpy", memcpy_seconds / memory->seconds)
+        .Add("ratio_to_memcpy", memcpy_seconds / mem_net)
         .Add("goal_met", cold_ratio >= kGoalSpeedup);
     std::printf("%s\n", j.str().c_str());
   }

@@ -7,7 +7,7 @@ namespace memento {
 
 inline constexpr const char* kLibraryVersion = "0.1.0";
 // Bumped on any incompatible change of the client <-> agent messages.
-inline constexpr uint32_t kAgentProtocolVersion = 1;
+inline constexpr uint32_t kAgentProtocolVersion = 2;  // 2: in-memory resharding (NcclId, MemoryReshard)
 // Bumped on any incompatible change of the catalog records.
 inline constexpr uint32_t kCatalogFormatVersion = 1;
 

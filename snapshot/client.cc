@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <chrono>
 #include <condition_variable>
+#include <cstdlib>
 #include <cstring>
 #include <future>
 #include <map>
@@ -216,6 +217,7 @@ class ClientImpl : public Client {
   Status Snapshot(int64_t step) override {
     auto t0 = Clock::now();
     MEMENTO_RETURN_IF_ERROR(FinishRegistration());
+    MEMENTO_RETURN_IF_ERROR(AwaitPinning());
     if (inflight_.valid()) MEMENTO_RETURN_IF_ERROR(WaitUntilSafeToUpdate());
     MEMENTO_RETURN_IF_ERROR(TakeReportError());
     // Blobs are small and the caller may change them right after this call: stage them now.
@@ -349,7 +351,10 @@ class ClientImpl : public Client {
       MEMENTO_ASSIGN_OR_RETURN(proto::Reply reply, Call(req));
       return reply.nccl_id().id();
     };
-    ThreadPool pool(std::clamp(static_cast<int>(std::thread::hardware_concurrency()) / 2, 4, 16));
+    // MEMENTO_RESHARD_CHUNK_BYTES (tests): bytes per peer and round; default from the world size.
+    if (const char* c = std::getenv("MEMENTO_RESHARD_CHUNK_BYTES")) io.chunk_bytes = std::strtoull(c, nullptr, 10);
+    io.pool_threads = std::clamp(static_cast<int>(std::thread::hardware_concurrency()) / 2, 4, 16);
+    ThreadPool pool(io.pool_threads);
     io.pool = &pool;
     MemoryReshardStats stats;
     {

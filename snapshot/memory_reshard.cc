@@ -71,17 +71,59 @@ struct Stream {
   }
 };
 
-// Calls fn(run, offset in the run, stream position, length) for the part of a pair's stream in
-// [begin, end).
-template <typename Fn>
-void ForRange(const ReshardPair& p, uint64_t begin, uint64_t end, Fn fn) {
-  uint64_t pos = 0;
-  for (const ReshardRun& r : p.runs) {
-    const uint64_t a = std::max(pos, begin), b = std::min(pos + r.bytes, end);
-    if (a < b) fn(r, a - pos, a, b - a);
-    pos += r.bytes;
-    if (pos >= end) break;
+// A pair with the stream position where each of its runs starts, for ranges in O(log runs).
+struct IndexedPair {
+  const ReshardPair* pair = nullptr;
+  std::vector<uint64_t> start;
+  explicit IndexedPair(const ReshardPair* p) : pair(p) {
+    uint64_t pos = 0;
+    for (const ReshardRun& r : p->runs) {
+      start.push_back(pos);
+      pos += r.bytes;
+    }
   }
+  // Calls fn(run, offset in the run, stream position, length) for the stream's [begin, end).
+  template <typename Fn>
+  void ForRange(uint64_t begin, uint64_t end, Fn fn) const {
+    size_t i = static_cast<size_t>(std::upper_bound(start.begin(), start.end(), begin) - start.begin());
+    i = i == 0 ? 0 : i - 1;
+    for (; i < pair->runs.size() && start[i] < end; ++i) {
+      const ReshardRun& r = pair->runs[i];
+      const uint64_t a = std::max(start[i], begin), b = std::min(start[i] + r.bytes, end);
+      if (a < b) fn(r, a - start[i], a, b - a);
+    }
+  }
+};
+
+// A strided copy into a tensor: `height` rows of `width` bytes, contiguous in the stream from
+// `src`, `pitch` bytes apart in the tensor from `dst` (one cudaMemcpy2DAsync instead of a copy
+// per row: a rows-to-columns reshard has one run per row).
+struct ScatterOp {
+  int32_t tensor = 0;
+  uint64_t dst = 0, src = 0, width = 0, height = 1, pitch = 0;
+};
+
+std::vector<ScatterOp> ScatterOps(const IndexedPair& p, uint64_t begin, uint64_t end) {
+  std::vector<ScatterOp> ops;
+  p.ForRange(begin, end, [&](const ReshardRun& r, uint64_t in_run, uint64_t pos, uint64_t n) {
+    const uint64_t dst = r.dst_offset + in_run, src = pos - begin;
+    if (!ops.empty()) {
+      ScatterOp& o = ops.back();
+      if (o.tensor == r.tensor && o.width == n && src == o.src + o.width * o.height) {
+        if (o.height == 1 && dst >= o.dst + n && dst - o.dst <= (uint64_t{1} << 30)) {
+          o.pitch = dst - o.dst;
+          o.height = 2;
+          return;
+        }
+        if (o.height > 1 && dst == o.dst + o.pitch * o.height) {
+          ++o.height;
+          return;
+        }
+      }
+    }
+    ops.push_back({r.tensor, dst, src, n, 1, n});
+  });
+  return ops;
 }
 
 // Allgathers each rank's bytes (any length) over `comm`.
@@ -144,7 +186,9 @@ Status RunMemoryReshard(const proto::MemoryReshard& info, const MemoryReshardIo&
   ncclUniqueId uid;
   std::memcpy(&uid, shared.data(), sizeof uid);
   Comm comm;
+  const auto t_init = std::chrono::steady_clock::now();
   RESHARD_OK(Nccl(ncclCommInitRank(&comm.comm, io.world_size, uid, io.rank), "ncclCommInitRank"));
+  stats->nccl_init_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_init).count();
   Stream stream;
   RESHARD_OK(Cuda(cudaStreamCreateWithFlags(&stream.s, cudaStreamNonBlocking), "cudaStreamCreate"));
 
@@ -164,8 +208,9 @@ Status RunMemoryReshard(const proto::MemoryReshard& info, const MemoryReshardIo&
     if (info.slot_index() < 0 || info.slot_index() >= old.slot_names_size()) {
       error = "old rank " + std::to_string(old.rank()) + " has no slot " + std::to_string(info.slot_index());
     } else {
+      // Not pre-faulted: the packing threads fault the pages in, in parallel.
       auto seg = SharedMemory::Open(old.slot_names(info.slot_index()), old.slot_bytes(), /*writable=*/false,
-                                    /*populate=*/true);
+                                    /*populate=*/false);
       if (!seg.ok()) {
         error = "old rank " + std::to_string(old.rank()) + ": " + seg.status().message();
       } else {
@@ -235,102 +280,148 @@ Status RunMemoryReshard(const proto::MemoryReshard& info, const MemoryReshardIo&
     chunk = std::clamp<size_t>((size_t{1} << 30) / (2 * static_cast<size_t>(io.world_size)), size_t{8} << 20,
                                size_t{64} << 20);
   }
-  std::vector<const ReshardPair*> sends, recvs;
-  const ReshardPair* self = nullptr;
+  std::vector<IndexedPair> send_pairs, recv_pairs, self_pair;
   uint64_t most = 0;
   for (const ReshardPair& p : pairs) {
     most = std::max(most, p.bytes);
     if (p.server == io.rank && p.target == io.rank) {
-      self = &p;
+      self_pair.emplace_back(&p);
     } else if (p.server == io.rank) {
-      sends.push_back(&p);
+      send_pairs.emplace_back(&p);
     } else if (p.target == io.rank) {
-      recvs.push_back(&p);
+      recv_pairs.emplace_back(&p);
     }
   }
+  std::vector<const ReshardPair*> sends, recvs;
+  for (const IndexedPair& p : send_pairs) sends.push_back(p.pair);
+  for (const IndexedPair& p : recv_pairs) recvs.push_back(p.pair);
+  const ReshardPair* self = self_pair.empty() ? nullptr : self_pair[0].pair;
   const int rounds = static_cast<int>((most + chunk - 1) / chunk);
   Buffers buf;
-  std::vector<uint8_t*> staging(sends.size()), send_d(sends.size()), recv_d(recvs.size());
-  for (size_t i = 0; i < sends.size(); ++i) {
-    const size_t n = std::min<uint64_t>(chunk, sends[i]->bytes);
-    MEMENTO_ASSIGN_OR_RETURN(staging[i], buf.Pinned(n));
-    MEMENTO_ASSIGN_OR_RETURN(send_d[i], buf.Device(n));
-  }
-  for (size_t i = 0; i < recvs.size(); ++i) {
-    MEMENTO_ASSIGN_OR_RETURN(recv_d[i], buf.Device(std::min<uint64_t>(chunk, recvs[i]->bytes)));
-  }
-  uint8_t* self_staging = nullptr;
-  if (self != nullptr) {
-    MEMENTO_ASSIGN_OR_RETURN(self_staging, buf.Pinned(std::min<uint64_t>(chunk, self->bytes)));
+  // Two sets of buffers: the threads pack round r + 1 while the GPU copies and sends round r.
+  struct BufferSet {
+    std::vector<uint8_t*> staging, send_d, recv_d;
+    uint8_t* self_staging = nullptr;
+    uint8_t* self_d = nullptr;
+    cudaEvent_t done = nullptr;
+  };
+  BufferSet sets[2];
+  struct Events {
+    BufferSet* sets;
+    ~Events() {
+      for (int k = 0; k < 2; ++k) {
+        if (sets[k].done != nullptr) cudaEventDestroy(sets[k].done);
+      }
+    }
+  } events{sets};
+  for (BufferSet& set : sets) {
+    RESHARD_OK(Cuda(cudaEventCreateWithFlags(&set.done, cudaEventDisableTiming), "cudaEventCreate"));
+    for (const ReshardPair* p : sends) {
+      const size_t n = std::min<uint64_t>(chunk, p->bytes);
+      MEMENTO_ASSIGN_OR_RETURN(uint8_t* h, buf.Pinned(n));
+      MEMENTO_ASSIGN_OR_RETURN(uint8_t* d, buf.Device(n));
+      set.staging.push_back(h);
+      set.send_d.push_back(d);
+    }
+    for (const ReshardPair* p : recvs) {
+      MEMENTO_ASSIGN_OR_RETURN(uint8_t* d, buf.Device(std::min<uint64_t>(chunk, p->bytes)));
+      set.recv_d.push_back(d);
+    }
+    if (self != nullptr) {
+      MEMENTO_ASSIGN_OR_RETURN(set.self_staging, buf.Pinned(std::min<uint64_t>(chunk, self->bytes)));
+      MEMENTO_ASSIGN_OR_RETURN(set.self_d, buf.Device(std::min<uint64_t>(chunk, self->bytes)));
+    }
+    if (rounds < 2) break;
   }
 
-  auto pack = [&](const ReshardPair& p, uint64_t begin, uint64_t end, uint8_t* out, TaskGroup* group) {
-    ForRange(p, begin, end, [&](const ReshardRun& r, uint64_t in_run, uint64_t pos, uint64_t n) {
-      const uint8_t* src = slots.at(r.old_rank)->data() + r.src_offset + in_run;
-      uint8_t* dst = out + (pos - begin);
-      constexpr uint64_t kTask = uint64_t{4} << 20;
-      for (uint64_t off = 0; off < n; off += kTask) {
-        const uint64_t len = std::min(kTask, n - off);
-        group->Add();
-        io.pool->Submit([=] {
-          std::memcpy(dst + off, src + off, len);
-          group->Done();
+  // Packing: the chunk cut into equal parts, one task each (a run may be a single 8 KiB row).
+  const int parts = 2 * std::max(1, io.pool_threads);
+  auto pack = [&](const IndexedPair& p, uint64_t begin, uint64_t end, uint8_t* out, TaskGroup* group) {
+    const uint64_t step = std::max<uint64_t>((end - begin + parts - 1) / parts, uint64_t{1} << 20);
+    for (uint64_t a = begin; a < end; a += step) {
+      const uint64_t b = std::min(end, a + step);
+      group->Add();
+      io.pool->Submit([&, a, b, begin, out] {
+        p.ForRange(a, b, [&](const ReshardRun& r, uint64_t in_run, uint64_t pos, uint64_t n) {
+          std::memcpy(out + (pos - begin), slots.at(r.old_rank)->data() + r.src_offset + in_run, n);
         });
-      }
-    });
+        group->Done();
+      });
+    }
   };
-  auto scatter = [&](const ReshardPair& p, uint64_t begin, uint64_t end, const uint8_t* in) -> Status {
-    Status st;
-    ForRange(p, begin, end, [&](const ReshardRun& r, uint64_t in_run, uint64_t pos, uint64_t n) {
-      if (!st.ok()) return;
-      const MemoryReshardTensor& t = io.tensors.at(static_cast<size_t>(r.tensor));
-      uint8_t* dst = static_cast<uint8_t*>(t.data) + r.dst_offset + in_run;
-      st = Cuda(cudaMemcpyAsync(dst, in + (pos - begin), n, cudaMemcpyDefault, stream.s), "scatter copy");
-    });
-    return st;
+  // From a device buffer into the tensors: strided device copies (a kernel's speed, not the DMA
+  // engine's per-row cost of strided host-to-device copies).
+  auto scatter = [&](const IndexedPair& p, uint64_t begin, uint64_t end, const uint8_t* in) -> Status {
+    for (const ScatterOp& o : ScatterOps(p, begin, end)) {
+      uint8_t* dst = static_cast<uint8_t*>(io.tensors.at(static_cast<size_t>(o.tensor)).data) + o.dst;
+      const cudaError_t e = o.height == 1
+                                ? cudaMemcpyAsync(dst, in + o.src, o.width, cudaMemcpyDefault, stream.s)
+                                : cudaMemcpy2DAsync(dst, o.pitch, in + o.src, o.width, o.width, o.height,
+                                                    cudaMemcpyDefault, stream.s);
+      MEMENTO_RETURN_IF_ERROR(Cuda(e, "scatter copy"));
+    }
+    return Status::Ok();
   };
+  auto part = [&](const ReshardPair* p, uint64_t begin) { return std::min<uint64_t>(chunk, p->bytes - begin); };
+  auto since = [](std::chrono::steady_clock::time_point t) {
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
+  };
+  stats->setup_seconds = since(t0);
   for (int round = 0; round < rounds; ++round) {
+    BufferSet& set = sets[rounds < 2 ? 0 : round % 2];
     const uint64_t begin = static_cast<uint64_t>(round) * chunk;
+    // The GPU is done with this set's buffers (round - 2) before the threads refill them.
+    auto tw = std::chrono::steady_clock::now();
+    RESHARD_OK(Cuda(cudaEventSynchronize(set.done), "cudaEventSynchronize"));
+    stats->gpu_wait_seconds += since(tw);
+    auto tp = std::chrono::steady_clock::now();
     TaskGroup packed;
     for (size_t i = 0; i < sends.size(); ++i) {
-      if (begin < sends[i]->bytes) pack(*sends[i], begin, std::min<uint64_t>(begin + chunk, sends[i]->bytes), staging[i], &packed);
+      if (begin < sends[i]->bytes) pack(send_pairs[i], begin, begin + part(sends[i], begin), set.staging[i], &packed);
     }
     if (self != nullptr && begin < self->bytes) {
-      pack(*self, begin, std::min<uint64_t>(begin + chunk, self->bytes), self_staging, &packed);
+      pack(self_pair[0], begin, begin + part(self, begin), set.self_staging, &packed);
     }
     packed.Wait();
+    stats->pack_seconds += since(tp);
     for (size_t i = 0; i < sends.size(); ++i) {
       if (begin >= sends[i]->bytes) continue;
-      const uint64_t n = std::min<uint64_t>(chunk, sends[i]->bytes - begin);
-      RESHARD_OK(Cuda(cudaMemcpyAsync(send_d[i], staging[i], n, cudaMemcpyHostToDevice, stream.s), "staging copy"));
-      stats->bytes_sent += n;
+      RESHARD_OK(Cuda(cudaMemcpyAsync(set.send_d[i], set.staging[i], part(sends[i], begin), cudaMemcpyHostToDevice,
+                                      stream.s),
+                      "staging copy"));
+      stats->bytes_sent += part(sends[i], begin);
+    }
+    if (self != nullptr && begin < self->bytes) {
+      RESHARD_OK(Cuda(cudaMemcpyAsync(set.self_d, set.self_staging, part(self, begin), cudaMemcpyHostToDevice,
+                                      stream.s),
+                      "staging copy"));
     }
     RESHARD_OK(Nccl(ncclGroupStart(), "ncclGroupStart"));
     for (size_t i = 0; i < sends.size(); ++i) {
       if (begin >= sends[i]->bytes) continue;
-      const uint64_t n = std::min<uint64_t>(chunk, sends[i]->bytes - begin);
-      RESHARD_OK(Nccl(ncclSend(send_d[i], n, ncclChar, sends[i]->target, comm.comm, stream.s), "ncclSend"));
+      RESHARD_OK(Nccl(ncclSend(set.send_d[i], part(sends[i], begin), ncclChar, sends[i]->target, comm.comm, stream.s),
+                      "ncclSend"));
     }
     for (size_t i = 0; i < recvs.size(); ++i) {
       if (begin >= recvs[i]->bytes) continue;
-      const uint64_t n = std::min<uint64_t>(chunk, recvs[i]->bytes - begin);
-      RESHARD_OK(Nccl(ncclRecv(recv_d[i], n, ncclChar, recvs[i]->server, comm.comm, stream.s), "ncclRecv"));
+      RESHARD_OK(Nccl(ncclRecv(set.recv_d[i], part(recvs[i], begin), ncclChar, recvs[i]->server, comm.comm, stream.s),
+                      "ncclRecv"));
     }
     RESHARD_OK(Nccl(ncclGroupEnd(), "ncclGroupEnd"));
     for (size_t i = 0; i < recvs.size(); ++i) {
       if (begin >= recvs[i]->bytes) continue;
-      const uint64_t end = std::min<uint64_t>(begin + chunk, recvs[i]->bytes);
-      RESHARD_OK(scatter(*recvs[i], begin, end, recv_d[i]));
-      stats->bytes_received += end - begin;
+      RESHARD_OK(scatter(recv_pairs[i], begin, begin + part(recvs[i], begin), set.recv_d[i]));
+      stats->bytes_received += part(recvs[i], begin);
     }
     if (self != nullptr && begin < self->bytes) {
-      const uint64_t end = std::min<uint64_t>(begin + chunk, self->bytes);
-      RESHARD_OK(scatter(*self, begin, end, self_staging));
-      stats->bytes_local += end - begin;
+      RESHARD_OK(scatter(self_pair[0], begin, begin + part(self, begin), set.self_d));
+      stats->bytes_local += part(self, begin);
     }
-    // The staging buffers are refilled in the next round.
-    RESHARD_OK(Cuda(cudaStreamSynchronize(stream.s), "synchronize"));
+    RESHARD_OK(Cuda(cudaEventRecord(set.done, stream.s), "cudaEventRecord"));
   }
+  auto tw = std::chrono::steady_clock::now();
+  RESHARD_OK(Cuda(cudaStreamSynchronize(stream.s), "synchronize"));
+  stats->gpu_wait_seconds += since(tw);
   for (const MemoryReshardBlob& b : io.blobs) {
     for (const proto::ReshardPeer& p : peers) {
       for (const proto::ReshardBlob& rb : p.blobs()) {
@@ -345,7 +436,10 @@ Status RunMemoryReshard(const proto::MemoryReshard& info, const MemoryReshardIo&
   MEMENTO_LOG(kInfo) << who << ": resharded step " << info.step() << " from memory (world size "
                      << info.old_world_size() << " -> " << io.world_size << "): " << stats->bytes_local
                      << " bytes from this node's slots, " << stats->bytes_received << " received, " << stats->bytes_sent
-                     << " sent over NCCL in " << rounds << " rounds, " << stats->seconds << " s";
+                     << " sent over NCCL in " << rounds << " rounds, " << stats->seconds << " s  (set-up "
+                     << stats->setup_seconds << " s, of which ncclCommInitRank " << stats->nccl_init_seconds
+                     << " s; packing " << stats->pack_seconds << " s, waiting for the GPU "
+                     << stats->gpu_wait_seconds << " s)";
   return Status::Ok();
 }
 

@@ -42,6 +42,7 @@ struct MemoryReshardIo {
   // Exchanges the NCCL unique id through the agents: rank 0 passes its id, every rank gets it back.
   std::function<Result<std::string>(const std::string&)> exchange_id;
   ThreadPool* pool = nullptr;               // packing threads
+  int pool_threads = 1;                     // how many
   size_t chunk_bytes = 0;                   // per peer and round; 0 = chosen from the world size
 };
 
@@ -51,6 +52,10 @@ struct MemoryReshardStats {
   uint64_t bytes_received = 0;
   uint64_t bytes_local = 0;      // from slots this rank serves to itself
   int rounds = 0;
+  double setup_seconds = 0;     // communicator, layouts, plan, buffers
+  double nccl_init_seconds = 0; // of which ncclCommInitRank
+  double pack_seconds = 0;      // threads copying from the slots into pinned staging
+  double gpu_wait_seconds = 0;  // waiting for copies and NCCL
 };
 
 Status RunMemoryReshard(const proto::MemoryReshard& info, const MemoryReshardIo& io, MemoryReshardStats* stats);

@@ -97,7 +97,7 @@ TEST_F(AgentInputTest, OtherProtocolVersionNamesBoth) {
   ASSERT_TRUE(reply.has_error());
   EXPECT_EQ(reply.error().code(), static_cast<int>(StatusCode::kFailedPrecondition));
   EXPECT_EQ(reply.error().message(),
-            "rank 0: client speaks agent protocol version 99 but this agent speaks version 1 (client library 9.9.9, "
+            "rank 0: client speaks agent protocol version 99 but this agent speaks version 2 (client library 9.9.9, "
             "agent 0.1.0)");
   ExpectAgentStillServes();
 }

@@ -149,6 +149,9 @@ TEST(GpuReshardTest, RanksOnTwoNodesExchangeBoxesOverNccl) {
   cluster.Start();
   SaveOldLayout(cluster, 2, 2);
   // The new layout swaps the split dimensions: w by columns, e by rows, z as TP rows of 2 ranks.
+  // Chunks of 16 KiB per peer and round: many rounds through both buffer sets, runs cut at chunk
+  // boundaries.
+  ::setenv("MEMENTO_RESHARD_CHUNK_BYTES", "16384", 1);
   std::mutex mu;
   std::vector<std::string> sources(2), mismatches(2), blobs(2);
   RunRanks(2, [&](int rank) {
@@ -168,6 +171,7 @@ TEST(GpuReshardTest, RanksOnTwoNodesExchangeBoxesOverNccl) {
     mismatches[rank] = state.Mismatch();
     blobs[rank] = std::string(state.blob.data(), state.blob_size);
   });
+  ::unsetenv("MEMENTO_RESHARD_CHUNK_BYTES");
   for (int r = 0; r < 2; ++r) {
     EXPECT_EQ(sources[r], "memory (resharded from world size 2)");
     EXPECT_EQ(mismatches[r], "") << "rank " << r;

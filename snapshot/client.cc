@@ -320,6 +320,11 @@ class ClientImpl : public Client {
       std::memcpy(b.data, base + b.slot_offset + 8, len);
       *b.size = len;
     }
+    return Restored(rr);
+  }
+
+  // The result of a restore the buffers now hold.
+  RestoreResult Restored(const proto::RestoreReply& rr) {
     RestoreResult result;
     result.step = rr.step();
     result.refused.assign(rr.refused().begin(), rr.refused().end());
@@ -366,13 +371,7 @@ class ClientImpl : public Client {
       }
     }
     last_reshard_ = stats;
-    RestoreResult result;
-    result.step = rr.step();
-    result.refused.assign(rr.refused().begin(), rr.refused().end());
-    result.source = rr.source();
-    last_step_ = result.step;
-    Beat(BeatPhase::kRestored, result.step, result.source);
-    return result;
+    return Restored(rr);
   }
 
   Result<std::vector<VersionInfo>> ListVersions() override {

@@ -6,6 +6,7 @@
 
 #include "integration/harness.h"
 #include "proto/memento.pb.h"
+#include "proto/version.h"
 #include "proto/wire.h"
 
 namespace memento::testing {
@@ -122,7 +123,7 @@ TEST_F(AgentInputTest, SizesThatWrapAround64BitsAreRefused) {
     int fd = RawConnect();
     EXPECT_GE(fd, 0);
     proto::Request hello;
-    hello.mutable_hello()->set_protocol_version(1);
+    hello.mutable_hello()->set_protocol_version(kAgentProtocolVersion);
     hello.mutable_hello()->set_job_id(cluster_->job());
     hello.mutable_hello()->set_job_token("s3cret");
     hello.mutable_hello()->set_world_size(1);

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "core/shard.h"
+#include "snapshot/shard_reference.h"
 
 namespace memento {
 namespace {
@@ -41,28 +42,7 @@ Fragment BoxFragment(Shape offsets, Shape lengths, int64_t local_offset) {
   return f;
 }
 
-// Global row-major index of every local element of `spec`; -1 where no fragment maps it.
-std::vector<int64_t> LocalToGlobal(const ShardSpec& spec) {
-  std::vector<int64_t> global(static_cast<size_t>(spec.local_numel), -1);
-  const size_t rank = spec.global_shape.size();
-  for (const Fragment& f : spec.fragments) {
-    if (f.kind == Fragment::Kind::kFlat) {
-      for (int64_t i = 0; i < f.flat_length; ++i) global[static_cast<size_t>(f.local_offset + i)] = f.flat_begin + i;
-      continue;
-    }
-    std::vector<int64_t> idx(rank, 0);
-    for (int64_t i = 0; i < f.box.numel(); ++i) {
-      int64_t g = 0;
-      for (size_t d = 0; d < rank; ++d) g = g * spec.global_shape[d] + f.box.offsets[d] + idx[d];
-      global[static_cast<size_t>(f.local_offset + i)] = g;
-      for (size_t d = rank; d-- > 0;) {
-        if (++idx[d] < f.box.lengths[d]) break;
-        idx[d] = 0;
-      }
-    }
-  }
-  return global;
-}
+using testing::LocalToGlobal;
 
 // A source buffer: each element holds global * 1000 + source tag; padding holds -(tag + 2).
 std::vector<int64_t> FillSource(const ShardSpec& spec, int tag) {

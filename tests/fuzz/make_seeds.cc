@@ -125,8 +125,11 @@ void AgentFrames() {
   restore.mutable_restore()->set_step(-1);
   proto::Request list;
   list.mutable_list_versions();
+  proto::Request nccl;
+  nccl.mutable_nccl_id()->set_id(std::string(128, '\x5a'));
+  nccl.mutable_nccl_id()->set_timeout_ms(1000);
   Write("agent_request", "session", Frame(hello) + Frame(reg) + Frame(await) + Frame(begin) + Frame(captured) +
-                                        Frame(restore) + Frame(list));
+                                        Frame(restore) + Frame(list) + Frame(nccl));
   h->set_job_token("guess");
   Write("agent_request", "wrong_token", Frame(hello) + Frame(reg));
 
@@ -143,7 +146,18 @@ void AgentFrames() {
   error.mutable_error()->set_code(static_cast<int32_t>(StatusCode::kUnavailable));
   error.mutable_error()->set_message("rank 1: slots busy");
   error.mutable_error()->set_retryable(true);
-  Write("agent_request", "replies", Frame(reply) + Frame(registered) + Frame(error));
+  proto::Reply resharded;  // a restore from the memory of an earlier layout
+  proto::RestoreReply* rr = resharded.mutable_restore();
+  rr->set_step(3);
+  rr->set_slot_index(-1);
+  rr->set_source("memory (resharded from world size 2)");
+  rr->mutable_memory_reshard()->set_step(3);
+  rr->mutable_memory_reshard()->set_slot_index(1);
+  rr->mutable_memory_reshard()->set_old_world_size(2);
+  *rr->mutable_memory_reshard()->add_old_ranks() = layout;
+  rr->mutable_memory_reshard()->add_new_ranks(1);
+  Write("agent_request", "replies",
+        Frame(reply) + Frame(registered) + Frame(error) + Frame(resharded));
 }
 
 void CatalogRecords() {

@@ -820,17 +820,25 @@ Result<proto::RestoreReply> NodeState::Restore(Session* session, int64_t step) {
   MEMENTO_RETURN_IF_ERROR(CheckSessionInEpoch(*session));
   const std::string who = "rank " + std::to_string(session->rank);
   if (reshard_point_ >= 0 && (step < 0 ? reshard_point_ > NewestGlobal() : step == reshard_point_)) {
+    // A node that holds no part of the earlier layout would take part as a target only (every node
+    // of a job runs ranks, and each held some of the earlier layout unless its memory was lost, in
+    // which case nothing is resharded: this is a safeguard).
+    int32_t slot = -1;
     auto vit = retired_.versions.find(reshard_point_);
-    if (vit == retired_.versions.end()) return Internal(who + ": the retired version " + std::to_string(reshard_point_) + " is gone");
+    if (vit != retired_.versions.end()) {
+      slot = vit->second.slot_index();
+    } else if (!retired_.empty()) {
+      return Internal(who + ": the retired version " + std::to_string(reshard_point_) + " is gone");
+    }
     proto::RestoreReply reply;
     reply.set_step(reshard_point_);
     reply.set_slot_index(-1);
-    reply.set_source("memory (resharded from world size " + std::to_string(retired_.world_size) + ")");
+    reply.set_source("memory (resharded from world size " + std::to_string(reshard_world_) + ")");
     for (const auto& r : refused_) reply.add_refused(r);
     proto::MemoryReshard* m = reply.mutable_memory_reshard();
     m->set_step(reshard_point_);
-    m->set_slot_index(vit->second.slot_index());
-    m->set_old_world_size(retired_.world_size);
+    m->set_slot_index(slot);
+    m->set_old_world_size(reshard_world_);
     for (const auto& [r, rs] : retired_.ranks) *m->add_old_ranks() = rs.record;
     for (int32_t r : epoch_ranks_) m->add_new_ranks(r);
     return reply;
@@ -1031,7 +1039,7 @@ void NodeState::OpenEpoch(const std::vector<TickPayload>& all) {
   if (group_ != nullptr && PlanRebuild(all, memory_point)) return;
   // A newer version of an earlier layout that every node holds: the ranks reshard it in memory.
   std::string no_reshard;
-  const int64_t reshard = PlanMemoryReshard(all, &no_reshard);
+  const int64_t reshard = PlanMemoryReshard(all, &no_reshard, &reshard_world_);
   reshard_point_ = reshard > memory_point ? reshard : -1;
   // A committed checkpoint newer than what memory holds everywhere, visible to every agent and not
   // refused by any: all agents load it, and the round is repeated.
@@ -1066,7 +1074,7 @@ void NodeState::OpenEpoch(const std::vector<TickPayload>& all) {
   restore_point_ = memory_point;
   if (reshard_point_ >= 0) {
     MEMENTO_LOG(kInfo) << "version " << reshard_point_ << " of the earlier layout (world size "
-                       << retired_.world_size << ") is in memory on every node: the ranks reshard it over NCCL";
+                       << reshard_world_ << ") is in memory on every node: the ranks reshard it over NCCL";
   } else if (!no_reshard.empty()) {
     refused_.push_back("the earlier layout's versions in memory cannot be resharded: " + no_reshard);
   }

@@ -178,8 +178,9 @@ class NodeState {
   Status PersistRetired();                             // REQUIRES(mu_)
   Status RecoverRetired();                             // REQUIRES(mu_)
   bool RetiredHoldsName(const std::string& name) const; // REQUIRES(mu_)
-  // The newest retired step every node holds, or -1 with `why` saying what is missing.
-  int64_t PlanMemoryReshard(const std::vector<TickPayload>& all, std::string* why) const;
+  // The newest retired step every node holds (and the earlier layout's world size), or -1 with
+  // `why` saying what is missing.
+  int64_t PlanMemoryReshard(const std::vector<TickPayload>& all, std::string* why, int32_t* world) const;
 
   const AgentOptions options_;
   const int node_id_;
@@ -255,6 +256,7 @@ class NodeState {
   Retired retired_;                                     // GUARDED_BY(mu_)
   std::vector<int64_t> retired_valid_;                  // GUARDED_BY(mu_) phase 2, newest first
   int64_t reshard_point_ = -1;                          // GUARDED_BY(mu_) the retired step to reshard
+  int32_t reshard_world_ = 0;                           // GUARDED_BY(mu_) its layout's world size
   std::string nccl_id_;                                 // GUARDED_BY(mu_)
   uint64_t nccl_id_incarnation_ = 0;                    // GUARDED_BY(mu_)
 };

@@ -130,7 +130,7 @@ Status NodeState::RetireLayout(const std::set<int32_t>& keep) {
   return PersistRetired();
 }
 
-int64_t NodeState::PlanMemoryReshard(const std::vector<TickPayload>& all, std::string* why) const {
+int64_t NodeState::PlanMemoryReshard(const std::vector<TickPayload>& all, std::string* why, int32_t* world_out) const {
   int32_t world = 0, holders = 0, cuda = 0, registered = 0;
   int64_t ranks = 0;
   std::map<int64_t, int> count;
@@ -163,6 +163,7 @@ int64_t NodeState::PlanMemoryReshard(const std::vector<TickPayload>& all, std::s
            " ranks registered no CUDA tensor (resharding in memory runs over NCCL)";
     return -1;
   }
+  *world_out = world;
   for (auto it = count.rbegin(); it != count.rend(); ++it) {
     if (it->second == holders) return it->first;
   }

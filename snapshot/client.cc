@@ -57,6 +57,17 @@ struct TensorEntry {
   uint64_t slot_offset = 0;
 };
 
+// What the agent is told of a registered tensor.
+proto::TensorRecord TensorRecordOf(const TensorEntry& t) {
+  proto::TensorRecord tr;
+  tr.set_name(t.name);
+  tr.set_dtype(static_cast<int32_t>(t.dtype));
+  ToProto(t.spec, tr.mutable_spec());
+  tr.set_bytes(t.bytes);
+  tr.set_memory_kind(static_cast<int32_t>(t.where));
+  return tr;
+}
+
 struct BlobEntry {
   std::string name;
   void* data = nullptr;
@@ -147,14 +158,7 @@ class ClientImpl : public Client {
     if (finished_) return Status::Ok();
     proto::Request req;
     proto::RegisterRequest* r = req.mutable_register_request();
-    for (const TensorEntry& t : tensors_) {
-      proto::TensorRecord* tr = r->add_tensors();
-      tr->set_name(t.name);
-      tr->set_dtype(static_cast<int32_t>(t.dtype));
-      ToProto(t.spec, tr->mutable_spec());
-      tr->set_bytes(t.bytes);
-      tr->set_memory_kind(static_cast<int32_t>(t.where));
-    }
+    for (const TensorEntry& t : tensors_) *r->add_tensors() = TensorRecordOf(t);
     for (const BlobEntry& b : blobs_) {
       proto::BlobRecord* br = r->add_blobs();
       br->set_name(b.name);
@@ -340,12 +344,7 @@ class ClientImpl : public Client {
     io.rank = opts_.rank;
     io.world_size = opts_.world_size;
     for (const TensorEntry& t : tensors_) {
-      proto::TensorRecord* tr = io.registration.add_tensors();
-      tr->set_name(t.name);
-      tr->set_dtype(static_cast<int32_t>(t.dtype));
-      ToProto(t.spec, tr->mutable_spec());
-      tr->set_bytes(t.bytes);
-      tr->set_memory_kind(static_cast<int32_t>(t.where));
+      *io.registration.add_tensors() = TensorRecordOf(t);
       io.tensors.push_back({t.data, t.bytes, t.where == MemoryKind::kCuda, t.device});
     }
     for (const BlobEntry& b : blobs_) io.blobs.push_back({b.name, b.data, b.capacity, b.size});

@@ -34,8 +34,6 @@ Status Nccl(ncclResult_t r, const char* what) {
   return Internal(std::string("in-memory resharding: ") + what + ": " + ncclGetErrorString(r));
 }
 
-#define RESHARD_OK(expr) MEMENTO_RETURN_IF_ERROR(expr)
-
 // Device and pinned buffers freed on every exit path.
 struct Buffers {
   std::vector<void*> device, pinned;
@@ -131,20 +129,20 @@ Result<std::vector<std::string>> AllgatherBytes(ncclComm_t comm, cudaStream_t st
   Buffers buf;
   MEMENTO_ASSIGN_OR_RETURN(uint8_t* sizes_d, buf.Device(sizeof(uint64_t) * world));
   const uint64_t my_size = mine.size();
-  RESHARD_OK(Cuda(cudaMemcpy(sizes_d + sizeof(uint64_t) * 0, &my_size, 8, cudaMemcpyHostToDevice), "copy"));
+  MEMENTO_RETURN_IF_ERROR(Cuda(cudaMemcpy(sizes_d + sizeof(uint64_t) * 0, &my_size, 8, cudaMemcpyHostToDevice), "copy"));
   MEMENTO_ASSIGN_OR_RETURN(uint8_t* sizes_all, buf.Device(sizeof(uint64_t) * world));
-  RESHARD_OK(Nccl(ncclAllGather(sizes_d, sizes_all, 8, ncclChar, comm, stream), "allgather of sizes"));
-  RESHARD_OK(Cuda(cudaStreamSynchronize(stream), "synchronize"));
+  MEMENTO_RETURN_IF_ERROR(Nccl(ncclAllGather(sizes_d, sizes_all, 8, ncclChar, comm, stream), "allgather of sizes"));
+  MEMENTO_RETURN_IF_ERROR(Cuda(cudaStreamSynchronize(stream), "synchronize"));
   std::vector<uint64_t> sizes(world);
-  RESHARD_OK(Cuda(cudaMemcpy(sizes.data(), sizes_all, 8 * world, cudaMemcpyDeviceToHost), "copy"));
+  MEMENTO_RETURN_IF_ERROR(Cuda(cudaMemcpy(sizes.data(), sizes_all, 8 * world, cudaMemcpyDeviceToHost), "copy"));
   const uint64_t most = std::max<uint64_t>(*std::max_element(sizes.begin(), sizes.end()), 1);
   MEMENTO_ASSIGN_OR_RETURN(uint8_t* in, buf.Device(most));
   MEMENTO_ASSIGN_OR_RETURN(uint8_t* out, buf.Device(most * world));
-  if (!mine.empty()) RESHARD_OK(Cuda(cudaMemcpy(in, mine.data(), mine.size(), cudaMemcpyHostToDevice), "copy"));
-  RESHARD_OK(Nccl(ncclAllGather(in, out, most, ncclChar, comm, stream), "allgather of the layouts"));
-  RESHARD_OK(Cuda(cudaStreamSynchronize(stream), "synchronize"));
+  if (!mine.empty()) MEMENTO_RETURN_IF_ERROR(Cuda(cudaMemcpy(in, mine.data(), mine.size(), cudaMemcpyHostToDevice), "copy"));
+  MEMENTO_RETURN_IF_ERROR(Nccl(ncclAllGather(in, out, most, ncclChar, comm, stream), "allgather of the layouts"));
+  MEMENTO_RETURN_IF_ERROR(Cuda(cudaStreamSynchronize(stream), "synchronize"));
   std::vector<uint8_t> host(most * world);
-  RESHARD_OK(Cuda(cudaMemcpy(host.data(), out, host.size(), cudaMemcpyDeviceToHost), "copy"));
+  MEMENTO_RETURN_IF_ERROR(Cuda(cudaMemcpy(host.data(), out, host.size(), cudaMemcpyDeviceToHost), "copy"));
   std::vector<std::string> all(world);
   for (int r = 0; r < world; ++r) all[r].assign(reinterpret_cast<const char*>(host.data() + most * r), sizes[r]);
   return all;
@@ -164,18 +162,18 @@ Status RunMemoryReshard(const proto::MemoryReshard& info, const MemoryReshardIo&
   }
   if (device < 0) return FailedPrecondition(who + ": in-memory resharding needs a CUDA tensor on every rank");
   int previous_device = 0;
-  RESHARD_OK(Cuda(cudaGetDevice(&previous_device), "cudaGetDevice"));
+  MEMENTO_RETURN_IF_ERROR(Cuda(cudaGetDevice(&previous_device), "cudaGetDevice"));
   struct RestoreDevice {
     int d;
     ~RestoreDevice() { cudaSetDevice(d); }
   } restore_device{previous_device};
-  RESHARD_OK(Cuda(cudaSetDevice(device), "cudaSetDevice"));
+  MEMENTO_RETURN_IF_ERROR(Cuda(cudaSetDevice(device), "cudaSetDevice"));
 
   // 1. The communicator.
   std::string id;
   if (io.rank == 0) {
     ncclUniqueId uid;
-    RESHARD_OK(Nccl(ncclGetUniqueId(&uid), "ncclGetUniqueId"));
+    MEMENTO_RETURN_IF_ERROR(Nccl(ncclGetUniqueId(&uid), "ncclGetUniqueId"));
     id.assign(reinterpret_cast<const char*>(&uid), sizeof uid);
   }
   MEMENTO_ASSIGN_OR_RETURN(std::string shared, io.exchange_id(id));
@@ -187,10 +185,10 @@ Status RunMemoryReshard(const proto::MemoryReshard& info, const MemoryReshardIo&
   std::memcpy(&uid, shared.data(), sizeof uid);
   Comm comm;
   const auto t_init = std::chrono::steady_clock::now();
-  RESHARD_OK(Nccl(ncclCommInitRank(&comm.comm, io.world_size, uid, io.rank), "ncclCommInitRank"));
+  MEMENTO_RETURN_IF_ERROR(Nccl(ncclCommInitRank(&comm.comm, io.world_size, uid, io.rank), "ncclCommInitRank"));
   stats->nccl_init_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_init).count();
   Stream stream;
-  RESHARD_OK(Cuda(cudaStreamCreateWithFlags(&stream.s, cudaStreamNonBlocking), "cudaStreamCreate"));
+  MEMENTO_RETURN_IF_ERROR(Cuda(cudaStreamCreateWithFlags(&stream.s, cudaStreamNonBlocking), "cudaStreamCreate"));
 
   // 2. The old ranks this rank serves, their slots and blobs; then everyone's.
   std::vector<int32_t> old_here;
@@ -237,7 +235,6 @@ Status RunMemoryReshard(const proto::MemoryReshard& info, const MemoryReshardIo&
                            AllgatherBytes(comm.comm, stream.s, io.world_size, mine.SerializeAsString()));
   std::vector<proto::RankRecord> targets(io.world_size);
   std::vector<ReshardSource> sources;
-  const proto::ReshardBlob* blob_source = nullptr;
   std::vector<proto::ReshardPeer> peers(io.world_size);
   for (int r = 0; r < io.world_size; ++r) {
     if (!peers[r].ParseFromString(peers_raw[r])) return DataLoss(who + ": rank " + std::to_string(r) + " sent a malformed layout");
@@ -253,8 +250,9 @@ Status RunMemoryReshard(const proto::MemoryReshard& info, const MemoryReshardIo&
                               std::to_string(info.old_world_size()) + " ranks");
   }
   // Blobs: rank r gets old rank r's blob of the same name, as loading a checkpoint does.
+  std::vector<const proto::ReshardBlob*> blob_sources;  // by io.blobs index
   for (const MemoryReshardBlob& b : io.blobs) {
-    blob_source = nullptr;
+    const proto::ReshardBlob* blob_source = nullptr;
     for (const proto::ReshardPeer& p : peers) {
       for (const proto::ReshardBlob& rb : p.blobs()) {
         if (rb.old_rank() == io.rank && rb.name() == b.name) blob_source = &rb;
@@ -269,6 +267,7 @@ Status RunMemoryReshard(const proto::MemoryReshard& info, const MemoryReshardIo&
                                 std::to_string(blob_source->data().size()) + " bytes, the capacity is " +
                                 std::to_string(b.capacity));
     }
+    blob_sources.push_back(blob_source);
   }
 
   // 3. The plan.
@@ -315,7 +314,7 @@ Status RunMemoryReshard(const proto::MemoryReshard& info, const MemoryReshardIo&
     }
   } events{sets};
   for (BufferSet& set : sets) {
-    RESHARD_OK(Cuda(cudaEventCreateWithFlags(&set.done, cudaEventDisableTiming), "cudaEventCreate"));
+    MEMENTO_RETURN_IF_ERROR(Cuda(cudaEventCreateWithFlags(&set.done, cudaEventDisableTiming), "cudaEventCreate"));
     for (const ReshardPair* p : sends) {
       const size_t n = std::min<uint64_t>(chunk, p->bytes);
       MEMENTO_ASSIGN_OR_RETURN(uint8_t* h, buf.Pinned(n));
@@ -372,7 +371,7 @@ Status RunMemoryReshard(const proto::MemoryReshard& info, const MemoryReshardIo&
     const uint64_t begin = static_cast<uint64_t>(round) * chunk;
     // The GPU is done with this set's buffers (round - 2) before the threads refill them.
     auto tw = std::chrono::steady_clock::now();
-    RESHARD_OK(Cuda(cudaEventSynchronize(set.done), "cudaEventSynchronize"));
+    MEMENTO_RETURN_IF_ERROR(Cuda(cudaEventSynchronize(set.done), "cudaEventSynchronize"));
     stats->gpu_wait_seconds += since(tw);
     auto tp = std::chrono::steady_clock::now();
     TaskGroup packed;
@@ -386,50 +385,46 @@ Status RunMemoryReshard(const proto::MemoryReshard& info, const MemoryReshardIo&
     stats->pack_seconds += since(tp);
     for (size_t i = 0; i < sends.size(); ++i) {
       if (begin >= sends[i]->bytes) continue;
-      RESHARD_OK(Cuda(cudaMemcpyAsync(set.send_d[i], set.staging[i], part(sends[i], begin), cudaMemcpyHostToDevice,
+      MEMENTO_RETURN_IF_ERROR(Cuda(cudaMemcpyAsync(set.send_d[i], set.staging[i], part(sends[i], begin), cudaMemcpyHostToDevice,
                                       stream.s),
                       "staging copy"));
       stats->bytes_sent += part(sends[i], begin);
     }
     if (self != nullptr && begin < self->bytes) {
-      RESHARD_OK(Cuda(cudaMemcpyAsync(set.self_d, set.self_staging, part(self, begin), cudaMemcpyHostToDevice,
+      MEMENTO_RETURN_IF_ERROR(Cuda(cudaMemcpyAsync(set.self_d, set.self_staging, part(self, begin), cudaMemcpyHostToDevice,
                                       stream.s),
                       "staging copy"));
     }
-    RESHARD_OK(Nccl(ncclGroupStart(), "ncclGroupStart"));
+    MEMENTO_RETURN_IF_ERROR(Nccl(ncclGroupStart(), "ncclGroupStart"));
     for (size_t i = 0; i < sends.size(); ++i) {
       if (begin >= sends[i]->bytes) continue;
-      RESHARD_OK(Nccl(ncclSend(set.send_d[i], part(sends[i], begin), ncclChar, sends[i]->target, comm.comm, stream.s),
+      MEMENTO_RETURN_IF_ERROR(Nccl(ncclSend(set.send_d[i], part(sends[i], begin), ncclChar, sends[i]->target, comm.comm, stream.s),
                       "ncclSend"));
     }
     for (size_t i = 0; i < recvs.size(); ++i) {
       if (begin >= recvs[i]->bytes) continue;
-      RESHARD_OK(Nccl(ncclRecv(set.recv_d[i], part(recvs[i], begin), ncclChar, recvs[i]->server, comm.comm, stream.s),
+      MEMENTO_RETURN_IF_ERROR(Nccl(ncclRecv(set.recv_d[i], part(recvs[i], begin), ncclChar, recvs[i]->server, comm.comm, stream.s),
                       "ncclRecv"));
     }
-    RESHARD_OK(Nccl(ncclGroupEnd(), "ncclGroupEnd"));
+    MEMENTO_RETURN_IF_ERROR(Nccl(ncclGroupEnd(), "ncclGroupEnd"));
     for (size_t i = 0; i < recvs.size(); ++i) {
       if (begin >= recvs[i]->bytes) continue;
-      RESHARD_OK(scatter(recv_pairs[i], begin, begin + part(recvs[i], begin), set.recv_d[i]));
+      MEMENTO_RETURN_IF_ERROR(scatter(recv_pairs[i], begin, begin + part(recvs[i], begin), set.recv_d[i]));
       stats->bytes_received += part(recvs[i], begin);
     }
     if (self != nullptr && begin < self->bytes) {
-      RESHARD_OK(scatter(self_pair[0], begin, begin + part(self, begin), set.self_d));
+      MEMENTO_RETURN_IF_ERROR(scatter(self_pair[0], begin, begin + part(self, begin), set.self_d));
       stats->bytes_local += part(self, begin);
     }
-    RESHARD_OK(Cuda(cudaEventRecord(set.done, stream.s), "cudaEventRecord"));
+    MEMENTO_RETURN_IF_ERROR(Cuda(cudaEventRecord(set.done, stream.s), "cudaEventRecord"));
   }
   auto tw = std::chrono::steady_clock::now();
-  RESHARD_OK(Cuda(cudaStreamSynchronize(stream.s), "synchronize"));
+  MEMENTO_RETURN_IF_ERROR(Cuda(cudaStreamSynchronize(stream.s), "synchronize"));
   stats->gpu_wait_seconds += since(tw);
-  for (const MemoryReshardBlob& b : io.blobs) {
-    for (const proto::ReshardPeer& p : peers) {
-      for (const proto::ReshardBlob& rb : p.blobs()) {
-        if (rb.old_rank() != io.rank || rb.name() != b.name) continue;
-        std::memcpy(b.data, rb.data().data(), rb.data().size());
-        *b.size = rb.data().size();
-      }
-    }
+  for (size_t i = 0; i < io.blobs.size(); ++i) {
+    const std::string& data = blob_sources[i]->data();
+    std::memcpy(io.blobs[i].data, data.data(), data.size());
+    *io.blobs[i].size = data.size();
   }
   stats->rounds = rounds;
   stats->seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();

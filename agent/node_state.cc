@@ -505,6 +505,7 @@ Result<proto::RegisterReply> NodeState::Register(Session* session, const proto::
   *reply.mutable_blobs() = it->second.record.blobs();
   reply.set_slot_bytes(it->second.record.slot_bytes());
   *reply.mutable_slot_names() = it->second.record.slot_names();
+  reply.set_reshard_candidate(!retired_.empty());
   return reply;
 }
 

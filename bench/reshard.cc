@@ -42,6 +42,7 @@ constexpr const char* kUsage =
     "  --tensors T      fp32 tensors (default 8)\n"
     "  --storage DIR    checkpoint directory (default: a fresh one under /tmp)\n"
     "  --crc-threads N  passed to memento-agent (default: the agent's)\n"
+    "  --repeat N       restarts of each kind; medians (default 3)\n"
     "  --memory-only    only the memory restart (diagnostics; no ratios)\n"
     "  --json           end with one line of JSON holding every figure\n";
 
@@ -55,6 +56,7 @@ struct Flags {
   int crc_threads = 0;
   bool memory_only = false;
   bool json = false;
+  int repeat = 3;
 };
 
 Status ParseFlags(int argc, char** argv, Flags* f, bool* help) {
@@ -66,6 +68,7 @@ Status ParseFlags(int argc, char** argv, Flags* f, bool* help) {
     else if (n == "--tensors") MEMENTO_RETURN_IF_ERROR(r.Int(&f->tensors, 1));
     else if (n == "--storage") MEMENTO_RETURN_IF_ERROR(r.String(&f->storage));
     else if (n == "--crc-threads") MEMENTO_RETURN_IF_ERROR(r.Int(&f->crc_threads, 1));
+    else if (n == "--repeat") MEMENTO_RETURN_IF_ERROR(r.Int(&f->repeat, 1));
     else if (n == "--json") MEMENTO_RETURN_IF_ERROR(r.Switch(&f->json));
     else if (n == "--memory-only") MEMENTO_RETURN_IF_ERROR(r.Switch(&f->memory_only));
     else if (n == "-h" || n == "--help") *help = true;
@@ -210,6 +213,19 @@ Result<Restart> RestartInColumns(const Flags& f, const Shape& s, const AgentProc
   return out;
 }
 
+// The median restart and, separately, the median Restore() (odd counts: a run's own figures).
+Restart MedianOf(const std::vector<Restart>& runs) {
+  Samples total, call;
+  for (const Restart& r : runs) {
+    total.Add(r.seconds);
+    call.Add(r.restore_seconds);
+  }
+  Restart m = runs.front();
+  m.seconds = total.Median();
+  m.restore_seconds = call.Median();
+  return m;
+}
+
 // Drops the page cache's copies of every file under `dir`.
 void Evict(const std::string& dir) {
   for (const auto& e : std::filesystem::recursive_directory_iterator(dir)) {
@@ -276,56 +292,71 @@ int Run(const Flags& flags_in) {
   }
 
   Progress("memcpy limit measured; saving " + std::to_string(bytes) + " bytes in rows");
-  // 1. Save in rows, then restart in columns against the same agent: memory.
+  // 1. Save in rows, then restart in columns against the same agent: memory. Each run is a fresh
+  // agent, so that its restart creates the new layout's slots as the storage and baseline
+  // restarts do (a later restart of the same layout would find them made).
   AgentProcess::Options ao;
   ao.slots_per_rank = 3;
   ao.crc_threads = f.crc_threads;
   ao.log_level = "info";
-  ao.extra_args = {"--storage", storage};
-  auto agent = AgentProcess::Start(ao);
-  if (!agent.ok()) return fail(agent.status(), nullptr);
-  const std::string job = (*agent)->job_id();
-  Status st = ForRanks(f.ranks, [&](int r) -> Status {
-    MEMENTO_ASSIGN_OR_RETURN(auto tensors, RankTensors::Make(f, s, r, 0, true));
-    MEMENTO_ASSIGN_OR_RETURN(auto c, ConnectRank(**agent, r, f.ranks));
-    MEMENTO_RETURN_IF_ERROR(tensors->Register(c.get()));
-    MEMENTO_RETURN_IF_ERROR(c->Snapshot(1));
-    MEMENTO_RETURN_IF_ERROR(c->WaitUntilSafeToUpdate());
-    Progress("rank " + std::to_string(r) + " captured step 1; waiting for its flush");
-    return WaitPersisted(c.get(), 1);
-  });
-  if (!st.ok()) return fail(st, agent->get());
-  Progress("step 1 persisted; restarting in columns from memory");
-  auto memory = RestartInColumns(f, s, **agent, /*verify=*/true);
-  if (!memory.ok()) return fail(memory.status(), agent->get());
-  Progress("memory restart done: " + memory->source);
-  agent->reset();
+  std::string checkpoint;  // the first run's flushed step 1
+  std::vector<Restart> memory_runs;
+  for (int run = 0; run < f.repeat; ++run) {
+    AgentProcess::Options mo = ao;
+    const std::string dir = storage + "/saved-" + std::to_string(run);
+    mo.extra_args = {"--storage", dir};
+    auto agent = AgentProcess::Start(mo);
+    if (!agent.ok()) return fail(agent.status(), nullptr);
+    if (run == 0) checkpoint = dir + "/" + (*agent)->job_id() + "/step-1";
+    Status st = ForRanks(f.ranks, [&](int r) -> Status {
+      MEMENTO_ASSIGN_OR_RETURN(auto tensors, RankTensors::Make(f, s, r, 0, true));
+      MEMENTO_ASSIGN_OR_RETURN(auto c, ConnectRank(**agent, r, f.ranks));
+      MEMENTO_RETURN_IF_ERROR(tensors->Register(c.get()));
+      MEMENTO_RETURN_IF_ERROR(c->Snapshot(1));
+      MEMENTO_RETURN_IF_ERROR(c->WaitUntilSafeToUpdate());
+      Progress("rank " + std::to_string(r) + " captured step 1; waiting for its flush");
+      return WaitPersisted(c.get(), 1);
+    });
+    if (!st.ok()) return fail(st, agent->get());
+    Progress("step 1 persisted; restarting in columns from memory");
+    auto r = RestartInColumns(f, s, **agent, /*verify=*/run == 0);
+    if (!r.ok()) return fail(r.status(), agent->get());
+    Progress("memory restart done: " + r->source);
+    memory_runs.push_back(*r);
+    if (run > 0) std::filesystem::remove_all(dir);
+  }
+  const Restart memory_median = MedianOf(memory_runs);
+  const Restart* memory = &memory_median;
   if (f.memory_only) {
-    std::printf("reshard: memory restart %.3f s, Restore() %.3f s\n", memory->seconds, memory->restore_seconds);
+    std::printf("reshard: memory restart %.3f s, Restore() %.3f s (medians of %d)\n", memory->seconds,
+                memory->restore_seconds, f.repeat);
     if (f.storage.empty()) std::filesystem::remove_all(storage);
     return kExitOk;
   }
 
   // 2, 3. Fresh agents restore the flushed checkpoint: cold, then warm page cache; 4. a fresh
   // agent with nothing to restore: what every restart costs (slots, agreement), the baseline.
-  const std::string checkpoint = storage + "/" + job + "/step-1";
   std::vector<Restart> from_storage;
-  for (int run = 0; run < 3; ++run) {
-    const bool cold = run == 0;
-    if (cold) Evict(storage);
-    AgentProcess::Options so = ao;
-    so.extra_args = {"--storage", storage + "/restarted-" + std::to_string(run)};
-    if (run < 2) {
-      so.extra_args.push_back("--restore-from");
-      so.extra_args.push_back(checkpoint);
+  for (int kind = 0; kind < 3; ++kind) {
+    std::vector<Restart> runs;
+    for (int run = 0; run < f.repeat; ++run) {
+      const bool cold = kind == 0;
+      if (cold) Evict(storage);
+      AgentProcess::Options so = ao;
+      so.extra_args = {"--storage", storage + "/restarted-" + std::to_string(kind) + "-" + std::to_string(run)};
+      if (kind < 2) {
+        so.extra_args.push_back("--restore-from");
+        so.extra_args.push_back(checkpoint);
+      }
+      auto fresh = AgentProcess::Start(so);
+      if (!fresh.ok()) return fail(fresh.status(), nullptr);
+      Progress(kind == 2 ? std::string("restarting in columns with nothing to restore")
+                         : std::string("restarting in columns from storage, ") + (cold ? "cold" : "warm") + " page cache");
+      auto r = RestartInColumns(f, s, **fresh, /*verify=*/kind == 0 && run == 0);
+      if (!r.ok()) return fail(r.status(), fresh->get());
+      runs.push_back(*r);
     }
-    auto fresh = AgentProcess::Start(so);
-    if (!fresh.ok()) return fail(fresh.status(), nullptr);
-    Progress(run == 2 ? std::string("restarting in columns with nothing to restore")
-                      : std::string("restarting in columns from storage, ") + (cold ? "cold" : "warm") + " page cache");
-    auto r = RestartInColumns(f, s, **fresh, /*verify=*/run == 0);
-    if (!r.ok()) return fail(r.status(), fresh->get());
-    from_storage.push_back(*r);
+    from_storage.push_back(MedianOf(runs));
   }
   if (f.storage.empty()) {
     std::filesystem::remove_all(storage);
@@ -341,7 +372,8 @@ int Run(const Flags& flags_in) {
               f.tensors, static_cast<long long>(s.rows), static_cast<long long>(s.cols), bytes / 1e9);
   std::printf("  limit: memcpy of the bytes with %d threads  %8.3f s (%.2f GB/s)\n", threads, memcpy_seconds,
               GBps(bytes, memcpy_seconds));
-  std::printf("  restart (FinishRegistration + Restore, slowest rank); restore = restart - baseline\n");
+  std::printf("  restart (FinishRegistration + Restore, slowest rank; medians of %d); restore = restart - baseline\n",
+              f.repeat);
   std::printf("  baseline, nothing to restore: %8.3f s\n", base);
   std::printf("  memory (NCCL):        restart %8.3f s, restore %8.3f s (Restore() %6.3f s)  [%s]\n", memory->seconds,
               mem_net, memory->restore_seconds, memory->source.c_str());
@@ -357,6 +389,7 @@ int Run(const Flags& flags_in) {
     j.Add("bench", "reshard")
         .Add("ranks", f.ranks)
         .Add("bytes", bytes)
+        .Add("repeat", f.repeat)
         .Add("memcpy_seconds", memcpy_seconds)
         .Add("baseline_restart_seconds", base)
         .Add("memory_restart_seconds", memory->seconds)
@@ -372,7 +405,13 @@ int Run(const Flags& flags_in) {
         .Add("goal_met", cold_ratio >= kGoalSpeedup);
     std::printf("%s\n", j.str().c_str());
   }
-  return memory->source.rfind("memory (resharded", 0) == 0 ? kExitOk : kExitFailed;
+  for (const Restart& r : memory_runs) {
+    if (r.source.rfind("memory (resharded", 0) != 0) {
+      std::fprintf(stderr, "reshard: a memory restart restored from '%s', not from memory\n", r.source.c_str());
+      return kExitFailed;
+    }
+  }
+  return kExitOk;
 }
 
 #endif  // MEMENTO_WITH_CUDA

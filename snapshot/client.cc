@@ -12,10 +12,12 @@
 #include <condition_variable>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <future>
 #include <map>
 #include <mutex>
 #include <thread>
+#include <type_traits>
 
 #include "core/env.h"
 #include "core/heartbeat.h"
@@ -45,6 +47,39 @@ int EnvInt(const char* name, int def) {
 
 // Registration chunks for cudaHostRegister; copies never straddle two of them.
 constexpr size_t kPinChunk = size_t{64} << 20;
+
+// Lets the background pinning pause between slices while a holder needs the driver.
+class PinGate {
+ public:
+  class Hold {
+   public:
+    explicit Hold(PinGate* g) : g_(g) {
+      if (g_ == nullptr) return;
+      std::lock_guard<std::mutex> lock(g_->mu_);
+      ++g_->holds_;
+    }
+    ~Hold() {
+      if (g_ == nullptr) return;
+      std::lock_guard<std::mutex> lock(g_->mu_);
+      if (--g_->holds_ == 0) g_->cv_.notify_all();
+    }
+    Hold(const Hold&) = delete;
+    Hold& operator=(const Hold&) = delete;
+
+   private:
+    PinGate* g_;
+  };
+  // Returns once no one holds the gate.
+  void Pass() {
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_.wait(lock, [&] { return holds_ == 0; });
+  }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  int holds_ = 0;
+};
 
 struct TensorEntry {
   std::string name;
@@ -84,6 +119,8 @@ class ClientImpl : public Client {
     worker_ = std::make_unique<ThreadPool>(1);
   }
   ~ClientImpl() override {
+    reshard_prep_.reset();
+    if (releasing_.valid()) releasing_.wait();
     if (pinning_.valid()) pinning_.wait();
     if (inflight_.valid()) inflight_.wait();
     Beat(BeatPhase::kClosed, last_step_);
@@ -156,6 +193,7 @@ class ClientImpl : public Client {
 
   Status FinishRegistration() override {
     if (finished_) return Status::Ok();
+    const auto t_register = Clock::now();
     proto::Request req;
     proto::RegisterRequest* r = req.mutable_register_request();
     for (const TensorEntry& t : tensors_) *r->add_tensors() = TensorRecordOf(t);
@@ -171,6 +209,20 @@ class ClientImpl : public Client {
     }
     for (size_t i = 0; i < tensors_.size(); ++i) tensors_[i].slot_offset = rr.tensors(static_cast<int>(i)).slot_offset();
     for (size_t i = 0; i < blobs_.size(); ++i) blobs_[i].slot_offset = rr.blobs(static_cast<int>(i)).slot_offset();
+    std::vector<int> devices;
+    for (const TensorEntry& t : tensors_) {
+      if (t.where == MemoryKind::kCuda && std::find(devices.begin(), devices.end(), t.device) == devices.end()) {
+        devices.push_back(t.device);
+      }
+    }
+    // The agent holds an earlier layout: the restore may reshard it over NCCL. Its set-up (NCCL's
+    // initialisation, the buffers) starts now, during the wait, ahead of the slots' pinning (both
+    // wait on the driver). MEMENTO_RESHARD_PREP=0 turns that off (diagnostics).
+    if (rr.reshard_candidate() && !devices.empty() && EnvInt("MEMENTO_RESHARD_PREP", 1) != 0) {
+      auto hold = std::make_shared<PinGate::Hold>(&pin_gate_);
+      reshard_prep_ = StartMemoryReshardPrep(devices[0], [hold]() mutable { hold.reset(); });
+    }
+    const auto t_map = Clock::now();
     slots_.clear();
     for (const std::string& name : rr.slot_names()) {
       MEMENTO_ASSIGN_OR_RETURN(auto seg, SharedMemory::Open(name, rr.slot_bytes(), /*writable=*/true, /*populate=*/true));
@@ -178,20 +230,21 @@ class ClientImpl : public Client {
     }
     // Pin the slots for every device that holds a registered tensor: about half a second per GiB,
     // so it runs in the background, overlapping the wait for the job's other ranks.
-    std::vector<int> devices;
-    for (const TensorEntry& t : tensors_) {
-      if (t.where == MemoryKind::kCuda && std::find(devices.begin(), devices.end(), t.device) == devices.end()) {
-        devices.push_back(t.device);
-      }
-    }
     if (!devices.empty()) {
       pinning_ = std::async(std::launch::async, [this, devices]() -> Status {
         const int threads = std::clamp(static_cast<int>(std::thread::hardware_concurrency()) / 2, 2, 8);
         for (int dev : devices) {
           MEMENTO_ASSIGN_OR_RETURN(auto copier, CudaCopier::Create(dev));
           const auto t0 = Clock::now();
+          // A slice at a time: a resharded restore pauses the pinning between slices (its own
+          // pinned buffers and the NCCL communicator's set-up wait on the same driver).
+          const size_t slice = kPinChunk * static_cast<size_t>(threads);
           for (auto& seg : slots_) {
-            MEMENTO_RETURN_IF_ERROR(copier->RegisterHost(seg->data(), seg->size(), kPinChunk, threads));
+            for (size_t off = 0; off < seg->size(); off += slice) {
+              pin_gate_.Pass();
+              MEMENTO_RETURN_IF_ERROR(
+                  copier->RegisterHost(seg->data() + off, std::min(slice, seg->size() - off), kPinChunk, threads));
+            }
           }
           MEMENTO_LOG(kDebug) << "rank " << opts_.rank << ": pinned " << slots_.size() << " slots for device " << dev
                               << " in " << Seconds(t0, Clock::now()) << " s";
@@ -201,6 +254,7 @@ class ClientImpl : public Client {
       });
     }
     finished_ = true;
+    const auto t_await = Clock::now();
     Beat(BeatPhase::kRegistered, -1);
     // Collective: wait for every rank of the job.
     proto::Request await;
@@ -210,6 +264,9 @@ class ClientImpl : public Client {
       return Call(await);
     }();
     MEMENTO_ASSIGN_OR_RETURN(proto::Reply er, std::move(awaited));
+    MEMENTO_LOG(kDebug) << "rank " << opts_.rank << ": registered in " << Seconds(t_register, t_map)
+                        << " s, slots mapped in " << Seconds(t_map, t_await) << " s, the job's epoch after "
+                        << Seconds(t_await, Clock::now()) << " s more";
     Beat(BeatPhase::kReady, -1);
     incarnation_ = er.await_epoch().incarnation();
     for (const auto& s : er.await_epoch().refused()) {
@@ -221,6 +278,7 @@ class ClientImpl : public Client {
   Status Snapshot(int64_t step) override {
     auto t0 = Clock::now();
     MEMENTO_RETURN_IF_ERROR(FinishRegistration());
+    Release(std::move(reshard_prep_));  // no resharded restore came
     MEMENTO_RETURN_IF_ERROR(AwaitPinning());
     if (inflight_.valid()) MEMENTO_RETURN_IF_ERROR(WaitUntilSafeToUpdate());
     MEMENTO_RETURN_IF_ERROR(TakeReportError());
@@ -275,6 +333,7 @@ class ClientImpl : public Client {
       HeartbeatSender::KeepAlive alive(heartbeat_.get(), -1);
       return Call(req);
     }();
+    if (!called.ok() || !called->restore().has_memory_reshard()) Release(std::move(reshard_prep_));
     if (!called.ok() && called.status().code() == StatusCode::kNotFound) {
       Beat(BeatPhase::kRestored, -1, "nothing to restore: " + called.status().message());
     }
@@ -360,10 +419,23 @@ class ClientImpl : public Client {
     io.pool_threads = std::clamp(static_cast<int>(std::thread::hardware_concurrency()) / 2, 4, 16);
     ThreadPool pool(io.pool_threads);
     io.pool = &pool;
+    io.prep = std::move(reshard_prep_);
+    // The communicator and the buffers are released after Restore() returns.
+    std::function<void()> release;
+    io.defer_release = [&release](std::function<void()> f) { release = std::move(f); };
     MemoryReshardStats stats;
     {
       HeartbeatSender::KeepAlive alive(heartbeat_.get(), -1);
+      // The slots' pinning (needed by the first snapshot, not here) waits until the data is in.
+      // MEMENTO_RESHARD_PINNING (diagnostics): "overlap" lets it run alongside, "await" finishes
+      // it first.
+      const char* pin_mode = std::getenv("MEMENTO_RESHARD_PINNING");
+      const std::string mode = pin_mode != nullptr ? pin_mode : "pause";
+      if (mode == "await") MEMENTO_RETURN_IF_ERROR(AwaitPinning());
+      PinGate::Hold hold(mode == "pause" ? &pin_gate_ : nullptr);
       Status st = RunMemoryReshard(rr.memory_reshard(), io, &stats);
+      io.prep.reset();
+      if (release) Release(std::move(release));
       if (!st.ok()) {
         return st.WithContext("rank " + std::to_string(opts_.rank) + ": restoring step " + std::to_string(rr.step()) +
                               " of the earlier layout from memory");
@@ -423,6 +495,20 @@ class ClientImpl : public Client {
       off += n;
     }
     return Status::Ok();
+  }
+
+  // Runs `release` (freeing CUDA and NCCL resources) in the background, after the previous one.
+  template <typename T>
+  void Release(T held) {
+    if (!held) return;
+    auto previous = std::make_shared<std::future<void>>(std::move(releasing_));
+    releasing_ = std::async(std::launch::async, [previous, held = std::move(held)]() mutable {
+      if (previous->valid()) previous->wait();
+      if constexpr (std::is_invocable_v<T&>) {
+        held();
+      }
+      held = T();
+    });
   }
 
   // The CUDA copiers exist once the background pinning finished.
@@ -556,6 +642,9 @@ class ClientImpl : public Client {
   std::vector<std::unique_ptr<SharedMemory>> slots_;
   std::map<int, std::unique_ptr<CudaCopier>> copiers_;  // written by pinning_ until it is done
   std::future<Status> pinning_;
+  PinGate pin_gate_;  // pauses pinning_ between slices
+  std::shared_ptr<MemoryReshardPrep> reshard_prep_;  // set-up of a resharded restore, started ahead
+  std::future<void> releasing_;                      // CUDA and NCCL resources freed in the background
   Status pin_status_;
   std::unique_ptr<ThreadPool> copy_pool_;
   std::unique_ptr<ThreadPool> worker_;

@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <future>
 #include <cstring>
 #include <map>
 #include <memory>
@@ -68,6 +69,90 @@ struct Stream {
     if (s != nullptr) cudaStreamDestroy(s);
   }
 };
+
+// One buffer set's bytes (the transfer is double buffered: two sets), whatever the world size:
+// the chunk per peer and round is a set divided by the most pairs any rank stages or receives.
+constexpr size_t kSetBytes = size_t{128} << 20;
+constexpr size_t kMinChunk = size_t{1} << 20;
+
+// Pinned staging and device buffers for both sets: per set, `set_bytes` of staging (the pairs a
+// rank serves, itself included) and twice that on the device (the staged pairs, then receives).
+struct Arena {
+  Buffers buffers;
+  size_t set_bytes = 0;
+  uint8_t* pinned = nullptr;
+  uint8_t* device = nullptr;
+
+  Status Allocate(size_t set) {
+    MEMENTO_ASSIGN_OR_RETURN(pinned, buffers.Pinned(2 * set));
+    MEMENTO_ASSIGN_OR_RETURN(device, buffers.Device(4 * set));
+    set_bytes = set;
+    return Status::Ok();
+  }
+  uint8_t* Staging(int set) const { return pinned + static_cast<size_t>(set) * set_bytes; }
+  uint8_t* Staged(int set) const { return device + static_cast<size_t>(set) * 2 * set_bytes; }
+  uint8_t* Received(int set) const { return Staged(set) + set_bytes; }
+};
+
+}  // namespace
+
+struct MemoryReshardPrep {
+  int device = 0;
+  std::future<Status> ready;   // the arena (and the warm-up) done
+  std::shared_future<void> warmed;  // the warm-up done (tried), before the arena
+  ncclComm_t warm = nullptr;   // a communicator of this rank alone
+  double warm_seconds = 0;
+  Arena arena;
+  double seconds = 0;
+
+  ~MemoryReshardPrep() {
+    if (ready.valid()) ready.wait();
+    if (warm != nullptr) ncclCommDestroy(warm);
+  }
+};
+
+namespace {
+
+std::shared_ptr<MemoryReshardPrep> StartPrep(int device, bool warm_nccl, std::function<void()> done) {
+  auto prep = std::make_shared<MemoryReshardPrep>();
+  prep->device = device;
+  MemoryReshardPrep* p = prep.get();
+  auto warmed = std::make_shared<std::promise<void>>();
+  prep->warmed = warmed->get_future().share();
+  prep->ready = std::async(std::launch::async, [p, warm_nccl, warmed, done = std::move(done)]() -> Status {
+    struct Done {
+      const std::function<void()>& f;
+      ~Done() {
+        if (f) f();
+      }
+    } call_done{done};
+    const auto t0 = std::chrono::steady_clock::now();
+    struct Warmed {
+      std::promise<void>& p;
+      bool set = false;
+      void Set() {
+        if (!set) p.set_value();
+        set = true;
+      }
+      ~Warmed() { Set(); }
+    } warmed_once{*warmed};
+    MEMENTO_RETURN_IF_ERROR(Cuda(cudaSetDevice(p->device), "cudaSetDevice"));
+    if (warm_nccl) {
+      // A communicator's creation loads NCCL's kernels into the device's context, once per
+      // process (0.4-0.5 s of the 0.5-0.6 s on an H200): a communicator of this rank alone does
+      // that now, so the job's communicator later only connects the ranks (0.03-0.06 s). A
+      // failure here costs nothing but the head start.
+      ncclUniqueId id;
+      if (ncclGetUniqueId(&id) != ncclSuccess || ncclCommInitRank(&p->warm, 1, id, 0) != ncclSuccess) p->warm = nullptr;
+      p->warm_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    }
+    warmed_once.Set();
+    Status st = p->arena.Allocate(kSetBytes);
+    p->seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    return st;
+  });
+  return prep;
+}
 
 // A pair with the stream position where each of its runs starts, for ranges in O(log runs).
 struct IndexedPair {
@@ -150,6 +235,32 @@ Result<std::vector<std::string>> AllgatherBytes(ncclComm_t comm, cudaStream_t st
 
 }  // namespace
 
+std::shared_ptr<MemoryReshardPrep> StartMemoryReshardPrep(int device, std::function<void()> done) {
+  return StartPrep(device, /*warm_nccl=*/true, std::move(done));
+}
+
+namespace {
+
+// What a reshard holds until it is released (by the caller's deferred release, or on return).
+struct Resources {
+  int device = 0;
+  std::shared_ptr<MemoryReshardPrep> prep;
+  Arena own;  // when the prep's did not do
+  std::map<int32_t, std::unique_ptr<SharedMemory>> slots;  // old rank -> its slot of the version
+  Stream stream;
+  cudaEvent_t done[2] = {nullptr, nullptr};
+  Comm comm;  // destroyed first
+
+  ~Resources() {
+    cudaSetDevice(device);
+    for (cudaEvent_t e : done) {
+      if (e != nullptr) cudaEventDestroy(e);
+    }
+  }
+};
+
+}  // namespace
+
 Status RunMemoryReshard(const proto::MemoryReshard& info, const MemoryReshardIo& io, MemoryReshardStats* stats) {
   const auto t0 = std::chrono::steady_clock::now();
   const std::string who = "rank " + std::to_string(io.rank);
@@ -168,6 +279,11 @@ Status RunMemoryReshard(const proto::MemoryReshard& info, const MemoryReshardIo&
     ~RestoreDevice() { cudaSetDevice(d); }
   } restore_device{previous_device};
   MEMENTO_RETURN_IF_ERROR(Cuda(cudaSetDevice(device), "cudaSetDevice"));
+  auto res = std::make_shared<Resources>();  // released before restore_device: declared after it
+  res->device = device;
+  // The buffers: the prep's (started ahead by the caller), or allocated now in the background
+  // while the communicator is created.
+  res->prep = io.prep != nullptr && io.prep->device == device ? io.prep : StartPrep(device, /*warm_nccl=*/false, nullptr);
 
   // 1. The communicator.
   std::string id;
@@ -176,21 +292,29 @@ Status RunMemoryReshard(const proto::MemoryReshard& info, const MemoryReshardIo&
     MEMENTO_RETURN_IF_ERROR(Nccl(ncclGetUniqueId(&uid), "ncclGetUniqueId"));
     id.assign(reinterpret_cast<const char*>(&uid), sizeof uid);
   }
+  auto since = [](std::chrono::steady_clock::time_point t) {
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
+  };
   MEMENTO_ASSIGN_OR_RETURN(std::string shared, io.exchange_id(id));
+  stats->id_seconds = since(t0);
   if (shared.size() != sizeof(ncclUniqueId)) {
     return Internal(who + ": an NCCL id of " + std::to_string(shared.size()) + " bytes, expected " +
                     std::to_string(sizeof(ncclUniqueId)));
   }
   ncclUniqueId uid;
   std::memcpy(&uid, shared.data(), sizeof uid);
-  Comm comm;
   const auto t_init = std::chrono::steady_clock::now();
-  MEMENTO_RETURN_IF_ERROR(Nccl(ncclCommInitRank(&comm.comm, io.world_size, uid, io.rank), "ncclCommInitRank"));
-  stats->nccl_init_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_init).count();
-  Stream stream;
-  MEMENTO_RETURN_IF_ERROR(Cuda(cudaStreamCreateWithFlags(&stream.s, cudaStreamNonBlocking), "cudaStreamCreate"));
+  // After the warm-up, if one runs: NCCL's kernels load once, not in both at the same time.
+  if (res->prep->warmed.valid()) res->prep->warmed.wait();
+  stats->warm_wait_seconds = since(t_init);
+  MEMENTO_RETURN_IF_ERROR(Nccl(ncclCommInitRank(&res->comm.comm, io.world_size, uid, io.rank), "ncclCommInitRank"));
+  stats->nccl_init_seconds = since(t_init);
+  ncclComm_t comm = res->comm.comm;
+  MEMENTO_RETURN_IF_ERROR(Cuda(cudaStreamCreateWithFlags(&res->stream.s, cudaStreamNonBlocking), "cudaStreamCreate"));
+  cudaStream_t stream = res->stream.s;
 
   // 2. The old ranks this rank serves, their slots and blobs; then everyone's.
+  const auto t_layouts = std::chrono::steady_clock::now();
   std::vector<int32_t> old_here;
   for (const proto::RankRecord& r : info.old_ranks()) old_here.push_back(r.rank());
   std::vector<int32_t> new_here(info.new_ranks().begin(), info.new_ranks().end());
@@ -198,7 +322,7 @@ Status RunMemoryReshard(const proto::MemoryReshard& info, const MemoryReshardIo&
   proto::ReshardPeer mine;
   *mine.mutable_target() = io.registration;
   mine.mutable_target()->clear_slot_names();
-  std::map<int32_t, std::unique_ptr<SharedMemory>> slots;  // old rank -> its slot of the version
+  std::map<int32_t, std::unique_ptr<SharedMemory>>& slots = res->slots;
   for (size_t i = 0; i < servers.size(); ++i) {
     if (servers[i] != io.rank) continue;
     const proto::RankRecord& old = info.old_ranks(static_cast<int>(i));
@@ -232,7 +356,7 @@ Status RunMemoryReshard(const proto::MemoryReshard& info, const MemoryReshardIo&
     *mine.add_served() = old;
   }
   MEMENTO_ASSIGN_OR_RETURN(std::vector<std::string> peers_raw,
-                           AllgatherBytes(comm.comm, stream.s, io.world_size, mine.SerializeAsString()));
+                           AllgatherBytes(comm, stream, io.world_size, mine.SerializeAsString()));
   std::vector<proto::RankRecord> targets(io.world_size);
   std::vector<ReshardSource> sources;
   std::vector<proto::ReshardPeer> peers(io.world_size);
@@ -270,15 +394,24 @@ Status RunMemoryReshard(const proto::MemoryReshard& info, const MemoryReshardIo&
     blob_sources.push_back(blob_source);
   }
 
+  stats->layouts_seconds = since(t_layouts);
+  const auto t_buffers = std::chrono::steady_clock::now();
+
   // 3. The plan.
   MEMENTO_ASSIGN_OR_RETURN(std::vector<ReshardPair> pairs, PlanMemoryReshard(targets, sources));
 
-  // 4. The transfer.
-  size_t chunk = io.chunk_bytes;
-  if (chunk == 0) {
-    chunk = std::clamp<size_t>((size_t{1} << 30) / (2 * static_cast<size_t>(io.world_size)), size_t{8} << 20,
-                               size_t{64} << 20);
+  // 4. The transfer. The chunk per pair and round: a buffer set over the most pairs any rank
+  // stages (serves, itself included) or receives; every rank computes the same.
+  std::vector<int> staged_by(io.world_size, 0), received_by(io.world_size, 0);
+  for (const ReshardPair& p : pairs) {
+    ++staged_by[p.server];
+    if (p.server != p.target) ++received_by[p.target];
   }
+  const size_t most_pairs = static_cast<size_t>(std::max({1, *std::max_element(staged_by.begin(), staged_by.end()),
+                                                          *std::max_element(received_by.begin(), received_by.end())}));
+  const size_t set_bytes = std::max(kSetBytes, most_pairs * kMinChunk);
+  size_t chunk = set_bytes / most_pairs / 4096 * 4096;
+  if (io.chunk_bytes != 0) chunk = std::min(chunk, io.chunk_bytes);
   std::vector<IndexedPair> send_pairs, recv_pairs, self_pair;
   uint64_t most = 0;
   for (const ReshardPair& p : pairs) {
@@ -296,7 +429,20 @@ Status RunMemoryReshard(const proto::MemoryReshard& info, const MemoryReshardIo&
   for (const IndexedPair& p : recv_pairs) recvs.push_back(p.pair);
   const ReshardPair* self = self_pair.empty() ? nullptr : self_pair[0].pair;
   const int rounds = static_cast<int>((most + chunk - 1) / chunk);
-  Buffers buf;
+  const auto t_wait = std::chrono::steady_clock::now();
+  const Status prepared = res->prep->ready.valid() ? res->prep->ready.get() : Status::Ok();
+  stats->prep_wait_seconds = since(t_wait);
+  stats->prep_seconds = res->prep->seconds;
+  stats->warm_nccl = res->prep->warm != nullptr;
+  stats->warm_seconds = res->prep->warm_seconds;
+  const Arena* arena = &res->prep->arena;
+  if (!prepared.ok() || arena->set_bytes < set_bytes) {
+    if (!prepared.ok()) {
+      MEMENTO_LOG(kWarning) << who << ": the buffers allocated ahead failed (" << prepared.message() << "); again";
+    }
+    MEMENTO_RETURN_IF_ERROR(res->own.Allocate(set_bytes));
+    arena = &res->own;
+  }
   // Two sets of buffers: the threads pack round r + 1 while the GPU copies and sends round r.
   struct BufferSet {
     std::vector<uint8_t*> staging, send_d, recv_d;
@@ -305,32 +451,19 @@ Status RunMemoryReshard(const proto::MemoryReshard& info, const MemoryReshardIo&
     cudaEvent_t done = nullptr;
   };
   BufferSet sets[2];
-  struct Events {
-    BufferSet* sets;
-    ~Events() {
-      for (int k = 0; k < 2; ++k) {
-        if (sets[k].done != nullptr) cudaEventDestroy(sets[k].done);
-      }
+  for (int k = 0; k < 2; ++k) {
+    BufferSet& set = sets[k];
+    MEMENTO_RETURN_IF_ERROR(Cuda(cudaEventCreateWithFlags(&res->done[k], cudaEventDisableTiming), "cudaEventCreate"));
+    set.done = res->done[k];
+    for (size_t i = 0; i < sends.size(); ++i) {
+      set.staging.push_back(arena->Staging(k) + i * chunk);
+      set.send_d.push_back(arena->Staged(k) + i * chunk);
     }
-  } events{sets};
-  for (BufferSet& set : sets) {
-    MEMENTO_RETURN_IF_ERROR(Cuda(cudaEventCreateWithFlags(&set.done, cudaEventDisableTiming), "cudaEventCreate"));
-    for (const ReshardPair* p : sends) {
-      const size_t n = std::min<uint64_t>(chunk, p->bytes);
-      MEMENTO_ASSIGN_OR_RETURN(uint8_t* h, buf.Pinned(n));
-      MEMENTO_ASSIGN_OR_RETURN(uint8_t* d, buf.Device(n));
-      set.staging.push_back(h);
-      set.send_d.push_back(d);
-    }
-    for (const ReshardPair* p : recvs) {
-      MEMENTO_ASSIGN_OR_RETURN(uint8_t* d, buf.Device(std::min<uint64_t>(chunk, p->bytes)));
-      set.recv_d.push_back(d);
-    }
+    for (size_t i = 0; i < recvs.size(); ++i) set.recv_d.push_back(arena->Received(k) + i * chunk);
     if (self != nullptr) {
-      MEMENTO_ASSIGN_OR_RETURN(set.self_staging, buf.Pinned(std::min<uint64_t>(chunk, self->bytes)));
-      MEMENTO_ASSIGN_OR_RETURN(set.self_d, buf.Device(std::min<uint64_t>(chunk, self->bytes)));
+      set.self_staging = arena->Staging(k) + sends.size() * chunk;
+      set.self_d = arena->Staged(k) + sends.size() * chunk;
     }
-    if (rounds < 2) break;
   }
 
   // Packing: the chunk cut into equal parts, one task each (a run may be a single 8 KiB row).
@@ -354,17 +487,15 @@ Status RunMemoryReshard(const proto::MemoryReshard& info, const MemoryReshardIo&
     for (const ScatterOp& o : ScatterOps(p, begin, end)) {
       uint8_t* dst = static_cast<uint8_t*>(io.tensors.at(static_cast<size_t>(o.tensor)).data) + o.dst;
       const cudaError_t e = o.height == 1
-                                ? cudaMemcpyAsync(dst, in + o.src, o.width, cudaMemcpyDefault, stream.s)
+                                ? cudaMemcpyAsync(dst, in + o.src, o.width, cudaMemcpyDefault, stream)
                                 : cudaMemcpy2DAsync(dst, o.pitch, in + o.src, o.width, o.width, o.height,
-                                                    cudaMemcpyDefault, stream.s);
+                                                    cudaMemcpyDefault, stream);
       MEMENTO_RETURN_IF_ERROR(Cuda(e, "scatter copy"));
     }
     return Status::Ok();
   };
   auto part = [&](const ReshardPair* p, uint64_t begin) { return std::min<uint64_t>(chunk, p->bytes - begin); };
-  auto since = [](std::chrono::steady_clock::time_point t) {
-    return std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
-  };
+  stats->buffers_seconds = since(t_buffers);
   stats->setup_seconds = since(t0);
   for (int round = 0; round < rounds; ++round) {
     BufferSet& set = sets[rounds < 2 ? 0 : round % 2];
@@ -386,24 +517,24 @@ Status RunMemoryReshard(const proto::MemoryReshard& info, const MemoryReshardIo&
     for (size_t i = 0; i < sends.size(); ++i) {
       if (begin >= sends[i]->bytes) continue;
       MEMENTO_RETURN_IF_ERROR(Cuda(cudaMemcpyAsync(set.send_d[i], set.staging[i], part(sends[i], begin), cudaMemcpyHostToDevice,
-                                      stream.s),
+                                      stream),
                       "staging copy"));
       stats->bytes_sent += part(sends[i], begin);
     }
     if (self != nullptr && begin < self->bytes) {
       MEMENTO_RETURN_IF_ERROR(Cuda(cudaMemcpyAsync(set.self_d, set.self_staging, part(self, begin), cudaMemcpyHostToDevice,
-                                      stream.s),
+                                      stream),
                       "staging copy"));
     }
     MEMENTO_RETURN_IF_ERROR(Nccl(ncclGroupStart(), "ncclGroupStart"));
     for (size_t i = 0; i < sends.size(); ++i) {
       if (begin >= sends[i]->bytes) continue;
-      MEMENTO_RETURN_IF_ERROR(Nccl(ncclSend(set.send_d[i], part(sends[i], begin), ncclChar, sends[i]->target, comm.comm, stream.s),
+      MEMENTO_RETURN_IF_ERROR(Nccl(ncclSend(set.send_d[i], part(sends[i], begin), ncclChar, sends[i]->target, comm, stream),
                       "ncclSend"));
     }
     for (size_t i = 0; i < recvs.size(); ++i) {
       if (begin >= recvs[i]->bytes) continue;
-      MEMENTO_RETURN_IF_ERROR(Nccl(ncclRecv(set.recv_d[i], part(recvs[i], begin), ncclChar, recvs[i]->server, comm.comm, stream.s),
+      MEMENTO_RETURN_IF_ERROR(Nccl(ncclRecv(set.recv_d[i], part(recvs[i], begin), ncclChar, recvs[i]->server, comm, stream),
                       "ncclRecv"));
     }
     MEMENTO_RETURN_IF_ERROR(Nccl(ncclGroupEnd(), "ncclGroupEnd"));
@@ -416,10 +547,10 @@ Status RunMemoryReshard(const proto::MemoryReshard& info, const MemoryReshardIo&
       MEMENTO_RETURN_IF_ERROR(scatter(self_pair[0], begin, begin + part(self, begin), set.self_d));
       stats->bytes_local += part(self, begin);
     }
-    MEMENTO_RETURN_IF_ERROR(Cuda(cudaEventRecord(set.done, stream.s), "cudaEventRecord"));
+    MEMENTO_RETURN_IF_ERROR(Cuda(cudaEventRecord(set.done, stream), "cudaEventRecord"));
   }
   auto tw = std::chrono::steady_clock::now();
-  MEMENTO_RETURN_IF_ERROR(Cuda(cudaStreamSynchronize(stream.s), "synchronize"));
+  MEMENTO_RETURN_IF_ERROR(Cuda(cudaStreamSynchronize(stream), "synchronize"));
   stats->gpu_wait_seconds += since(tw);
   for (size_t i = 0; i < io.blobs.size(); ++i) {
     const std::string& data = blob_sources[i]->data();
@@ -432,9 +563,13 @@ Status RunMemoryReshard(const proto::MemoryReshard& info, const MemoryReshardIo&
                      << info.old_world_size() << " -> " << io.world_size << "): " << stats->bytes_local
                      << " bytes from this node's slots, " << stats->bytes_received << " received, " << stats->bytes_sent
                      << " sent over NCCL in " << rounds << " rounds, " << stats->seconds << " s  (set-up "
-                     << stats->setup_seconds << " s, of which ncclCommInitRank " << stats->nccl_init_seconds
-                     << " s; packing " << stats->pack_seconds << " s, waiting for the GPU "
-                     << stats->gpu_wait_seconds << " s)";
+                     << stats->setup_seconds << " s: NCCL id " << stats->id_seconds << " s, ncclCommInitRank "
+                     << stats->nccl_init_seconds << " s (of which waiting for the warm-up " << stats->warm_wait_seconds << " s), layouts " << stats->layouts_seconds << " s, plan and buffers "
+                     << stats->buffers_seconds << " s; packing " << stats->pack_seconds << " s, waiting for the GPU "
+                     << stats->gpu_wait_seconds << " s; ahead of it " << stats->prep_seconds << " s"
+                     << (stats->warm_nccl ? ", NCCL initialised in " + std::to_string(stats->warm_seconds) + " s" : std::string())
+                     << ")";
+  if (io.defer_release) io.defer_release([res]() mutable { res.reset(); });
   return Status::Ok();
 }
 

@@ -10,6 +10,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -33,6 +34,15 @@ struct MemoryReshardBlob {
   size_t* size = nullptr;
 };
 
+// The set-up a resharded restore can do ahead of it, in the background: NCCL's per-process
+// initialisation (a communicator of one rank loads NCCL's kernels and reads the topology) and the
+// pinned staging and device buffers. The client starts it while the rank waits for the job's other
+// ranks, when its agent says it holds an earlier layout; it is dropped unused when the agents
+// restore from storage. Opaque; null without NCCL in the build.
+struct MemoryReshardPrep;
+// `done` (optional) is called on the prep's thread when it is over.
+std::shared_ptr<MemoryReshardPrep> StartMemoryReshardPrep(int device, std::function<void()> done = nullptr);
+
 struct MemoryReshardIo {
   int rank = 0;
   int world_size = 0;
@@ -43,7 +53,11 @@ struct MemoryReshardIo {
   std::function<Result<std::string>(const std::string&)> exchange_id;
   ThreadPool* pool = nullptr;               // packing threads
   int pool_threads = 1;                     // how many
-  size_t chunk_bytes = 0;                   // per peer and round; 0 = chosen from the world size
+  size_t chunk_bytes = 0;                   // most per peer and round; 0 = chosen from the world size
+  std::shared_ptr<MemoryReshardPrep> prep;  // from StartMemoryReshardPrep(), or null
+  // Takes the release of the communicator and the buffers, so that the caller can run it after
+  // returning (in the background); null: released before RunMemoryReshard returns.
+  std::function<void(std::function<void()>)> defer_release;
 };
 
 struct MemoryReshardStats {
@@ -53,7 +67,15 @@ struct MemoryReshardStats {
   uint64_t bytes_local = 0;      // from slots this rank serves to itself
   int rounds = 0;
   double setup_seconds = 0;     // communicator, layouts, plan, buffers
-  double nccl_init_seconds = 0; // of which ncclCommInitRank
+  double id_seconds = 0;        // of which the NCCL id's exchange through the agents
+  double nccl_init_seconds = 0; //   ncclCommInitRank
+  double warm_wait_seconds = 0; //     of which waiting for the warm-up (MemoryReshardPrep)
+  double layouts_seconds = 0;   //   the slots mapped and the layouts allgathered
+  double buffers_seconds = 0;   //   the plan and the staging and device buffers
+  double prep_wait_seconds = 0; //     of which waiting for the buffers allocated ahead
+  double prep_seconds = 0;      // the set-up done ahead (MemoryReshardPrep), in the background
+  bool warm_nccl = false;       // NCCL was initialised ahead (a communicator of one rank)
+  double warm_seconds = 0;      // how long that took
   double pack_seconds = 0;      // threads copying from the slots into pinned staging
   double gpu_wait_seconds = 0;  // waiting for copies and NCCL
 };

@@ -116,6 +116,9 @@ class RawRank {
     return r.restore();
   }
 
+  // The registration's answer: does the node hold an earlier layout to reshard?
+  bool reshard_candidate() const { return layout_.reshard_candidate(); }
+
   Result<std::string> NcclId(const std::string& id) {
     proto::Request req;
     req.mutable_nccl_id()->set_id(id);
@@ -142,6 +145,7 @@ void SaveInRows(const AgentCluster& cluster) {
     ASSERT_TRUE(rank.ok());
     auto epoch = rank.Register(Rows(r));
     ASSERT_TRUE(epoch.ok()) << epoch.status().ToString();
+    EXPECT_FALSE(rank.reshard_candidate());  // the first layout: nothing earlier
     ASSERT_TRUE(rank.Capture(1).ok());
     ASSERT_TRUE(rank.Capture(2).ok());
     ASSERT_TRUE(rank.GloballyComplete(2));
@@ -166,6 +170,7 @@ TEST(RetiredLayoutTest, ANewLayoutOfCudaRanksReshardsTheVersionEveryNodeHolds) {
       ASSERT_TRUE(rank.ok());
       auto epoch = rank.Register(Columns(r));
       ASSERT_TRUE(epoch.ok()) << epoch.status().ToString();
+      EXPECT_TRUE(rank.reshard_candidate());  // the node holds the rows, retired
       EXPECT_EQ(epoch->restore_point(), 2);
       auto reply = rank.Restore();
       ASSERT_TRUE(reply.ok()) << reply.status().ToString();
@@ -221,6 +226,15 @@ TEST(RetiredLayoutTest, ANewLayoutOfCudaRanksReshardsTheVersionEveryNodeHolds) {
       "dropping the retired layout (world size 2, versions 1, 2): a version of the new layout is globally complete"));
   for (int i = 0; i < 500 && ShmExists(retired_slot); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(10));
   EXPECT_FALSE(ShmExists(retired_slot));
+  // The next restart in columns has nothing earlier to reshard: no set-up ahead.
+  RunRanks(2, [&](int r) {
+    RawRank rank(cluster, r, 2, r);
+    ASSERT_TRUE(rank.ok());
+    auto epoch = rank.Register(Columns(r));
+    ASSERT_TRUE(epoch.ok()) << epoch.status().ToString();
+    EXPECT_FALSE(rank.reshard_candidate());
+    EXPECT_EQ(epoch->restore_point(), 3);
+  });
 }
 
 TEST(RetiredLayoutTest, ALostNodeLeavesNothingToReshardAndTheRestoreSaysWhy) {
@@ -237,6 +251,9 @@ TEST(RetiredLayoutTest, ALostNodeLeavesNothingToReshardAndTheRestoreSaysWhy) {
     ASSERT_TRUE(rank.ok());
     auto epoch = rank.Register(Columns(r));
     ASSERT_TRUE(epoch.ok()) << epoch.status().ToString();
+    // Node 0 holds its half of the rows (a candidate until the agreement says otherwise); node 1
+    // holds nothing.
+    EXPECT_EQ(rank.reshard_candidate(), r == 0);
     EXPECT_EQ(epoch->restore_point(), -1);
     auto reply = rank.Restore();
     ASSERT_FALSE(reply.ok());

@@ -171,7 +171,9 @@ Status NodeState::CreateSlots(RankSlots* rs) {
 }
 
 void NodeState::ReleaseSlots(RankSlots* rs) {
-  for (auto& seg : rs->slots) SharedMemory::Unlink(seg->name()).IgnoreError();
+  for (auto& seg : rs->slots) {
+    if (seg != nullptr) SharedMemory::Unlink(seg->name()).IgnoreError();
+  }
   rs->slots.clear();
 }
 
@@ -899,7 +901,7 @@ Status NodeState::VerifyRank(const proto::VersionRecord& v, const RankSlots& rs)
     return NotFound("rank " + std::to_string(rs.record.rank()) + " has no data of step " + std::to_string(v.step()) +
                     " on node " + std::to_string(node_id_));
   }
-  if (v.slot_index() < 0 || v.slot_index() >= static_cast<int>(rs.slots.size())) {
+  if (v.slot_index() < 0 || v.slot_index() >= static_cast<int>(rs.slots.size()) || rs.slots[v.slot_index()] == nullptr) {
     return DataLoss("step " + std::to_string(v.step()) + " names slot " + std::to_string(v.slot_index()) +
                     " which rank " + std::to_string(rs.record.rank()) + " does not have");
   }

@@ -130,7 +130,12 @@ class NodeState {
   struct RankSlots {
     proto::RankRecord record;
     // shared: background CRC jobs keep a slot mapped while they read it
-    std::vector<std::shared_ptr<SharedMemory>> slots;
+    std::vector<std::shared_ptr<SharedMemory>> slots;  // null: released (a retired slot with no version)
+    size_t held() const {
+      size_t n = 0;
+      for (const auto& s : slots) n += s != nullptr;
+      return n;
+    }
   };
 
   Status CheckSessionInEpoch(const Session& s) const;  // REQUIRES(mu_)

@@ -30,6 +30,10 @@ Status NodeState::RecoverRetired() {
     Status st = CheckRankLayout(r);
     for (const std::string& name : r.slot_names()) {
       if (!st.ok()) break;
+      if (name.empty()) {  // released when retired: it held no version
+        rs.slots.push_back(nullptr);
+        continue;
+      }
       auto seg = SharedMemory::Open(name, r.slot_bytes(), /*writable=*/true);
       if (!seg.ok()) {
         st = seg.status();
@@ -37,7 +41,7 @@ Status NodeState::RecoverRetired() {
       }
       rs.slots.push_back(std::move(seg).value());
     }
-    slot_bytes_in_use_ += r.slot_bytes() * rs.slots.size();
+    slot_bytes_in_use_ += r.slot_bytes() * rs.held();
     back.ranks.emplace(r.rank(), std::move(rs));
     if (!st.ok()) {
       retired_ = std::move(back);
@@ -67,7 +71,7 @@ void NodeState::DropRetired(const std::string& why) {
   MEMENTO_LOG(kInfo) << "dropping the retired layout (world size " << retired_.world_size << ", versions "
                      << (steps.empty() ? "none" : steps) << "): " << why;
   for (auto& [r, rs] : retired_.ranks) {
-    slot_bytes_in_use_ -= rs.record.slot_bytes() * rs.slots.size();
+    slot_bytes_in_use_ -= rs.record.slot_bytes() * rs.held();
     ReleaseSlots(&rs);
   }
   retired_ = Retired{};
@@ -90,8 +94,17 @@ Status NodeState::RetireLayout(const std::set<int32_t>& keep) {
     const int32_t r = it->first;
     if (!keep.count(r)) {
       next.world_size = std::max(next.world_size, it->second.record.world_size());
-      // The segments move to the retired layout as they are.
-      next.ranks.emplace(r, std::move(it->second));
+      // The segments that hold a version move to the retired layout as they are; the others are
+      // released (the new layout's slots take their memory).
+      RankSlots& moved = it->second;
+      for (size_t k = 0; k < moved.slots.size(); ++k) {
+        if (used_slots.count(static_cast<int32_t>(k)) || moved.slots[k] == nullptr) continue;
+        SharedMemory::Unlink(moved.slots[k]->name()).IgnoreError();
+        moved.slots[k].reset();
+        moved.record.set_slot_names(static_cast<int>(k), "");
+        slot_bytes_in_use_ -= moved.record.slot_bytes();
+      }
+      next.ranks.emplace(r, std::move(moved));
       catalog_->DeleteRank(r).IgnoreError();
       it = ranks_.erase(it);
       continue;
@@ -102,6 +115,11 @@ Status NodeState::RetireLayout(const std::set<int32_t>& keep) {
     copy.record = it->second.record;
     copy.record.clear_slot_names();
     for (size_t k = 0; k < it->second.slots.size(); ++k) {
+      if (!used_slots.count(static_cast<int32_t>(k))) {  // holds no version: not copied
+        copy.record.add_slot_names("");
+        copy.slots.push_back(nullptr);
+        continue;
+      }
       const SharedMemory& from = *it->second.slots[k];
       std::string name = from.name() + "-x";
       for (int g = 1; RetiredHoldsName(name) || SharedMemory::Exists(name); ++g) {
@@ -114,11 +132,11 @@ Status NodeState::RetireLayout(const std::set<int32_t>& keep) {
         return seg.status().WithContext("rank " + std::to_string(r) + ": copying slot " + std::to_string(k) +
                                         " for the retired layout");
       }
-      if (used_slots.count(static_cast<int32_t>(k))) std::memcpy((*seg)->data(), from.data(), from.size());
+      std::memcpy((*seg)->data(), from.data(), from.size());
       copy.record.add_slot_names(name);
       copy.slots.push_back(std::move(seg).value());
     }
-    slot_bytes_in_use_ += copy.record.slot_bytes() * copy.slots.size();
+    slot_bytes_in_use_ += copy.record.slot_bytes() * copy.held();
     next.ranks.emplace(r, std::move(copy));
     ++it;
   }

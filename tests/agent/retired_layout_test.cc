@@ -188,6 +188,12 @@ TEST(RetiredLayoutTest, ANewLayoutOfCudaRanksReshardsTheVersionEveryNodeHolds) {
       }
     });
   };
+  // The retired rank keeps the slots of versions 1 and 2; the others were released.
+  auto held_slots = [](const proto::RankRecord& old) {
+    int held = 0;
+    for (const std::string& name : old.slot_names()) held += name.empty() ? 0 : 1;
+    return held;
+  };
   restart_in_columns(false);
   EXPECT_TRUE(cluster.LogHas("retiring versions 1, 2 of the earlier layout for in-memory resharding"));
   EXPECT_TRUE(cluster.LogHas("version 2 of the earlier layout (world size 2) is in memory on every node"));
@@ -203,6 +209,8 @@ TEST(RetiredLayoutTest, ANewLayoutOfCudaRanksReshardsTheVersionEveryNodeHolds) {
     EXPECT_EQ(m.old_ranks(0).rank(), r);
     ASSERT_EQ(m.new_ranks_size(), 1);
     EXPECT_EQ(m.new_ranks(0), r);
+    EXPECT_GT(m.old_ranks(0).slot_names_size(), 2);
+    EXPECT_EQ(held_slots(m.old_ranks(0)), 2);
     // The retired slot the reply names holds what old rank r captured at step 2.
     const proto::RankRecord& old = m.old_ranks(0);
     auto seg = SharedMemory::Open(old.slot_names(m.slot_index()), old.slot_bytes(), false);
@@ -220,7 +228,10 @@ TEST(RetiredLayoutTest, ANewLayoutOfCudaRanksReshardsTheVersionEveryNodeHolds) {
   cluster.Start();
   restart_in_columns(true);
   EXPECT_TRUE(cluster.LogHas("re-attached the retired layout of world size 2: 1 ranks, 2 versions"));
-  for (int r = 0; r < 2; ++r) EXPECT_TRUE(replies[r].has_memory_reshard()) << "rank " << r;
+  for (int r = 0; r < 2; ++r) {
+    ASSERT_TRUE(replies[r].has_memory_reshard()) << "rank " << r;
+    EXPECT_EQ(held_slots(replies[r].memory_reshard().old_ranks(0)), 2);  // re-attached as they were
+  }
   // Step 3 of the new layout is globally complete: the retired layout is gone.
   EXPECT_TRUE(cluster.LogHas(
       "dropping the retired layout (world size 2, versions 1, 2): a version of the new layout is globally complete"));

@@ -1438,6 +1438,7 @@ void NodeState::FlushRound(const std::vector<TickPayload>& all) {
     } else if (all_written && mine.step == flush_order_ && mine.state == S::kWritten) {
       int32_t world = 0;
       for (const auto& [r, rs] : ranks_) world = std::max(world, rs.record.world_size());
+      LogEvent(node_id_, flush_order_, "committing");  // before the manifest can exist
       flusher_->StartCommit(flush_order_, world);
     }
     return;
@@ -1609,6 +1610,9 @@ void NodeState::EncodeRound(const std::vector<TickPayload>& all) {
     if (encode_state_ == 2) {
       auto it = versions_.find(encode_current_);
       if (it != versions_.end()) {
+        // Logged before anything records it: the event log's "protecting" steps are a superset of
+        // what the catalogs say is protected (memento-stress's upper bound).
+        LogEvent(node_id_, encode_current_, "protecting");
         // The round that announces the protection completed here; a node that dies (or hangs) at
         // this point never records it while the others do.
         KillPoint("agent.protect", node_id_, encode_current_);
@@ -1783,6 +1787,7 @@ void NodeState::RebuildRound(const std::vector<TickPayload>& all) {
                         << (st.ok() ? rb : st).ToString();
     return;
   }
+  LogEvent(node_id_, step, "protecting");  // rebuilt with its parity: protected here once recorded
   proto::VersionRecord v = NewVersion(step, slot, proto::VERSION_LOCALLY_COMPLETE, incarnation_);
   v.set_is_protected(true);
   v.set_padded_length(padded);
@@ -1817,6 +1822,7 @@ void NodeState::RebuildRound(const std::vector<TickPayload>& all) {
   }
   catalog_->PutVersion(v).IgnoreError();
   versions_[step] = v;
+  LogEvent(node_id_, step, "protected");
   char timing[160];
   std::snprintf(timing, sizeof timing, " in %.2f s (slots %.2f, decode and transfer %.2f, verify %.2f)", since(t0),
                 slots_s, rebuild_s, since(t2));

@@ -1,7 +1,7 @@
 // memento-bench reshard: a restart in another layout, restored from the agents' memory over NCCL
 // against the same restart restored from storage.
 //
-// One agent, --ranks ranks (threads, rank r on GPU r). The job saves --bytes of fp32 state in
+// One agent, --ranks ranks (processes, as a job runs them; rank r on GPU r). The job saves --bytes of fp32 state in
 // --tensors tensors split by rows (TP rows) and flushes it; then it restarts split by columns, so
 // each rank needs (ranks-1)/ranks of its bytes from the other ranks' slots:
 //   1. memory: the same agent still holds the version; the ranks reshard it over NCCL;
@@ -13,14 +13,16 @@
 // Limits in the same run: a parallel memcpy of the bytes (the packing the memory path does) and
 // the storage restores (goal: memory ≥ 5× faster).
 #include <fcntl.h>
+#include <spawn.h>
+#include <sys/wait.h>
 #include <unistd.h>
+
+#include <csignal>
 
 #include <algorithm>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
-#include <latch>
-#include <mutex>
 #include <thread>
 
 #include "bench/harness.h"
@@ -31,6 +33,8 @@
 #ifdef MEMENTO_WITH_CUDA
 #include <cuda_runtime_api.h>
 #endif
+
+extern char** environ;
 
 namespace memento::bench {
 namespace {
@@ -57,6 +61,11 @@ struct Flags {
   bool memory_only = false;
   bool json = false;
   int repeat = 3;
+  // A rank's process (hidden flags, set by the benchmark for its workers).
+  std::string worker;  // "save" or "restart"
+  int rank = 0;
+  std::string socket, job;
+  bool verify = false;
 };
 
 Status ParseFlags(int argc, char** argv, Flags* f, bool* help) {
@@ -71,6 +80,11 @@ Status ParseFlags(int argc, char** argv, Flags* f, bool* help) {
     else if (n == "--repeat") MEMENTO_RETURN_IF_ERROR(r.Int(&f->repeat, 1));
     else if (n == "--json") MEMENTO_RETURN_IF_ERROR(r.Switch(&f->json));
     else if (n == "--memory-only") MEMENTO_RETURN_IF_ERROR(r.Switch(&f->memory_only));
+    else if (n == "--worker") MEMENTO_RETURN_IF_ERROR(r.String(&f->worker));
+    else if (n == "--rank") MEMENTO_RETURN_IF_ERROR(r.Int(&f->rank, 0));
+    else if (n == "--socket") MEMENTO_RETURN_IF_ERROR(r.String(&f->socket));
+    else if (n == "--job") MEMENTO_RETURN_IF_ERROR(r.String(&f->job));
+    else if (n == "--verify") MEMENTO_RETURN_IF_ERROR(r.Switch(&f->verify));
     else if (n == "-h" || n == "--help") *help = true;
     else return r.Unknown();
   }
@@ -129,15 +143,17 @@ struct RankTensors {
   }
 };
 
-Result<std::unique_ptr<Client>> ConnectRank(const AgentProcess& agent, int rank, int world) {
-  ClientOptions o;
-  o.agent_socket = agent.socket_path();
-  o.job_id = agent.job_id();
-  o.rank = rank;
-  o.local_rank = rank;
-  o.world_size = world;
-  o.node_id = 0;
-  return Client::Connect(o);
+Status WaitPersisted(Client* c, int64_t step) {
+  const auto deadline = Clock::now() + std::chrono::minutes(10);
+  while (Clock::now() < deadline) {
+    MEMENTO_ASSIGN_OR_RETURN(auto versions, c->ListVersions());
+    for (const VersionInfo& v : versions) {
+      if (v.step == step && v.persisted) return Status::Ok();
+      if (v.step == step && !v.flush_error.empty()) return Internal("flush of step 1 failed: " + v.flush_error);
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  return Timeout("step 1 was not persisted within 10 minutes");
 }
 
 // Progress on stderr (unbuffered), with the seconds since the benchmark started.
@@ -146,70 +162,184 @@ void Progress(const std::string& what) {
   std::fprintf(stderr, "reshard: [%7.2f s] %s\n", Seconds(start, Clock::now()), what.c_str());
 }
 
-// Runs fn(rank) in one thread per rank; the first error.
-Status ForRanks(int n, const std::function<Status(int)>& fn) {
-  std::vector<Status> st(n);
-  std::vector<std::thread> ts;
-  for (int r = 0; r < n; ++r) ts.emplace_back([&, r] { st[r] = fn(r); });
-  for (auto& t : ts) t.join();
-  for (int r = 0; r < n; ++r) {
-    if (!st[r].ok()) return st[r].WithContext("rank " + std::to_string(r));
-  }
-  return Status::Ok();
-}
-
 struct Restart {
   double seconds = 0;          // FinishRegistration() to the end of Restore(), slowest rank
   double restore_seconds = 0;  // Restore() alone, slowest rank
   std::string source;
 };
 
-// A restart in the column layout against `agent`: every rank registers, restores, and closes.
-// With `verify`, each rank then checks every restored byte (after the timing).
-Result<Restart> RestartInColumns(const Flags& f, const Shape& s, const AgentProcess& agent, bool verify) {
-  std::mutex mu;
-  Restart out;
-  std::latch ready(f.ranks);  // every rank starts registering at once
-  MEMENTO_RETURN_IF_ERROR(ForRanks(f.ranks, [&](int r) -> Status {
-    auto tensors = RankTensors::Make(f, s, r, 1, false);
-    Result<std::unique_ptr<Client>> c = tensors.ok() ? ConnectRank(agent, r, f.ranks) : tensors.status();
-    Status registered = c.ok() ? (*tensors)->Register(c->get()) : c.status();
-    ready.arrive_and_wait();
-    MEMENTO_RETURN_IF_ERROR(registered);
-    const auto t0 = Clock::now();
-    MEMENTO_RETURN_IF_ERROR((*c)->FinishRegistration());
-    const auto t1 = Clock::now();
-    Progress("rank " + std::to_string(r) + " registered in " + std::to_string(Seconds(t0, t1)) + " s; restoring");
-    Result<RestoreResult> res = (*c)->Restore();
-    const auto t2 = Clock::now();
-    if (!res.ok() && res.status().code() != StatusCode::kNotFound) return res.status();
-    Progress("rank " + std::to_string(r) + " restored in " + std::to_string(Seconds(t1, t2)) + " s");
-    if (res.ok() && verify) {
-      // Column c of rows [k * rows / ranks, ...) came from old rank k: byte 0x40 + k + tensor.
-      const int64_t cols = s.cols / f.ranks;
-      std::vector<uint8_t> host(static_cast<size_t>(s.rows * cols) * 4);
-      cudaSetDevice(r);
-      for (int i = 0; i < f.tensors; ++i) {
-        if (cudaMemcpy(host.data(), (*tensors)->ptrs[i], host.size(), cudaMemcpyDeviceToHost) != cudaSuccess) {
-          return Internal("cudaMemcpy of the restored tensor failed");
-        }
-        for (int64_t row = 0; row < s.rows; ++row) {
-          const uint8_t want = static_cast<uint8_t>(0x40 + row / (s.rows / f.ranks) + i);
-          const uint8_t* p = host.data() + row * cols * 4;
-          if (p[0] != want || std::memcmp(p, p + 1, static_cast<size_t>(cols) * 4 - 1) != 0) {
-            return DataLoss("rank " + std::to_string(r) + " tensor t" + std::to_string(i) + " row " +
-                            std::to_string(row) + " does not hold old rank " +
-                            std::to_string(row / (s.rows / f.ranks)) + "'s bytes");
-          }
+// One rank of the job in its own process, as a job runs them (threads of one process would share
+// an address space: one rank's slot mapping would hold up another's NCCL set-up).
+// `memento-bench reshard --worker save|restart --rank R ...`: makes its tensors (rows to save,
+// columns to restart), connects and registers; says "ready" on stdout and waits for "go" on stdin,
+// so that every rank starts at once; then saves step 1 and waits for its flush ("done"), or
+// restarts: FinishRegistration() and Restore(), timed, then (--verify) checks every restored byte
+// ("result <restart s> <Restore() s> <source>"). "error <message>" on failure.
+int Worker(const Flags& f) {
+  auto say = [](const std::string& line) {
+    std::printf("%s\n", line.c_str());
+    std::fflush(stdout);
+  };
+  auto fail = [&](const Status& st) {
+    say("error " + st.ToString());
+    return kExitFailed;
+  };
+  const Shape s = ShapeFor(f);
+  const bool save = f.worker == "save";
+  if (!save && f.worker != "restart") return fail(InvalidArgument("--worker " + f.worker));
+  auto tensors = RankTensors::Make(f, s, f.rank, save ? 0 : 1, /*fill=*/save);
+  if (!tensors.ok()) return fail(tensors.status());
+  ClientOptions o;
+  o.agent_socket = f.socket;
+  o.job_id = f.job;
+  o.rank = f.rank;
+  o.local_rank = f.rank;
+  o.world_size = f.ranks;
+  o.node_id = 0;
+  auto c = Client::Connect(o);
+  if (!c.ok()) return fail(c.status());
+  Status st = (*tensors)->Register(c->get());
+  if (!st.ok()) return fail(st);
+  say("ready");
+  char go[16];
+  if (std::fgets(go, sizeof go, stdin) == nullptr) return fail(Internal("the benchmark never said go"));
+  if (save) {
+    st = (*c)->Snapshot(1);
+    if (st.ok()) st = (*c)->WaitUntilSafeToUpdate();
+    if (st.ok()) st = WaitPersisted(c->get(), 1);
+    if (!st.ok()) return fail(st);
+    say("done");
+    return kExitOk;
+  }
+  const auto t0 = Clock::now();
+  st = (*c)->FinishRegistration();
+  if (!st.ok()) return fail(st);
+  const auto t1 = Clock::now();
+  Result<RestoreResult> res = (*c)->Restore();
+  const auto t2 = Clock::now();
+  if (!res.ok() && res.status().code() != StatusCode::kNotFound) return fail(res.status());
+  Progress("rank " + std::to_string(f.rank) + " registered in " + std::to_string(Seconds(t0, t1)) + " s, restored in " +
+           std::to_string(Seconds(t1, t2)) + " s");
+  if (res.ok() && f.verify) {
+    // Column c of rows [k * rows / ranks, ...) came from old rank k: byte 0x40 + k + tensor.
+    const int64_t cols = s.cols / f.ranks;
+    std::vector<uint8_t> host(static_cast<size_t>(s.rows * cols) * 4);
+    cudaSetDevice(f.rank);
+    for (int i = 0; i < f.tensors; ++i) {
+      if (cudaMemcpy(host.data(), (*tensors)->ptrs[i], host.size(), cudaMemcpyDeviceToHost) != cudaSuccess) {
+        return fail(Internal("cudaMemcpy of the restored tensor failed"));
+      }
+      for (int64_t row = 0; row < s.rows; ++row) {
+        const uint8_t want = static_cast<uint8_t>(0x40 + row / (s.rows / f.ranks) + i);
+        const uint8_t* p = host.data() + row * cols * 4;
+        if (p[0] != want || std::memcmp(p, p + 1, static_cast<size_t>(cols) * 4 - 1) != 0) {
+          return fail(DataLoss("rank " + std::to_string(f.rank) + " tensor t" + std::to_string(i) + " row " +
+                               std::to_string(row) + " does not hold old rank " +
+                               std::to_string(row / (s.rows / f.ranks)) + "'s bytes"));
         }
       }
     }
-    std::lock_guard<std::mutex> lock(mu);
-    out.seconds = std::max(out.seconds, Seconds(t0, t2));
-    out.restore_seconds = std::max(out.restore_seconds, Seconds(t1, t2));
-    out.source = res.ok() ? res->source : "nothing to restore";
-    return Status::Ok();
-  }));
+  }
+  char line[64];
+  std::snprintf(line, sizeof line, "result %.6f %.6f ", Seconds(t0, t2), Seconds(t1, t2));
+  say(line + (res.ok() ? res->source : std::string("nothing to restore")));
+  return kExitOk;
+}
+
+// Runs the job's ranks as processes (Worker) against `agent`; each one's last line.
+Result<std::vector<std::string>> RunRanks(const Flags& f, const AgentProcess& agent, const std::string& phase,
+                                          bool verify) {
+  char self[4096];
+  const ssize_t n = ::readlink("/proc/self/exe", self, sizeof self - 1);
+  if (n <= 0) return Internal("cannot find this program (/proc/self/exe)");
+  self[n] = '\0';
+  struct Rank {
+    pid_t pid = -1;
+    FILE* to = nullptr;    // its stdin
+    FILE* from = nullptr;  // its stdout
+  };
+  std::vector<Rank> ranks(static_cast<size_t>(f.ranks));
+  auto finish = [&](Status st) -> Status {
+    for (Rank& r : ranks) {
+      if (r.to != nullptr) std::fclose(r.to);
+      if (r.from != nullptr) std::fclose(r.from);
+      r.to = r.from = nullptr;
+      if (r.pid > 0) {
+        if (!st.ok()) ::kill(r.pid, SIGKILL);
+        int status = 0;
+        ::waitpid(r.pid, &status, 0);
+        if (st.ok() && !(WIFEXITED(status) && WEXITSTATUS(status) == 0)) {
+          st = Internal("rank process " + std::to_string(r.pid) + " ended with status " + std::to_string(status));
+        }
+        r.pid = -1;
+      }
+    }
+    return st;
+  };
+  for (int r = 0; r < f.ranks; ++r) {
+    int in[2], out[2];
+    if (::pipe2(in, O_CLOEXEC) != 0 || ::pipe2(out, O_CLOEXEC) != 0) return finish(Internal("pipe failed"));
+    std::vector<std::string> args = {self,       "reshard",     "--worker", phase,
+                                     "--rank",   std::to_string(r), "--ranks", std::to_string(f.ranks),
+                                     "--bytes",  std::to_string(f.bytes), "--tensors", std::to_string(f.tensors),
+                                     "--socket", agent.socket_path(), "--job", agent.job_id()};
+    if (verify) args.push_back("--verify");
+    std::vector<char*> argv;
+    for (std::string& a : args) argv.push_back(a.data());
+    argv.push_back(nullptr);
+    posix_spawn_file_actions_t fa;
+    posix_spawn_file_actions_init(&fa);
+    posix_spawn_file_actions_adddup2(&fa, in[0], 0);
+    posix_spawn_file_actions_adddup2(&fa, out[1], 1);
+    pid_t pid = -1;
+    const int e = posix_spawn(&pid, self, &fa, nullptr, argv.data(), environ);
+    posix_spawn_file_actions_destroy(&fa);
+    ::close(in[0]);
+    ::close(out[1]);
+    ranks[r].to = ::fdopen(in[1], "w");
+    ranks[r].from = ::fdopen(out[0], "r");
+    if (e != 0) return finish(Internal("posix_spawn of a rank failed: " + std::string(std::strerror(e))));
+    ranks[r].pid = pid;
+  }
+  auto read_line = [](FILE* from) {
+    char buf[4096];
+    if (std::fgets(buf, sizeof buf, from) == nullptr) return std::string("error the rank's process ended");
+    std::string line(buf);
+    while (!line.empty() && line.back() == '\n') line.pop_back();
+    return line;
+  };
+  for (int r = 0; r < f.ranks; ++r) {
+    const std::string line = read_line(ranks[r].from);
+    if (line != "ready") return finish(Internal("rank " + std::to_string(r) + ": " + line));
+  }
+  for (Rank& r : ranks) {
+    std::fputs("go\n", r.to);
+    std::fflush(r.to);
+  }
+  std::vector<std::string> lines;
+  for (int r = 0; r < f.ranks; ++r) {
+    lines.push_back(read_line(ranks[r].from));
+    if (lines.back().rfind("error", 0) == 0) return finish(Internal("rank " + std::to_string(r) + ": " + lines.back()));
+  }
+  MEMENTO_RETURN_IF_ERROR(finish(Status::Ok()));
+  return lines;
+}
+
+// A restart in the column layout against `agent` (every rank registers, restores, and exits);
+// with `verify`, each rank then checks every restored byte (after the timing).
+Result<Restart> RestartInColumns(const Flags& f, const AgentProcess& agent, bool verify) {
+  MEMENTO_ASSIGN_OR_RETURN(std::vector<std::string> lines, RunRanks(f, agent, "restart", verify));
+  Restart out;
+  for (const std::string& line : lines) {
+    double total = 0, call = 0;
+    int used = 0;
+    if (std::sscanf(line.c_str(), "result %lf %lf %n", &total, &call, &used) != 2) {
+      return Internal("a rank answered '" + line + "'");
+    }
+    out.seconds = std::max(out.seconds, total);
+    out.restore_seconds = std::max(out.restore_seconds, call);
+    out.source = line.substr(static_cast<size_t>(used));
+  }
   return out;
 }
 
@@ -238,18 +368,6 @@ void Evict(const std::string& dir) {
   }
 }
 
-Status WaitPersisted(Client* c, int64_t step) {
-  const auto deadline = Clock::now() + std::chrono::minutes(10);
-  while (Clock::now() < deadline) {
-    MEMENTO_ASSIGN_OR_RETURN(auto versions, c->ListVersions());
-    for (const VersionInfo& v : versions) {
-      if (v.step == step && v.persisted) return Status::Ok();
-      if (v.step == step && !v.flush_error.empty()) return Internal("flush of step 1 failed: " + v.flush_error);
-    }
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));
-  }
-  return Timeout("step 1 was not persisted within 10 minutes");
-}
 
 int Run(const Flags& flags_in) {
   Flags f = flags_in;
@@ -308,18 +426,10 @@ int Run(const Flags& flags_in) {
     auto agent = AgentProcess::Start(mo);
     if (!agent.ok()) return fail(agent.status(), nullptr);
     if (run == 0) checkpoint = dir + "/" + (*agent)->job_id() + "/step-1";
-    Status st = ForRanks(f.ranks, [&](int r) -> Status {
-      MEMENTO_ASSIGN_OR_RETURN(auto tensors, RankTensors::Make(f, s, r, 0, true));
-      MEMENTO_ASSIGN_OR_RETURN(auto c, ConnectRank(**agent, r, f.ranks));
-      MEMENTO_RETURN_IF_ERROR(tensors->Register(c.get()));
-      MEMENTO_RETURN_IF_ERROR(c->Snapshot(1));
-      MEMENTO_RETURN_IF_ERROR(c->WaitUntilSafeToUpdate());
-      Progress("rank " + std::to_string(r) + " captured step 1; waiting for its flush");
-      return WaitPersisted(c.get(), 1);
-    });
-    if (!st.ok()) return fail(st, agent->get());
+    auto saved = RunRanks(f, **agent, "save", /*verify=*/false);
+    if (!saved.ok()) return fail(saved.status(), agent->get());
     Progress("step 1 persisted; restarting in columns from memory");
-    auto r = RestartInColumns(f, s, **agent, /*verify=*/run == 0);
+    auto r = RestartInColumns(f, **agent, /*verify=*/run == 0);
     if (!r.ok()) return fail(r.status(), agent->get());
     Progress("memory restart done: " + r->source);
     memory_runs.push_back(*r);
@@ -352,7 +462,7 @@ int Run(const Flags& flags_in) {
       if (!fresh.ok()) return fail(fresh.status(), nullptr);
       Progress(kind == 2 ? std::string("restarting in columns with nothing to restore")
                          : std::string("restarting in columns from storage, ") + (cold ? "cold" : "warm") + " page cache");
-      auto r = RestartInColumns(f, s, **fresh, /*verify=*/kind == 0 && run == 0);
+      auto r = RestartInColumns(f, **fresh, /*verify=*/kind == 0 && run == 0);
       if (!r.ok()) return fail(r.status(), fresh->get());
       runs.push_back(*r);
     }
@@ -431,6 +541,7 @@ int ReshardMain(int argc, char** argv) {
     return kExitUsage;
   }
 #ifdef MEMENTO_WITH_CUDA
+  if (!f.worker.empty()) return Worker(f);
   return Run(f);
 #else
   std::printf("reshard: skipped: this build has no CUDA\n");

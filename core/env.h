@@ -47,8 +47,9 @@ struct EnvSettings {
   std::string capture_log;
   // MEMENTO_EVENT_LOG: tests and debugging — each agent appends "attempt=A node=N step=S
   // protected" when it records step S erasure-coded (or rebuilt), and "... committed" when it sees
-  // step S's checkpoint committed to storage (memento-stress bounds restores after node losses
-  // with them). Default "" (no log).
+  // step S's checkpoint committed to storage; "protecting" and "committing" come before anything
+  // records either (memento-stress bounds restores after node losses with them: below by the
+  // first two, above by the last two). Default "" (no log).
   std::string event_log;
   // MEMENTO_FAULT_FS: tests only — a FaultInjectionFileSystem spec for the agent's storage I/O.
   std::string fault_fs;

@@ -404,7 +404,7 @@ class Stress {
     if (rc == 1 && out.find("found no version to restore") != std::string::npos && !fs.empty() &&
         Field(fs.back(), "kind") == "\"unrecoverable\"") {
       stopped_unrecoverable = true;
-      for (const std::string& p : CheckStopAfterLoss(ReadFile(dir + "/events.log"), timeline, notes)) bad.push_back(p);
+      for (const std::string& p : CheckStopAfterLoss(ReadFile(dir + "/events.log"), ReadFile(dir + "/captured.log"), timeline, notes)) bad.push_back(p);
     } else {
       if (rc != 0) bad.push_back("memento-run exited " + std::to_string(rc) + "; last lines:\n" + Tail(out, 8));
       const std::string hash = LastStateHash(out);
@@ -486,10 +486,11 @@ class Stress {
         if (!seen) bad.push_back("the flusher kill on node " + std::to_string(f.node) + " is not in the timeline");
       }
       if (!f.fs_spec.empty()) {
-        // The fault fired (a flush failed with its error), and nothing reached storage as committed.
+        // The fault fired (a flush failed with its error; unless the run stopped first), and
+        // nothing reached storage as committed.
         const std::string error = f.kind == "storage-eio" ? "Input/output error" : "No space left on device";
         const std::string agents = ReadFile(dir + "/work/agents.log");
-        if (agents.find(error) == std::string::npos) {
+        if (agents.find(error) == std::string::npos && !stopped_unrecoverable) {
           bad.push_back(f.kind + " (" + f.fs_spec + "): no flush failed with \"" + error + "\" in work/agents.log");
         }
         std::error_code ec;
@@ -502,17 +503,20 @@ class Stress {
         }
       }
     }
-    // Every completed recovery restored a version at most the newest step reached, from memory
-    // when no node's memory was lost, else from memory or a committed checkpoint of that step.
+    // Every completed recovery restored a version at most the newest step reached, from memory or
+    // a committed checkpoint of that step. Storage serves a restore with no memory lost when the
+    // agents had reused the version's slots once it was persisted (the capture-log check below
+    // still requires it to be the newest complete one): a note.
     for (const auto& e : fs) {
       if (Field(e, "resumed_after_s").rfind("-", 0) == 0) continue;  // interrupted by the next failure
       const long restored = Number(e, "restored_step"), last = Number(e, "last_step");
       if (restored < 0 || restored > last) bad.push_back("restored_step outside [0, last_step]: " + e);
       if (Number(e, "steps_lost") != last - restored) bad.push_back("steps_lost != last_step - restored_step: " + e);
       const std::string source = Field(e, "source");
-      if (Field(e, "lost_nodes") == "[]") {
-        if (source != "\"memory\"") bad.push_back("no memory was lost, yet the restore came from " + source + ": " + e);
-      } else {
+      if (Field(e, "lost_nodes") == "[]" && source != "\"memory\"") {
+        notes->push_back("restored from storage with no memory lost: " + Field(e, "source"));
+      }
+      {
         const std::string ckpt = dir + "/storage/";
         const std::string step_dir = "step-" + std::to_string(restored);
         bool ok = source.size() >= 2;
@@ -594,14 +598,15 @@ class Stress {
     return bad;
   }
 
-  // The run stopped because the recovery after a node loss found no version to restore. Right
-  // when nothing was recoverable: no step that every survivor recorded protected (within the
+  // The run stopped because a recovery found no version to restore. With no node lost just
+  // before, right only when no version had ever been complete (capture log). After a node loss,
+  // right when nothing was recoverable: no step that every survivor recorded protected (within the
   // scheme's tolerance) and no committed checkpoint, up to the loss (a failure when there was
   // one). The "protecting" and "committing" lines bound the same sets from above: when they name
   // a step and the recorded lines do not (an agent died between the two, or a commit failed under
   // an injected storage fault), the outcome cannot be decided from the log: a note.
-  std::vector<std::string> CheckStopAfterLoss(const std::string& log, const std::string& timeline,
-                                              std::vector<std::string>* notes) const {
+  std::vector<std::string> CheckStopAfterLoss(const std::string& log, const std::string& captures,
+                                              const std::string& timeline, std::vector<std::string>* notes) const {
     EventLog events = EventLog::Parse(log);
     std::vector<std::string> bad = events.malformed;
     const std::vector<std::string> fs = Failures(timeline);
@@ -621,7 +626,25 @@ class Stress {
       for (long n : added) nodes.insert(n);
     }
     if (loss == nullptr) {
-      bad.push_back("memento-run found no version to restore, but no node had been lost just before: " + timeline);
+      // No memory was lost: right only when no version had ever been complete (every rank's
+      // capture of one step acknowledged, capture log), so that nothing saved is lost.
+      std::map<long, std::set<long>> acked;  // step -> ranks
+      std::istringstream in(captures);
+      for (std::string line; std::getline(in, line);) {
+        long a = -1, r = -1, st = -1;
+        char event[16] = {};
+        if (std::sscanf(line.c_str(), "attempt=%ld rank=%ld step=%ld %15s", &a, &r, &st, event) == 4 &&
+            std::string(event) == "acked") {
+          acked[st].insert(r);
+        }
+      }
+      for (const auto& [st, ranks] : acked) {
+        if (static_cast<int>(ranks.size()) == o_.nodes * o_.ranks_per_node) {
+          bad.push_back("memento-run found no version to restore with no memory lost, but every rank's capture of step " +
+                        std::to_string(st) + " had been acknowledged (capture log): " + timeline);
+          break;
+        }
+      }
       return bad;
     }
     const long attempt = Number(*loss, "attempt"), last = Number(*loss, "last_step");

@@ -196,6 +196,7 @@ Status NodeState::Recover() {
                                 std::to_string(options_.slots_per_rank));
     }
     incarnation_ = node->incarnation();
+    saved_ = node->saved();
     if (group_ != nullptr && node->padded_length() > 0) {
       const uint64_t bytes = group_->ParityLength(node->padded_length());
       for (int k = 0; k < options_.slots_per_rank; ++k) {
@@ -558,6 +559,16 @@ std::string NodeState::EncoderStateLocked() const {
          ", last protected " + std::to_string(last_protected_);
 }
 
+void NodeState::MarkSaved() {
+  if (saved_) return;
+  saved_ = true;
+  auto node = catalog_->GetNode();
+  if (node.ok()) {
+    node->set_saved(true);
+    catalog_->PutNode(*node).IgnoreError();
+  }
+}
+
 Status NodeState::DropVersion(int64_t step) {
   versions_.erase(step);
   return catalog_->DeleteVersion(step);
@@ -852,6 +863,7 @@ Result<proto::RestoreReply> NodeState::Restore(Session* session, int64_t step) {
     if (chosen < 0) {
       std::string msg = who + ": no globally complete version to restore on node " + std::to_string(node_id_);
       for (const auto& r : refused_) msg += "; " + r;
+      if (!job_saved_) msg += "; " + std::string(kNothingSaved);
       return NotFound(msg);
     }
   }
@@ -1075,6 +1087,13 @@ void NodeState::OpenEpoch(const std::vector<TickPayload>& all) {
     }
   }
   restore_point_ = memory_point;
+  // Nothing of the job was ever saved: no node saw a version complete everywhere or a checkpoint
+  // committed, and nothing is held to restore. A restore then says so, and memento-run starts the
+  // training over instead of stopping (nothing saved is lost).
+  job_saved_ = memory_point >= 0 || reshard_point_ >= 0;
+  for (const TickPayload& p : all) {
+    job_saved_ = job_saved_ || p.saved != 0 || p.n_persisted > 0 || p.n_failed_load > 0 || p.retired_ranks > 0;
+  }
   if (reshard_point_ >= 0) {
     MEMENTO_LOG(kInfo) << "version " << reshard_point_ << " of the earlier layout (world size "
                        << reshard_world_ << ") is in memory on every node: the ranks reshard it over NCCL";
@@ -1163,6 +1182,7 @@ TickPayload NodeState::MakeTick(bool stop) {
   std::lock_guard<std::mutex> lock(mu_);
   TickPayload p;
   p.node_id = node_id_;
+  p.saved = saved_ ? 1 : 0;
   p.phase = phase_;
   p.registered = static_cast<int32_t>(pending_ranks_.size());
   p.world_size = pending_world_size_;
@@ -1275,6 +1295,7 @@ bool NodeState::ApplyTick(const std::vector<TickPayload>& all) {
       }
     }
     if (changed) cv_.notify_all();
+    if (changed) MarkSaved();
     if (changed && !retired_.empty()) DropRetired("a version of the new layout is globally complete");
     EncodeRound(all);
     FlushRound(all);
@@ -1373,6 +1394,7 @@ void NodeState::FlushRound(const std::vector<TickPayload>& all) {
       catalog_->PutVersion(it->second).IgnoreError();
     }
     LogEvent(node_id_, flush_current_, "committed");
+    MarkSaved();
     last_committed_ = std::max(last_committed_, flush_current_);
     flush_errors_.erase(flush_current_);
     if (flusher_->Reset()) flush_current_ = -1;

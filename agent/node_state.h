@@ -91,6 +91,8 @@ struct TickPayload {
   uint64_t nccl_id_incarnation = 0;
   int32_t nccl_id_bytes = 0;
   char nccl_id[128] = {};
+  // Whether this node ever saw a version of the job globally complete or a checkpoint committed.
+  int32_t saved = 0;
 };
 
 class NodeState {
@@ -263,6 +265,9 @@ class NodeState {
   int64_t reshard_point_ = -1;                          // GUARDED_BY(mu_) the retired step to reshard
   int32_t reshard_world_ = 0;                           // GUARDED_BY(mu_) its layout's world size
   std::string nccl_id_;                                 // GUARDED_BY(mu_)
+  bool saved_ = false;      // this node saw a version globally complete or a checkpoint committed (catalog)
+  bool job_saved_ = true;   // some node did, or storage or memory holds something (from the agreement)
+  void MarkSaved();         // REQUIRES(mu_)
   uint64_t nccl_id_incarnation_ = 0;                    // GUARDED_BY(mu_)
 };
 

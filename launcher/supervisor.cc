@@ -20,6 +20,7 @@
 #include <thread>
 
 #include "core/file_system.h"
+#include "proto/version.h"
 
 namespace memento::launcher {
 namespace {
@@ -482,10 +483,14 @@ Supervisor::End Supervisor::RunAttempt(Attempt* a, Failure* recovering, Failure*
       }
       if (b->job == o_.job) HandleBeat(a, *b, recovering, failed);
     }
-    // Nothing to restore after a failure that came after training had made progress.
+    // Nothing to restore after a failure that came after training had made progress: stop, unless
+    // the agents say nothing of the job was ever saved and no node's memory was lost (then the
+    // training starts over and nothing saved is lost).
     if (recovering != nullptr && recovering->last_step >= 1) {
       for (const auto& [rank, s] : a->ranks) {
-        if (s.restored_step == -1) {
+        const bool nothing_saved =
+            recovering->lost_nodes.empty() && s.source.find(kNothingSaved) != std::string::npos;
+        if (s.restored_step == -1 && !nothing_saved) {
           recovering->restored_step = -1;
           failed->kind = "unrecoverable";
           failed->detail = "rank " + std::to_string(rank) + " found no version to restore (" + s.source +

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "integration/harness.h"
+#include "proto/version.h"
 
 namespace memento::testing {
 namespace {
@@ -279,6 +280,24 @@ TEST(LauncherE2E, NodeLossWithoutSpare) {
       << r.output;
 }
 
+TEST(LauncherE2E, AFailureBeforeAnythingWasSavedStartsTheTrainingOver) {
+  // Rank 3 dies while copying step 1 (a client kill point, once): no version was ever complete,
+  // though the other ranks reported step 1. Nothing saved is lost by starting over, so memento-run
+  // does, and the training ends in the reference state.
+  const std::string once = TestTmp() + "/nothingsaved-killed";
+  LaunchResult r = Launch("nothingsaved", "", "MEMENTO_KILL_POINT=client.during_copy:rank=3:step=1:once=" + once);
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  struct stat st {};
+  ASSERT_EQ(::stat(once.c_str(), &st), 0) << "the kill point never fired";
+  EXPECT_EQ(r.StateHash(), Reference()) << r.output;
+  auto fs = Failures(r.timeline);
+  ASSERT_EQ(fs.size(), 1u) << r.timeline;
+  EXPECT_EQ(Field(fs[0], "lost_nodes"), "[]");
+  EXPECT_EQ(Field(fs[0], "restored_step"), "-1");
+  EXPECT_GE(std::atol(Field(fs[0], "last_step").c_str()), 1) << fs[0];  // past step 0: it stopped before
+  EXPECT_NE(Field(fs[0], "source").find(kNothingSaved), std::string::npos) << fs[0];
+}
+
 TEST(LauncherE2E, NothingRecoverable) {
   // No parity and no storage: the lost node's ranks have nothing to come back to.
   LaunchResult r = Launch("unrecoverable", "--spares 1 --inject node-loss:node=1:step=6");
@@ -288,6 +307,8 @@ TEST(LauncherE2E, NothingRecoverable) {
   ASSERT_EQ(fs.size(), 2u) << r.timeline;
   EXPECT_EQ(Field(fs[1], "kind"), "\"unrecoverable\"");
   EXPECT_EQ(Field(fs[0], "restored_step"), "-1");
+  // Something had been saved (the lost node's memory held it): the stop does not say otherwise.
+  EXPECT_EQ(Field(fs[1], "detail").find(kNothingSaved), std::string::npos) << fs[1];
 }
 
 }  // namespace

@@ -102,7 +102,9 @@ TEST(ClientTest, RestoreWithNothingSavedIsNotFound) {
   ASSERT_TRUE(s.Register(c->get()).ok());
   auto r = (*c)->Restore();
   EXPECT_EQ(r.status().code(), StatusCode::kNotFound);
-  EXPECT_EQ(r.status().message(), "rank 0: no globally complete version to restore on node 0");
+  EXPECT_EQ(r.status().message(),
+            "rank 0: no globally complete version to restore on node 0; nothing of this job was saved yet (no "
+            "version was ever complete on every node, no checkpoint committed)");
 }
 
 TEST(ClientTest, ConnectWithoutAgentNamesTheSocket) {

@@ -12,12 +12,10 @@
 #include <condition_variable>
 #include <cstdlib>
 #include <cstring>
-#include <functional>
 #include <future>
 #include <map>
 #include <mutex>
 #include <thread>
-#include <type_traits>
 
 #include "core/env.h"
 #include "core/heartbeat.h"
@@ -426,8 +424,8 @@ class ClientImpl : public Client {
     io.pool = &pool;
     io.prep = std::move(reshard_prep_);
     // The communicator and the buffers are released after Restore() returns.
-    std::function<void()> release;
-    io.defer_release = [&release](std::function<void()> f) { release = std::move(f); };
+    std::shared_ptr<void> leftovers;
+    io.leftovers = &leftovers;
     MemoryReshardStats stats;
     {
       HeartbeatSender::KeepAlive alive(heartbeat_.get(), -1);
@@ -440,7 +438,7 @@ class ClientImpl : public Client {
       PinGate::Hold hold(mode == "pause" ? &pin_gate_ : nullptr);
       Status st = RunMemoryReshard(rr.memory_reshard(), io, &stats);
       io.prep.reset();
-      if (release) Release(std::move(release));
+      Release(std::move(leftovers));
       if (!st.ok()) {
         return st.WithContext("rank " + std::to_string(opts_.rank) + ": restoring step " + std::to_string(rr.step()) +
                               " of the earlier layout from memory");
@@ -502,17 +500,13 @@ class ClientImpl : public Client {
     return Status::Ok();
   }
 
-  // Runs `release` (freeing CUDA and NCCL resources) in the background, after the previous one.
-  template <typename T>
-  void Release(T held) {
-    if (!held) return;
+  // Drops `held` (CUDA and NCCL resources) in the background, after the previous one.
+  void Release(std::shared_ptr<void> held) {
+    if (held == nullptr) return;
     auto previous = std::make_shared<std::future<void>>(std::move(releasing_));
     releasing_ = std::async(std::launch::async, [previous, held = std::move(held)]() mutable {
       if (previous->valid()) previous->wait();
-      if constexpr (std::is_invocable_v<T&>) {
-        held();
-      }
-      held = T();
+      held.reset();
     });
   }
 

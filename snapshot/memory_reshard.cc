@@ -569,7 +569,7 @@ Status RunMemoryReshard(const proto::MemoryReshard& info, const MemoryReshardIo&
                      << stats->gpu_wait_seconds << " s; ahead of it " << stats->prep_seconds << " s"
                      << (stats->warm_nccl ? ", NCCL initialised in " + std::to_string(stats->warm_seconds) + " s" : std::string())
                      << ")";
-  if (io.defer_release) io.defer_release([res]() mutable { res.reset(); });
+  if (io.leftovers != nullptr) *io.leftovers = res;
   return Status::Ok();
 }
 

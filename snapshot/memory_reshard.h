@@ -55,9 +55,9 @@ struct MemoryReshardIo {
   int pool_threads = 1;                     // how many
   size_t chunk_bytes = 0;                   // most per peer and round; 0 = chosen from the world size
   std::shared_ptr<MemoryReshardPrep> prep;  // from StartMemoryReshardPrep(), or null
-  // Takes the release of the communicator and the buffers, so that the caller can run it after
-  // returning (in the background); null: released before RunMemoryReshard returns.
-  std::function<void(std::function<void()>)> defer_release;
+  // When set, receives the communicator and the buffers, for the caller to release after
+  // returning (in the background); else they are released before RunMemoryReshard returns.
+  std::shared_ptr<void>* leftovers = nullptr;
 };
 
 struct MemoryReshardStats {

@@ -9,12 +9,6 @@
 #include "erasure/group.h"
 
 namespace memento {
-namespace {
-
-// Segment bytes handled per round trip: bounds the memory of encoding and rebuilding.
-constexpr size_t kWindow = size_t{8} << 20;
-
-}  // namespace
 
 void NodeData::Add(uint8_t* data, size_t bytes) {
   regions_.push_back({data, bytes});
@@ -103,8 +97,8 @@ Status ParityGroup::Encode(const NodeData& data, size_t padded, uint8_t* parity)
   std::vector<uint8_t> window;
   std::vector<uint8_t> send;
   std::vector<uint8_t> recv;
-  for (size_t off = 0; off < seg; off += kWindow) {
-    const size_t len = std::min(kWindow, seg - off);
+  for (size_t off = 0; off < seg; off += window_) {
+    const size_t len = std::min(window_, seg - off);
     const size_t block = static_cast<size_t>(m) * len;
     send.assign(static_cast<size_t>(n) * block, 0);
     recv.resize(block);
@@ -124,32 +118,51 @@ Status ParityGroup::Encode(const NodeData& data, size_t padded, uint8_t* parity)
   return Status::Ok();
 }
 
-Status ParityGroup::Rebuild(const std::vector<int>& lost, NodeData* data, uint8_t* parity, size_t padded) {
-  MEMENTO_RETURN_IF_ERROR(layout_.CheckRecoverable(lost));
-  if (lost.empty()) return Status::Ok();
+struct ParityGroup::StripePlan {
+  int stripe;
+  std::vector<int> erased;  // codec indices, ascending (as plan.erased())
+  DecodePlan plan;
+};
+
+int ParityGroup::MemberOf(int stripe, int c) const {
+  const int k = layout_.k();
+  return c < k ? layout_.ContributorsOf(stripe)[c] : layout_.HolderIndex(stripe, c - k);
+}
+
+// Per stripe touching a lost member: what is erased, and which k sources rebuild it.
+Result<std::vector<ParityGroup::StripePlan>> ParityGroup::PlanRebuild(const std::vector<int>& lost) const {
   const int n = layout_.group_size();
   const int k = layout_.k();
   const int m = layout_.m();
-  const size_t seg = layout_.SegmentLength(padded);
-  auto is_lost = [&](int member) { return std::find(lost.begin(), lost.end(), member) != lost.end(); };
-  // The member behind codec index c of stripe s.
-  auto member_of = [&](int s, int c) { return c < k ? layout_.ContributorsOf(s)[c] : layout_.HolderIndex(s, c - k); };
-  // Per stripe touching a lost member: what is erased, and which k sources rebuild it.
-  struct StripePlan {
-    int stripe;
-    std::vector<int> erased;
-    DecodePlan plan;
-  };
   std::vector<StripePlan> plans;
   for (int s = 0; s < n; ++s) {
     std::vector<int> erased;
     for (int c = 0; c < k + m; ++c) {
-      if (is_lost(member_of(s, c))) erased.push_back(c);
+      if (std::find(lost.begin(), lost.end(), MemberOf(s, c)) != lost.end()) erased.push_back(c);
     }
     if (erased.empty()) continue;
     MEMENTO_ASSIGN_OR_RETURN(DecodePlan plan, codec_->PlanDecode(erased));
     plans.push_back({s, erased, std::move(plan)});
   }
+  return plans;
+}
+
+Status ParityGroup::Rebuild(const std::vector<int>& lost, NodeData* data, uint8_t* parity, size_t padded,
+                            RebuildMethod method) {
+  MEMENTO_RETURN_IF_ERROR(layout_.CheckRecoverable(lost));
+  if (lost.empty()) return Status::Ok();
+  if (method == RebuildMethod::kAuto) method = layout_.k() > 1 ? RebuildMethod::kChain : RebuildMethod::kGather;
+  // A chain of one source is a gather.
+  if (method == RebuildMethod::kChain && layout_.k() > 1) return RebuildChain(lost, data, parity, padded);
+  return RebuildGather(lost, data, parity, padded);
+}
+
+Status ParityGroup::RebuildGather(const std::vector<int>& lost, NodeData* data, uint8_t* parity, size_t padded) {
+  const int k = layout_.k();
+  const size_t seg = layout_.SegmentLength(padded);
+  auto is_lost = [&](int member) { return std::find(lost.begin(), lost.end(), member) != lost.end(); };
+  auto member_of = [&](int s, int c) { return MemberOf(s, c); };
+  MEMENTO_ASSIGN_OR_RETURN(std::vector<StripePlan> plans, PlanRebuild(lost));
   const bool me_lost = is_lost(index_);
   // Two windows in flight: while window w is decoded, window w + 1 moves. Survivors send straight
   // from their slots and parity where a window lies in one region; buffers are allocated once per
@@ -163,7 +176,7 @@ Status ParityGroup::Rebuild(const std::vector<int>& lost, NodeData* data, uint8_
   Half halves[2];
   auto start = [&](Half* h, size_t off) -> Status {
     h->off = off;
-    h->len = std::min(kWindow, seg - off);
+    h->len = std::min(window_, seg - off);
     const size_t len = h->len;
     h->sources.clear();
     std::vector<Communicator::Message> sends, recvs;
@@ -181,13 +194,13 @@ Status ParityGroup::Rebuild(const std::vector<int>& lost, NodeData* data, uint8_
             const uint8_t* src = c < k ? data->Span(static_cast<size_t>(c) * seg + off, len)
                                        : parity + static_cast<size_t>(c - k) * seg + off;
             if (src == nullptr) {
-              if (h->out.size() <= n_out) h->out.push_back(std::unique_ptr<uint8_t[]>(new uint8_t[kWindow]));
+              if (h->out.size() <= n_out) h->out.push_back(std::unique_ptr<uint8_t[]>(new uint8_t[window_]));
               data->Read(static_cast<size_t>(c) * seg + off, len, h->out[n_out].get());
               src = h->out[n_out++].get();
             }
             sends.push_back({x, tag, const_cast<uint8_t*>(src), len});
           } else if (x == index_ && owner != index_) {
-            if (h->in.size() <= n_in) h->in.push_back(std::unique_ptr<uint8_t[]>(new uint8_t[kWindow]));
+            if (h->in.size() <= n_in) h->in.push_back(std::unique_ptr<uint8_t[]>(new uint8_t[window_]));
             recvs.push_back({owner, tag, h->in[n_in].get(), len});
             h->sources[{static_cast<int>(pi), static_cast<int>(si)}] = h->in[n_in++].get();
           }
@@ -200,9 +213,9 @@ Status ParityGroup::Rebuild(const std::vector<int>& lost, NodeData* data, uint8_
   std::vector<std::unique_ptr<uint8_t[]>> scratch;  // decode outputs that cannot go in place
   if (seg == 0) return Status::Ok();
   MEMENTO_RETURN_IF_ERROR(start(&halves[0], 0));
-  for (size_t w = 0, off = 0; off < seg; ++w, off += kWindow) {
+  for (size_t w = 0, off = 0; off < seg; ++w, off += window_) {
     Half& cur = halves[w % 2];
-    if (off + kWindow < seg) MEMENTO_RETURN_IF_ERROR(start(&halves[(w + 1) % 2], off + kWindow));
+    if (off + window_ < seg) MEMENTO_RETURN_IF_ERROR(start(&halves[(w + 1) % 2], off + window_));
     MEMENTO_RETURN_IF_ERROR(cur.pending->Wait());
     if (!me_lost) continue;
     const size_t len = cur.len;
@@ -225,7 +238,7 @@ Status ParityGroup::Rebuild(const std::vector<int>& lost, NodeData* data, uint8_
                       : parity + static_cast<size_t>(c - k) * seg + cur.off;
         }
         if (dst == nullptr) {
-          while (scratch.size() <= e) scratch.push_back(std::unique_ptr<uint8_t[]>(new uint8_t[kWindow]));
+          while (scratch.size() <= e) scratch.push_back(std::unique_ptr<uint8_t[]>(new uint8_t[window_]));
           dst = scratch[e].get();
         } else {
           placed[e] = true;
@@ -238,6 +251,143 @@ Status ParityGroup::Rebuild(const std::vector<int>& lost, NodeData* data, uint8_
         if (placed[e] || member_of(p.stripe, c) != index_) continue;
         data->Write(static_cast<size_t>(c) * seg + cur.off, len, out[e]);  // spans regions or padding
       }
+    }
+  }
+  return Status::Ok();
+}
+
+Status ParityGroup::RebuildChain(const std::vector<int>& lost, NodeData* data, uint8_t* parity, size_t padded) {
+  const int k = layout_.k();
+  const size_t seg = layout_.SegmentLength(padded);
+  if (seg == 0) return Status::Ok();
+  MEMENTO_ASSIGN_OR_RETURN(std::vector<StripePlan> plans, PlanRebuild(lost));
+  const size_t windows = (seg + window_ - 1) / window_;
+  // Stripe pi's chain: position p is source (p + pi) mod k of its plan (rotated, so that the
+  // members end chains in turn). Window w of the running sum leaves position p at step w + p and
+  // reaches the lost members from position k - 1 at step w + k - 1.
+  struct Link {
+    size_t plan;
+    int position;                     // this member's place in the chain
+    int source;                       // its index in plan.sources()
+    int next = -1;                    // the member at position + 1, or -1 for the last
+    std::unique_ptr<uint8_t[]> sum[2];  // the running sum of window w in sum[w % 2], erased x window
+  };
+  struct Output {
+    size_t plan;
+    int erased;  // index in plan.erased()
+    int from;    // the chain's last member
+    uint8_t* scratch[2] = {nullptr, nullptr};
+    std::unique_ptr<uint8_t[]> own[2];
+  };
+  std::vector<Link> links;
+  std::vector<Output> outputs;
+  for (size_t pi = 0; pi < plans.size(); ++pi) {
+    const StripePlan& p = plans[pi];
+    const auto& sources = p.plan.sources();
+    auto member_at = [&](int position) { return MemberOf(p.stripe, sources[(position + pi) % k]); };
+    for (int position = 0; position < k; ++position) {
+      if (member_at(position) != index_) continue;
+      Link l{pi, position, static_cast<int>((position + pi) % k)};
+      if (position + 1 < k) l.next = member_at(position + 1);
+      links.push_back(std::move(l));
+    }
+    for (size_t e = 0; e < p.erased.size(); ++e) {
+      if (MemberOf(p.stripe, p.erased[e]) == index_) outputs.push_back({pi, static_cast<int>(e), member_at(k - 1)});
+    }
+  }
+  auto window_of = [&](size_t w) { return std::make_pair(w * window_, std::min(window_, seg - w * window_)); };
+  // Where codec index c of this member lives, for window [off, off + len): in place when it is one
+  // region, else null.
+  auto place = [&](int c, size_t off, size_t len) -> uint8_t* {
+    return c < k ? data->Span(static_cast<size_t>(c) * seg + off, len)
+                 : parity + static_cast<size_t>(c - k) * seg + off;
+  };
+  std::unique_ptr<uint8_t[]> read_buf;  // this member's data window when it spans regions
+  // Adds this member's share of window w into its link's running sum (zeroed first at position 0).
+  auto add_share = [&](Link& l, size_t w) {
+    const StripePlan& p = plans[l.plan];
+    const size_t erased = p.erased.size();
+    const auto [off, len] = window_of(w);
+    if (!l.sum[w % 2]) l.sum[w % 2].reset(new uint8_t[erased * window_]);
+    uint8_t* sum = l.sum[w % 2].get();
+    if (l.position == 0) {
+      for (size_t e = 0; e < erased; ++e) std::memset(sum + e * window_, 0, len);
+    }
+    const int c = p.plan.sources()[l.source];
+    const uint8_t* src = place(c, off, len);
+    if (src == nullptr) {
+      if (!read_buf) read_buf.reset(new uint8_t[window_]);
+      data->Read(static_cast<size_t>(c) * seg + off, len, read_buf.get());
+      src = read_buf.get();
+    }
+    std::vector<uint8_t*> out(erased);
+    for (size_t e = 0; e < erased; ++e) out[e] = sum + e * window_;
+    p.plan.ApplyUpdate(l.source, src, out.data(), len);
+  };
+  auto tag = [](size_t pi, int e) { return static_cast<int>(pi * 64 + 1 + e); };  // e = -1: the running sum
+  const size_t steps = windows + static_cast<size_t>(k) - 1;
+  for (size_t t = 0; t < steps; ++t) {
+    // Shares of the windows this member sends now; position 0's were added during the last step.
+    for (Link& l : links) {
+      const size_t p = static_cast<size_t>(l.position);
+      if (p > 0 && t >= p && t - p < windows) add_share(l, t - p);
+      if (p == 0 && t == 0) add_share(l, 0);
+    }
+    std::vector<Communicator::Message> sends, recvs;
+    for (Link& l : links) {
+      const size_t p = static_cast<size_t>(l.position);
+      const StripePlan& plan = plans[l.plan];
+      if (t >= p && t - p < windows) {
+        const size_t w = t - p;
+        const size_t len = window_of(w).second;
+        uint8_t* sum = l.sum[w % 2].get();
+        if (l.next >= 0) {
+          // Erased outputs travel as one message, each at its window-sized place in the buffer.
+          const size_t bytes = (plan.erased.size() - 1) * window_ + len;
+          sends.push_back({l.next, tag(l.plan, -1), sum, bytes});
+        } else {
+          for (size_t e = 0; e < plan.erased.size(); ++e) {
+            sends.push_back({MemberOf(plan.stripe, plan.erased[e]), tag(l.plan, static_cast<int>(e)),
+                             sum + e * window_, len});
+          }
+        }
+      }
+      // The previous position's sum of the window this member adds to next step.
+      if (p > 0 && t + 1 >= p && t + 1 - p < windows) {
+        const size_t w = t + 1 - p;
+        const size_t len = window_of(w).second;
+        if (!l.sum[w % 2]) l.sum[w % 2].reset(new uint8_t[plan.erased.size() * window_]);
+        const size_t bytes = (plan.erased.size() - 1) * window_ + len;
+        const int prev = MemberOf(plan.stripe, plan.plan.sources()[(p - 1 + l.plan) % k]);
+        recvs.push_back({prev, tag(l.plan, -1), l.sum[w % 2].get(), bytes});
+      }
+    }
+    for (Output& o : outputs) {
+      if (t + 1 < static_cast<size_t>(k) || t + 1 - k >= windows) continue;
+      const size_t w = t + 1 - k;
+      const auto [off, len] = window_of(w);
+      const StripePlan& plan = plans[o.plan];
+      uint8_t* dst = place(plan.erased[o.erased], off, len);
+      o.scratch[w % 2] = nullptr;
+      if (dst == nullptr) {  // spans regions or padding: through a buffer, written after the wait
+        if (!o.own[w % 2]) o.own[w % 2].reset(new uint8_t[window_]);
+        dst = o.scratch[w % 2] = o.own[w % 2].get();
+      }
+      recvs.push_back({o.from, tag(o.plan, o.erased), dst, len});
+    }
+    MEMENTO_ASSIGN_OR_RETURN(auto pending, rebuild_comm_->StartExchange(sends, recvs));
+    // While the sums move: position 0's shares of the next window (their other buffer is free).
+    for (Link& l : links) {
+      if (l.position == 0 && t + 1 < windows) add_share(l, t + 1);
+    }
+    MEMENTO_RETURN_IF_ERROR(pending->Wait());
+    for (Output& o : outputs) {
+      if (t + 1 < static_cast<size_t>(k) || t + 1 - k >= windows) continue;
+      const size_t w = t + 1 - k;
+      if (o.scratch[w % 2] == nullptr) continue;
+      const auto [off, len] = window_of(w);
+      const int c = plans[o.plan].erased[o.erased];
+      data->Write(static_cast<size_t>(c) * seg + off, len, o.scratch[w % 2]);  // parity is always in place
     }
   }
   return Status::Ok();
@@ -266,7 +416,7 @@ Status ParityGroup::EncodeToHolders(const NodeData& data, size_t padded, uint8_t
   Half halves[2];
   auto start = [&](Half* h, size_t off) -> Status {
     h->off = off;
-    h->len = std::min(kWindow, seg - off);
+    h->len = std::min(window_, seg - off);
     const size_t len = h->len;
     std::vector<Communicator::Message> sends, recvs;
     size_t n_out = 0, n_in = 0;
@@ -276,7 +426,7 @@ Status ParityGroup::EncodeToHolders(const NodeData& data, size_t padded, uint8_t
       if (t < 0) continue;
       const uint8_t* src = data.Span(static_cast<size_t>(t) * seg + off, len);
       if (src == nullptr) {
-        if (h->out.size() <= n_out) h->out.push_back(std::unique_ptr<uint8_t[]>(new uint8_t[kWindow]));
+        if (h->out.size() <= n_out) h->out.push_back(std::unique_ptr<uint8_t[]>(new uint8_t[window_]));
         data.Read(static_cast<size_t>(t) * seg + off, len, h->out[n_out].get());
         src = h->out[n_out++].get();
       }
@@ -293,7 +443,7 @@ Status ParityGroup::EncodeToHolders(const NodeData& data, size_t padded, uint8_t
       const auto& contributors = layout_.ContributorsOf(s);
       for (int src : rows[i].sources()) {  // the plan's sources are the k data indices
         if (src >= k) return Internal("encoding plan of stripe " + std::to_string(s) + " reads a parity row");
-        if (h->in.size() <= n_in) h->in.push_back(std::unique_ptr<uint8_t[]>(new uint8_t[kWindow]));
+        if (h->in.size() <= n_in) h->in.push_back(std::unique_ptr<uint8_t[]>(new uint8_t[window_]));
         recvs.push_back({contributors[src], s * 64 + src, h->in[n_in].get(), len});
         h->sources[i].push_back(h->in[n_in++].get());
       }
@@ -303,9 +453,9 @@ Status ParityGroup::EncodeToHolders(const NodeData& data, size_t padded, uint8_t
   };
   if (seg == 0) return Status::Ok();
   MEMENTO_RETURN_IF_ERROR(start(&halves[0], 0));
-  for (size_t w = 0, off = 0; off < seg; ++w, off += kWindow) {
+  for (size_t w = 0, off = 0; off < seg; ++w, off += window_) {
     Half& cur = halves[w % 2];
-    if (off + kWindow < seg) MEMENTO_RETURN_IF_ERROR(start(&halves[(w + 1) % 2], off + kWindow));
+    if (off + window_ < seg) MEMENTO_RETURN_IF_ERROR(start(&halves[(w + 1) % 2], off + window_));
     MEMENTO_RETURN_IF_ERROR(cur.pending->Wait());
     for (size_t i = 0; i < held.size(); ++i) {
       uint8_t* out = parity + static_cast<size_t>(held[i].second) * seg + cur.off;

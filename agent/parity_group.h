@@ -63,10 +63,24 @@ class ParityGroup {
   // The same parity, by sending each data segment to the stripe's parity holders, which compute
   // their rows (point-to-point instead of a reduce-scatter). Collective over the group.
   Status EncodeToHolders(const NodeData& data, size_t padded, uint8_t* parity);
+  // How survivors get a lost member's bytes to it.
+  //   kGather: each of a stripe's k sources sends its segment to the lost member, which decodes:
+  //            the lost member receives k bytes per byte it rebuilds.
+  //   kChain:  the k sources pass a running sum along a chain, each adding its share of the
+  //            decode (DecodePlan::ApplyUpdate), and the last sends the result: the lost member
+  //            receives one byte per byte it rebuilds, and decodes nothing.
+  //   kAuto:   kChain when a stripe has more than one data segment (k > 1), else kGather (the same
+  //            for k = 1).
+  enum class RebuildMethod { kAuto, kGather, kChain };
   // Collective over the group: the members whose indices are in `lost` rebuild their data and
   // parity of one version from the survivors; survivors send what is needed. With more than m
-  // lost, FailedPrecondition and nothing is written.
-  Status Rebuild(const std::vector<int>& lost, NodeData* data, uint8_t* parity, size_t padded);
+  // lost, FailedPrecondition and nothing is written. Every member passes the same method.
+  Status Rebuild(const std::vector<int>& lost, NodeData* data, uint8_t* parity, size_t padded,
+                 RebuildMethod method = RebuildMethod::kAuto);
+
+  // Segment bytes handled per round trip (default 8 MiB, a multiple of 64): bounds the memory of
+  // encoding and rebuilding. Tests make it small to run many windows over little data.
+  void set_window_bytes(size_t bytes) { window_ = bytes; }
 
   // Collective over the group (encoder communicator): every member's `mine`, by member index.
   Status ShareBlobs(const std::string& mine, std::vector<std::string>* all);
@@ -82,7 +96,15 @@ class ParityGroup {
         group_id_(group_id), all_groups_(std::move(all_groups)), encode_comm_(std::move(encode_comm)),
         rebuild_comm_(std::move(rebuild_comm)) {}
 
+  struct StripePlan;
+  Result<std::vector<StripePlan>> PlanRebuild(const std::vector<int>& lost) const;
+  Status RebuildGather(const std::vector<int>& lost, NodeData* data, uint8_t* parity, size_t padded);
+  Status RebuildChain(const std::vector<int>& lost, NodeData* data, uint8_t* parity, size_t padded);
+  // The member behind codec index c (0..k-1 data, k.. parity) of stripe s.
+  int MemberOf(int stripe, int c) const;
+
   StripeLayout layout_;
+  size_t window_ = size_t{8} << 20;
   std::unique_ptr<Codec> codec_;
   std::vector<int> members_;
   int index_;

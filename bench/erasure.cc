@@ -17,11 +17,12 @@
 //            next and receives from the previous) of the bytes one send-to-holders encode sends per
 //            node, k * m messages of 8 MiB (the pipeline's window) per Exchange: bytes sent per
 //            second per node.
-//   partial  ParityGroup::Encode: partial parities combined by an XOR reduce-scatter (the default).
-//   holders  ParityGroup::EncodeToHolders: segments sent to the parity holders.
+//   partial  ParityGroup::Encode: partial parities combined by an XOR reduce-scatter.
+//   holders  ParityGroup::EncodeToHolders: segments sent to the parity holders (the agent's default).
 // ratio = the faster encoding's L per second per node / min(isal, mpi_p2p); goal >= 0.8.
 // Then node 1 is lost: its data and parity are zeroed and ParityGroup::Rebuild({1}) (collective)
-// restores them; the bytes are checked equal. The storage figure: node 1's data bytes, written
+// restores them, by gathering the sources at node 1 and by a chain of partial decodes (alternating;
+// the agent's way, the chain when k > 1, is the rebuild figure); the bytes are checked equal. The storage figure: node 1's data bytes, written
 // untimed to a file in --dir through PosixFileSystem (O_DIRECT) and fsynced, read back timed with
 // O_DIRECT preads of 16 MiB (buffered after POSIX_FADV_DONTNEED where O_DIRECT is refused, which
 // the output then says). rebuild_speedup = storage time / rebuild time; goal >= 10.
@@ -285,12 +286,13 @@ void FillRandom(uint8_t* p, size_t n, uint64_t seed) {
 
 // Everything every rank prints or reports, medians in seconds.
 struct Figures {
-  Samples isal, isal_solo, p2p, partial, holders, rebuild, storage;
+  Samples isal, isal_solo, p2p, partial, holders, rebuild, rebuild_gather, rebuild_chain, storage;
   Samples partial_faults, holders_faults, rebuild_faults;  // minor page faults per node and run
   uint64_t p2p_bytes = 0;        // bytes each node sends in one p2p run
   uint64_t holders_bytes = 0;    // bytes each node sends in one send-to-holders encode
   uint64_t partial_bytes = 0;    // bytes of partial parities each node hands to the reduce-scatter
-  uint64_t rebuild_received_bytes = 0;  // bytes the lost node receives in one rebuild
+  uint64_t rebuild_received_bytes = 0;        // bytes the lost node receives in one rebuild (gather)
+  uint64_t rebuild_chain_received_bytes = 0;  // the same with the chain: the bytes it rebuilds
   bool storage_direct = true;
   std::string storage_fs;
   std::string storage_dir;
@@ -364,6 +366,7 @@ class Worker {
       for (int c : plan.sources()) {
         if (member_of(c) != kLostIndex) fig_.rebuild_received_bytes += seg_;
       }
+      fig_.rebuild_chain_received_bytes += erased.size() * seg_;
     }
     fig_.p2p_bytes = fig_.holders_bytes > 0 ? fig_.holders_bytes : padded_;
     return Status::Ok();
@@ -533,40 +536,50 @@ class Worker {
     return -1;
   }
 
+  // Both rebuild methods, alternating in every iteration; the agent's (kAuto) is the "rebuild".
   bool RebuildRounds() {
+    using Method = ParityGroup::RebuildMethod;
+    const bool chain_is_auto = group_->layout().k() > 1;
     bool ok = true;
-    for (int i = -kWarmupIterations; i < flags_.iters; ++i) {
-      if (lost_) {  // the node's memory is gone
-        std::memset(slot0_->data(), 0, slot0_->size());
-        std::memset(slot1_->data(), 0, slot1_->size());
-        std::memset(parity_partial_->data(), 0, group_->ParityLength(padded_));
-      }
-      double faults = 0;
-      const double s = TimeCollective(
-          [&] { return group_->Rebuild({kLostIndex}, &data_, parity_partial_->data(), padded_); }, &faults);
-      const int64_t bad = lost_ ? CheckRebuilt() : -1;
-      std::vector<int64_t> all(world_->size());
-      if (Status st = world_->Allgather(&bad, sizeof bad, all.data()); !st.ok()) Fatal(rank_, st);
-      for (int r = 0; r < world_->size(); ++r) {
-        if (all[r] < 0) continue;
-        ok = false;
-        if (rank_ == 0) {
-          const bool parity = all[r] >= static_cast<int64_t>(padded_);
-          std::fprintf(stderr, "memento-bench erasure: REBUILD FAILED: node %d's rebuilt %s differs from the original "
-                               "at byte %lld\n", r, parity ? "parity" : "data",
-                       static_cast<long long>(parity ? all[r] - static_cast<int64_t>(padded_) : all[r]));
+    for (int i = -kWarmupIterations; i < flags_.iters && ok; ++i) {
+      for (Method method : {Method::kGather, Method::kChain}) {
+        if (lost_) {  // the node's memory is gone
+          std::memset(slot0_->data(), 0, slot0_->size());
+          std::memset(slot1_->data(), 0, slot1_->size());
+          std::memset(parity_partial_->data(), 0, group_->ParityLength(padded_));
         }
+        double faults = 0;
+        const double s = TimeCollective(
+            [&] { return group_->Rebuild({kLostIndex}, &data_, parity_partial_->data(), padded_, method); }, &faults);
+        const int64_t bad = lost_ ? CheckRebuilt() : -1;
+        std::vector<int64_t> all(world_->size());
+        if (Status st = world_->Allgather(&bad, sizeof bad, all.data()); !st.ok()) Fatal(rank_, st);
+        for (int r = 0; r < world_->size(); ++r) {
+          if (all[r] < 0) continue;
+          ok = false;
+          if (rank_ == 0) {
+            const bool parity = all[r] >= static_cast<int64_t>(padded_);
+            std::fprintf(stderr, "memento-bench erasure: REBUILD FAILED (%s): node %d's rebuilt %s differs from the "
+                                 "original at byte %lld\n", method == Method::kChain ? "chain" : "gather", r,
+                         parity ? "parity" : "data",
+                         static_cast<long long>(parity ? all[r] - static_cast<int64_t>(padded_) : all[r]));
+          }
+        }
+        if (i >= 0) {
+          (method == Method::kChain ? fig_.rebuild_chain : fig_.rebuild_gather).Add(s);
+          if ((method == Method::kChain) == chain_is_auto) {
+            fig_.rebuild.Add(s);
+            fig_.rebuild_faults.Add(faults);
+          }
+        }
+        if (flags_.verbose && rank_ == 0) {
+          std::printf("  rebuild (%s) %s %d: %.1f ms (%.0f minor faults per node)\n",
+                      method == Method::kChain ? "chain" : "gather", i >= 0 ? "iteration" : "warm-up",
+                      i >= 0 ? i : -i - 1, s * 1e3, faults);
+          std::fflush(stdout);
+        }
+        if (!ok) break;
       }
-      if (i >= 0) {
-        fig_.rebuild.Add(s);
-        fig_.rebuild_faults.Add(faults);
-      }
-      if (flags_.verbose && rank_ == 0) {
-        std::printf("  rebuild %s %d: %.1f ms (%.0f minor faults per node)\n", i >= 0 ? "iteration" : "warm-up",
-                    i >= 0 ? i : -i - 1, s * 1e3, faults);
-        std::fflush(stdout);
-      }
-      if (!ok) break;
     }
     return ok;
   }
@@ -740,12 +753,20 @@ class Worker {
                 holders_net_bound_gbps);
     std::printf("%-34s%s (%.2fx the other)%s\n", "faster:", holders_faster ? "holders" : "partial",
                 holders_faster ? holders_gbps / partial_gbps : partial_gbps / holders_gbps,
-                holders_faster ? "   the agent's default is partial: holders won here" : ", the agent's default");
-    std::printf("%-34s%7.1f ms   node %d's %s of data and %s of parity, %s (median of %zu); it received %s "
-                "(%.2f GB/s)\n",
+                holders_faster ? ", the agent's default (--ec-encode holders)"
+                               : "   the agent's default is holders (--ec-encode): partial won here");
+    const bool chain_is_auto = group_->layout().k() > 1;
+    std::printf("%-34s%7.1f ms   node %d's %s of data and %s of parity, %s (median of %zu), the agent's way (%s)\n",
                 "rebuild of a lost node:", rebuild_s * 1e3, kLostIndex, FormatBytes(flags_.bytes).c_str(),
                 FormatBytes(group_->ParityLength(padded_)).c_str(), rebuilt ? "bit-exact" : "WRONG", fig_.rebuild.size(),
-                FormatBytes(fig_.rebuild_received_bytes).c_str(), GBps(fig_.rebuild_received_bytes, rebuild_s));
+                chain_is_auto ? "chain" : "gather");
+    std::printf("%-34s%7.1f ms   gather: it received %s (%.2f GB/s)%s\n", "  by gathering the sources:",
+                fig_.rebuild_gather.Median() * 1e3, FormatBytes(fig_.rebuild_received_bytes).c_str(),
+                GBps(fig_.rebuild_received_bytes, fig_.rebuild_gather.Median()), chain_is_auto ? "" : "  (the agent's)");
+    std::printf("%-34s%7.1f ms   chained partial decodes: it received %s (%.2f GB/s)%s\n", "  by a chain of partial decodes:",
+                fig_.rebuild_chain.Median() * 1e3, FormatBytes(fig_.rebuild_chain_received_bytes).c_str(),
+                GBps(fig_.rebuild_chain_received_bytes, fig_.rebuild_chain.Median()),
+                chain_is_auto ? "  (the agent's)" : "  (k = 1: the same as gathering)");
     std::printf("%-34s%7.1f ms   %s from %s (%s), %s, %.2f GB/s\n", "restore from storage:", storage_s * 1e3,
                 FormatBytes(flags_.bytes).c_str(), fig_.storage_dir.c_str(), fig_.storage_fs.c_str(),
                 fig_.storage_direct ? "O_DIRECT preads of 16 MiB"
@@ -782,7 +803,12 @@ class Worker {
           .Add("encode_partial_minor_faults", fig_.partial_faults.Median())
           .Add("encode_holders_minor_faults", fig_.holders_faults.Median())
           .Add("rebuild_s", rebuild_s)
-          .Add("rebuild_received_bytes", fig_.rebuild_received_bytes)
+          .Add("rebuild_received_bytes", chain_is_auto ? fig_.rebuild_chain_received_bytes : fig_.rebuild_received_bytes)
+          .Add("rebuild_method", chain_is_auto ? "chain" : "gather")
+          .Add("rebuild_gather_s", fig_.rebuild_gather.Median())
+          .Add("rebuild_chain_s", fig_.rebuild_chain.Median())
+          .Add("rebuild_gather_received_bytes", fig_.rebuild_received_bytes)
+          .Add("rebuild_chain_received_bytes", fig_.rebuild_chain_received_bytes)
           .Add("rebuild_ok", rebuilt)
           .Add("storage_restore_s", storage_s)
           .Add("storage_direct", fig_.storage_direct)

@@ -419,6 +419,9 @@ class ClientImpl : public Client {
     };
     // MEMENTO_RESHARD_CHUNK_BYTES (tests): bytes per peer and round; default from the world size.
     if (const char* c = std::getenv("MEMENTO_RESHARD_CHUNK_BYTES")) io.chunk_bytes = std::strtoull(c, nullptr, 10);
+    // MEMENTO_RESHARD_NCCL_CHANNELS: the communicator's most channels (default 4; 0 = NCCL's choice).
+    io.nccl_channels = 4;
+    if (const char* c = std::getenv("MEMENTO_RESHARD_NCCL_CHANNELS")) io.nccl_channels = std::atoi(c);
     io.pool_threads = std::clamp(static_cast<int>(std::thread::hardware_concurrency()) / 2, 4, 16);
     ThreadPool pool(io.pool_threads);
     io.pool = &pool;

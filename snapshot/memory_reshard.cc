@@ -307,7 +307,10 @@ Status RunMemoryReshard(const proto::MemoryReshard& info, const MemoryReshardIo&
   // After the warm-up, if one runs: NCCL's kernels load once, not in both at the same time.
   if (res->prep->warmed.valid()) res->prep->warmed.wait();
   stats->warm_wait_seconds = since(t_init);
-  MEMENTO_RETURN_IF_ERROR(Nccl(ncclCommInitRank(&res->comm.comm, io.world_size, uid, io.rank), "ncclCommInitRank"));
+  ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
+  if (io.nccl_channels > 0) config.maxCTAs = io.nccl_channels;
+  MEMENTO_RETURN_IF_ERROR(
+      Nccl(ncclCommInitRankConfig(&res->comm.comm, io.world_size, uid, io.rank, &config), "ncclCommInitRankConfig"));
   stats->nccl_init_seconds = since(t_init);
   ncclComm_t comm = res->comm.comm;
   MEMENTO_RETURN_IF_ERROR(Cuda(cudaStreamCreateWithFlags(&res->stream.s, cudaStreamNonBlocking), "cudaStreamCreate"));
@@ -514,6 +517,7 @@ Status RunMemoryReshard(const proto::MemoryReshard& info, const MemoryReshardIo&
     }
     packed.Wait();
     stats->pack_seconds += since(tp);
+    const auto te = std::chrono::steady_clock::now();
     for (size_t i = 0; i < sends.size(); ++i) {
       if (begin >= sends[i]->bytes) continue;
       MEMENTO_RETURN_IF_ERROR(Cuda(cudaMemcpyAsync(set.send_d[i], set.staging[i], part(sends[i], begin), cudaMemcpyHostToDevice,
@@ -548,6 +552,8 @@ Status RunMemoryReshard(const proto::MemoryReshard& info, const MemoryReshardIo&
       stats->bytes_local += part(self, begin);
     }
     MEMENTO_RETURN_IF_ERROR(Cuda(cudaEventRecord(set.done, stream), "cudaEventRecord"));
+    stats->enqueue_seconds += since(te);
+    if (round == 0) stats->first_round_seconds = since(tp);
   }
   auto tw = std::chrono::steady_clock::now();
   MEMENTO_RETURN_IF_ERROR(Cuda(cudaStreamSynchronize(stream), "synchronize"));
@@ -565,7 +571,8 @@ Status RunMemoryReshard(const proto::MemoryReshard& info, const MemoryReshardIo&
                      << " sent over NCCL in " << rounds << " rounds, " << stats->seconds << " s  (set-up "
                      << stats->setup_seconds << " s: NCCL id " << stats->id_seconds << " s, ncclCommInitRank "
                      << stats->nccl_init_seconds << " s (of which waiting for the warm-up " << stats->warm_wait_seconds << " s), layouts " << stats->layouts_seconds << " s, plan and buffers "
-                     << stats->buffers_seconds << " s; packing " << stats->pack_seconds << " s, waiting for the GPU "
+                     << stats->buffers_seconds << " s; packing " << stats->pack_seconds << " s, issuing copies and NCCL calls "
+                     << stats->enqueue_seconds << " s (round 0: " << stats->first_round_seconds << " s), waiting for the GPU "
                      << stats->gpu_wait_seconds << " s; ahead of it " << stats->prep_seconds << " s"
                      << (stats->warm_nccl ? ", NCCL initialised in " + std::to_string(stats->warm_seconds) + " s" : std::string())
                      << ")";

@@ -54,6 +54,10 @@ struct MemoryReshardIo {
   ThreadPool* pool = nullptr;               // packing threads
   int pool_threads = 1;                     // how many
   size_t chunk_bytes = 0;                   // most per peer and round; 0 = chosen from the world size
+  // Most channels (CTAs) of the communicator, 0 = NCCL's choice. NCCL opens every channel to every
+  // peer at the first send: 4 instead of its default cut that from 1.14 s to 0.16 s among 4 GPUs,
+  // and the transfer, paced by the host staging, did not slow (docs/PERFORMANCE.md).
+  int nccl_channels = 0;
   std::shared_ptr<MemoryReshardPrep> prep;  // from StartMemoryReshardPrep(), or null
   // When set, receives the communicator and the buffers, for the caller to release after
   // returning (in the background); else they are released before RunMemoryReshard returns.
@@ -78,6 +82,8 @@ struct MemoryReshardStats {
   double warm_seconds = 0;      // how long that took
   double pack_seconds = 0;      // threads copying from the slots into pinned staging
   double gpu_wait_seconds = 0;  // waiting for copies and NCCL
+  double enqueue_seconds = 0;   // issuing copies and NCCL calls (ncclGroupEnd connects peers on first use)
+  double first_round_seconds = 0;  // round 0 on the host, from packing to its last call
 };
 
 Status RunMemoryReshard(const proto::MemoryReshard& info, const MemoryReshardIo& io, MemoryReshardStats* stats);

@@ -1,6 +1,7 @@
 // ParityGroup over real MPI (run under mpirun -np N): encode by partial parities and an XOR
 // reduce-scatter, then every combination of up to m lost members rebuilds data and parity
-// bit-exact from the survivors; more losses are refused.
+// bit-exact from the survivors, by gathering and by chaining partial decodes, in one window and
+// in many; more losses are refused.
 #include <gtest/gtest.h>
 #include <mpi.h>
 
@@ -59,19 +60,39 @@ void CheckScheme(const std::string& text) {
   ASSERT_TRUE(g.EncodeToHolders(data, padded, parity2.data()).ok());
   EXPECT_EQ(parity2, parity);
   const auto r0_saved = r0, r1_saved = r1, parity_saved = parity;
-  for (const auto& lost : Subsets(world->size(), g.scheme().m)) {
-    const bool me = std::find(lost.begin(), lost.end(), g.index()) != lost.end();
-    if (me) {  // a node loss: its memory is gone
-      std::fill(r0.begin(), r0.end(), 0);
-      std::fill(r1.begin(), r1.end(), 0);
-      std::fill(parity.begin(), parity.end(), 0);
+  // Zeroing a lost member's memory destroys it (the data is not zeros already).
+  ASSERT_NE(r0_saved, std::vector<uint8_t>(r0_saved.size(), 0));
+  ASSERT_NE(parity_saved, std::vector<uint8_t>(parity_saved.size(), 0));
+  // Both ways of rebuilding, with the default window (one window here) and with 4 KiB windows
+  // (many: the chain's steps overlap windows, and the last window is short).
+  using Method = ParityGroup::RebuildMethod;
+  for (Method method : {Method::kAuto, Method::kGather, Method::kChain}) {
+    for (size_t window : {size_t{8} << 20, size_t{4096}}) {
+      SCOPED_TRACE(::testing::Message() << "method " << static_cast<int>(method) << ", window " << window);
+      g.set_window_bytes(window);
+      for (const auto& lost : Subsets(world->size(), g.scheme().m)) {
+        const bool me = std::find(lost.begin(), lost.end(), g.index()) != lost.end();
+        if (me) {  // a node loss: its memory is gone
+          std::fill(r0.begin(), r0.end(), 0);
+          std::fill(r1.begin(), r1.end(), 0);
+          std::fill(parity.begin(), parity.end(), 0);
+        }
+        Status st = g.Rebuild(lost, &data, parity.data(), padded, method);
+        ASSERT_TRUE(st.ok()) << st.ToString();
+        EXPECT_EQ(r0, r0_saved);
+        EXPECT_EQ(r1, r1_saved);
+        EXPECT_EQ(parity, parity_saved);
+      }
     }
-    Status st = g.Rebuild(lost, &data, parity.data(), padded);
-    ASSERT_TRUE(st.ok()) << st.ToString();
-    EXPECT_EQ(r0, r0_saved);
-    EXPECT_EQ(r1, r1_saved);
-    EXPECT_EQ(parity, parity_saved);
   }
+  // Encoding in many windows gives the same parity both ways.
+  g.set_window_bytes(4096);
+  std::vector<uint8_t> parity3(parity.size(), 0x11), parity4(parity.size(), 0x22);
+  ASSERT_TRUE(g.Encode(data, padded, parity3.data()).ok());
+  ASSERT_TRUE(g.EncodeToHolders(data, padded, parity4.data()).ok());
+  EXPECT_EQ(parity3, parity_saved);
+  EXPECT_EQ(parity4, parity_saved);
+  g.set_window_bytes(size_t{8} << 20);
   // One more loss than the scheme tolerates: refused on every member, nothing written.
   std::vector<int> too_many;
   for (int i = 0; i <= g.scheme().m && i < world->size(); ++i) too_many.push_back(i);

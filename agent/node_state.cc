@@ -12,6 +12,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstring>
+#include <thread>
 
 #include "core/crc.h"
 #include "core/dtype.h"
@@ -151,6 +152,7 @@ NodeState::~NodeState() {
 Status NodeState::CreateSlots(RankSlots* rs) {
   const uint64_t bytes = rs->record.slot_bytes();
   rs->record.clear_slot_names();
+  std::vector<std::string> names;
   for (int k = 0; k < options_.slots_per_rank; ++k) {
     const std::string base = ShmPrefix(options_.job_id, node_id_) + "-r" + std::to_string(rs->record.rank()) + "-s" +
                              std::to_string(k);
@@ -158,14 +160,35 @@ Status NodeState::CreateSlots(RankSlots* rs) {
     // A retired layout keeps its segments: the new one takes the next free generation's names.
     for (int g = 1; RetiredHoldsName(name); ++g) name = base + "-g" + std::to_string(g);
     if (SharedMemory::Exists(name)) SharedMemory::Unlink(name).IgnoreError();  // stale, not in the catalog
-    auto seg = SharedMemory::Create(name, bytes);
-    if (!seg.ok()) {
-      ReleaseSlots(rs);
-      return seg.status().WithContext("rank " + std::to_string(rs->record.rank()) + ": creating slot " +
-                                      std::to_string(k));
+    names.push_back(std::move(name));
+  }
+  // Reserving a slot (posix_fallocate) zeroes its pages: the slots are reserved at once, one thread
+  // each, which is what a rank's registration waits for.
+  std::vector<Result<std::unique_ptr<SharedMemory>>> made;
+  made.reserve(names.size());
+  for (size_t k = 0; k < names.size(); ++k) made.emplace_back(Internal("not created"));
+  std::vector<std::thread> threads;
+  for (size_t k = 1; k < names.size(); ++k) {
+    threads.emplace_back([&, k] { made[k] = SharedMemory::Create(names[k], bytes); });
+  }
+  if (!names.empty()) made[0] = SharedMemory::Create(names[0], bytes);
+  for (std::thread& t : threads) t.join();
+  Status failed;
+  for (size_t k = 0; k < names.size(); ++k) {
+    if (!made[k].ok()) {
+      if (failed.ok()) {
+        failed = made[k].status().WithContext("rank " + std::to_string(rs->record.rank()) + ": creating slot " +
+                                              std::to_string(k));
+      }
+      continue;
     }
-    rs->record.add_slot_names(name);
-    rs->slots.push_back(std::move(seg).value());
+    rs->record.add_slot_names(names[k]);
+    rs->slots.push_back(std::move(made[k]).value());
+  }
+  if (!failed.ok()) {
+    ReleaseSlots(rs);
+    rs->record.clear_slot_names();
+    return failed;
   }
   return Status::Ok();
 }

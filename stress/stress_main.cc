@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -838,6 +839,7 @@ void Usage(FILE* f) {
 
 int Main(int argc, char** argv) {
   Options o;
+  bool hang_timeout_given = false;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     auto next = [&]() -> std::string {
@@ -854,7 +856,7 @@ int Main(int argc, char** argv) {
     else if (a == "--ec") o.ec = next();
     else if (a == "--steps") o.steps = std::atoi(next().c_str());
     else if (a == "--step-ms") o.step_ms = std::atoi(next().c_str());
-    else if (a == "--hang-timeout") o.hang_timeout_s = std::atoi(next().c_str());
+    else if (a == "--hang-timeout") o.hang_timeout_s = std::atoi(next().c_str()), hang_timeout_given = true;
     else if (a == "--work-dir") o.work_dir = next();
     else if (a == "--bin-dir") o.bin_dir = next();
     else if (a == "--jobs") o.jobs = std::atoi(next().c_str());
@@ -880,6 +882,11 @@ int Main(int argc, char** argv) {
   if (Tolerance(o.ec) >= o.nodes) {
     std::fprintf(stderr, "memento-stress: --ec %s tolerates as many losses as there are nodes (%d)\n", o.ec.c_str(), o.nodes);
     return 2;
+  }
+  // Under a sanitizer (scripts/test-sanitizers sets MEMENTO_TEST_TIME_SCALE) every process is
+  // slower: the default hang timeout grows with it, so that slow ranks are not taken for hung.
+  if (const char* scale = std::getenv("MEMENTO_TEST_TIME_SCALE"); scale != nullptr && !hang_timeout_given) {
+    o.hang_timeout_s = static_cast<int>(std::lround(o.hang_timeout_s * std::max(1.0, std::atof(scale))));
   }
   if (o.bin_dir.empty()) o.bin_dir = std::filesystem::read_symlink("/proc/self/exe").parent_path().string();
   if (o.work_dir.empty()) o.work_dir = "/tmp/memento-stress-" + std::to_string(::getpid());

@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <cstring>
+#include <filesystem>
 
 #include "integration/harness.h"
 #include "snapshot/cuda_copier.h"
@@ -105,6 +106,28 @@ TEST(ClientTest, RestoreWithNothingSavedIsNotFound) {
   EXPECT_EQ(r.status().message(),
             "rank 0: no globally complete version to restore on node 0; nothing of this job was saved yet (no "
             "version was ever complete on every node, no checkpoint committed)");
+}
+
+// Slots are reserved when a rank registers: more than /dev/shm holds is refused then, naming the
+// rank, the size and the free space, and no slot is left behind.
+TEST(ClientTest, SlotsLargerThanSharedMemoryAreRefusedAtRegistration) {
+  AgentCluster cluster(UniqueJob("noshm"), 1);
+  cluster.Start();
+  auto c = cluster.Connect(0, 1, 0, 0);
+  ASSERT_TRUE(c.ok());
+  // The client reads a tensor's bytes only when it captures: a small buffer stands in for 1 TiB.
+  float x[4] = {};
+  ASSERT_TRUE((*c)->RegisterTensor("huge", x, DType::kF32, WholeTensor({int64_t{1} << 38})).ok());
+  Status st = (*c)->FinishRegistration();
+  EXPECT_EQ(st.code(), StatusCode::kResourceExhausted) << st.ToString();
+  EXPECT_EQ(st.message().rfind("rank 0: needs 3.0 TiB of shared memory for 3 slots, but /dev/shm has ", 0), 0u)
+      << st.message();
+  EXPECT_EQ(st.message().substr(st.message().size() - 5), " free") << st.message();
+  // No slot was made.
+  std::error_code ec;
+  for (const auto& e : std::filesystem::directory_iterator("/dev/shm", ec)) {
+    EXPECT_EQ(e.path().filename().string().find(cluster.job()), std::string::npos) << e.path();
+  }
 }
 
 TEST(ClientTest, ConnectWithoutAgentNamesTheSocket) {

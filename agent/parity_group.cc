@@ -261,7 +261,15 @@ Status ParityGroup::RebuildChain(const std::vector<int>& lost, NodeData* data, u
   const size_t seg = layout_.SegmentLength(padded);
   if (seg == 0) return Status::Ok();
   MEMENTO_ASSIGN_OR_RETURN(std::vector<StripePlan> plans, PlanRebuild(lost));
-  const size_t windows = (seg + window_ - 1) / window_;
+  // A member keeps two running sums per stripe it is a source of, each of its erased segments'
+  // window: the window shrinks so that they stay within kChainBudget however large the group
+  // (the same on every member: it depends only on the plans).
+  constexpr size_t kChainBudget = size_t{256} << 20;
+  size_t most_erased = 1;
+  for (const StripePlan& p : plans) most_erased = std::max(most_erased, p.erased.size());
+  const size_t cap = kChainBudget / (2 * std::max<size_t>(plans.size(), 1) * most_erased) / 65536 * 65536;
+  const size_t window = std::min(window_, std::max<size_t>(cap, 65536));
+  const size_t windows = (seg + window - 1) / window;
   // Stripe pi's chain: position p is source (p + pi) mod k of its plan (rotated, so that the
   // members end chains in turn). Window w of the running sum leaves position p at step w + p and
   // reaches the lost members from position k - 1 at step w + k - 1.
@@ -295,7 +303,7 @@ Status ParityGroup::RebuildChain(const std::vector<int>& lost, NodeData* data, u
       if (MemberOf(p.stripe, p.erased[e]) == index_) outputs.push_back({pi, static_cast<int>(e), member_at(k - 1)});
     }
   }
-  auto window_of = [&](size_t w) { return std::make_pair(w * window_, std::min(window_, seg - w * window_)); };
+  auto windowof = [&](size_t w) { return std::make_pair(w * window, std::min(window, seg - w * window)); };
   // Where codec index c of this member lives, for window [off, off + len): in place when it is one
   // region, else null.
   auto place = [&](int c, size_t off, size_t len) -> uint8_t* {
@@ -307,21 +315,21 @@ Status ParityGroup::RebuildChain(const std::vector<int>& lost, NodeData* data, u
   auto add_share = [&](Link& l, size_t w) {
     const StripePlan& p = plans[l.plan];
     const size_t erased = p.erased.size();
-    const auto [off, len] = window_of(w);
-    if (!l.sum[w % 2]) l.sum[w % 2].reset(new uint8_t[erased * window_]);
+    const auto [off, len] = windowof(w);
+    if (!l.sum[w % 2]) l.sum[w % 2].reset(new uint8_t[erased * window]);
     uint8_t* sum = l.sum[w % 2].get();
     if (l.position == 0) {
-      for (size_t e = 0; e < erased; ++e) std::memset(sum + e * window_, 0, len);
+      for (size_t e = 0; e < erased; ++e) std::memset(sum + e * window, 0, len);
     }
     const int c = p.plan.sources()[l.source];
     const uint8_t* src = place(c, off, len);
     if (src == nullptr) {
-      if (!read_buf) read_buf.reset(new uint8_t[window_]);
+      if (!read_buf) read_buf.reset(new uint8_t[window]);
       data->Read(static_cast<size_t>(c) * seg + off, len, read_buf.get());
       src = read_buf.get();
     }
     std::vector<uint8_t*> out(erased);
-    for (size_t e = 0; e < erased; ++e) out[e] = sum + e * window_;
+    for (size_t e = 0; e < erased; ++e) out[e] = sum + e * window;
     p.plan.ApplyUpdate(l.source, src, out.data(), len);
   };
   auto tag = [](size_t pi, int e) { return static_cast<int>(pi * 64 + 1 + e); };  // e = -1: the running sum
@@ -339,25 +347,25 @@ Status ParityGroup::RebuildChain(const std::vector<int>& lost, NodeData* data, u
       const StripePlan& plan = plans[l.plan];
       if (t >= p && t - p < windows) {
         const size_t w = t - p;
-        const size_t len = window_of(w).second;
+        const size_t len = windowof(w).second;
         uint8_t* sum = l.sum[w % 2].get();
         if (l.next >= 0) {
           // Erased outputs travel as one message, each at its window-sized place in the buffer.
-          const size_t bytes = (plan.erased.size() - 1) * window_ + len;
+          const size_t bytes = (plan.erased.size() - 1) * window + len;
           sends.push_back({l.next, tag(l.plan, -1), sum, bytes});
         } else {
           for (size_t e = 0; e < plan.erased.size(); ++e) {
             sends.push_back({MemberOf(plan.stripe, plan.erased[e]), tag(l.plan, static_cast<int>(e)),
-                             sum + e * window_, len});
+                             sum + e * window, len});
           }
         }
       }
       // The previous position's sum of the window this member adds to next step.
       if (p > 0 && t + 1 >= p && t + 1 - p < windows) {
         const size_t w = t + 1 - p;
-        const size_t len = window_of(w).second;
-        if (!l.sum[w % 2]) l.sum[w % 2].reset(new uint8_t[plan.erased.size() * window_]);
-        const size_t bytes = (plan.erased.size() - 1) * window_ + len;
+        const size_t len = windowof(w).second;
+        if (!l.sum[w % 2]) l.sum[w % 2].reset(new uint8_t[plan.erased.size() * window]);
+        const size_t bytes = (plan.erased.size() - 1) * window + len;
         const int prev = MemberOf(plan.stripe, plan.plan.sources()[(p - 1 + l.plan) % k]);
         recvs.push_back({prev, tag(l.plan, -1), l.sum[w % 2].get(), bytes});
       }
@@ -365,12 +373,12 @@ Status ParityGroup::RebuildChain(const std::vector<int>& lost, NodeData* data, u
     for (Output& o : outputs) {
       if (t + 1 < static_cast<size_t>(k) || t + 1 - k >= windows) continue;
       const size_t w = t + 1 - k;
-      const auto [off, len] = window_of(w);
+      const auto [off, len] = windowof(w);
       const StripePlan& plan = plans[o.plan];
       uint8_t* dst = place(plan.erased[o.erased], off, len);
       o.scratch[w % 2] = nullptr;
       if (dst == nullptr) {  // spans regions or padding: through a buffer, written after the wait
-        if (!o.own[w % 2]) o.own[w % 2].reset(new uint8_t[window_]);
+        if (!o.own[w % 2]) o.own[w % 2].reset(new uint8_t[window]);
         dst = o.scratch[w % 2] = o.own[w % 2].get();
       }
       recvs.push_back({o.from, tag(o.plan, o.erased), dst, len});
@@ -385,7 +393,7 @@ Status ParityGroup::RebuildChain(const std::vector<int>& lost, NodeData* data, u
       if (t + 1 < static_cast<size_t>(k) || t + 1 - k >= windows) continue;
       const size_t w = t + 1 - k;
       if (o.scratch[w % 2] == nullptr) continue;
-      const auto [off, len] = window_of(w);
+      const auto [off, len] = windowof(w);
       const int c = plans[o.plan].erased[o.erased];
       data->Write(static_cast<size_t>(c) * seg + off, len, o.scratch[w % 2]);  // parity is always in place
     }

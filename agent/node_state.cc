@@ -12,7 +12,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstring>
-#include <thread>
+#include <future>
 
 #include "core/crc.h"
 #include "core/dtype.h"
@@ -164,15 +164,10 @@ Status NodeState::CreateSlots(RankSlots* rs) {
   }
   // Reserving a slot (posix_fallocate) zeroes its pages: the slots are reserved at once, one thread
   // each, which is what a rank's registration waits for.
+  std::vector<std::future<Result<std::unique_ptr<SharedMemory>>>> making;
+  for (const std::string& name : names) making.push_back(std::async(std::launch::async, SharedMemory::Create, name, bytes));
   std::vector<Result<std::unique_ptr<SharedMemory>>> made;
-  made.reserve(names.size());
-  for (size_t k = 0; k < names.size(); ++k) made.emplace_back(Internal("not created"));
-  std::vector<std::thread> threads;
-  for (size_t k = 1; k < names.size(); ++k) {
-    threads.emplace_back([&, k] { made[k] = SharedMemory::Create(names[k], bytes); });
-  }
-  if (!names.empty()) made[0] = SharedMemory::Create(names[0], bytes);
-  for (std::thread& t : threads) t.join();
+  for (auto& f : making) made.push_back(f.get());
   Status failed;
   for (size_t k = 0; k < names.size(); ++k) {
     if (!made[k].ok()) {

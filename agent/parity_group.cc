@@ -151,9 +151,8 @@ Status ParityGroup::Rebuild(const std::vector<int>& lost, NodeData* data, uint8_
                             RebuildMethod method) {
   MEMENTO_RETURN_IF_ERROR(layout_.CheckRecoverable(lost));
   if (lost.empty()) return Status::Ok();
-  if (method == RebuildMethod::kAuto) method = layout_.k() > 1 ? RebuildMethod::kChain : RebuildMethod::kGather;
-  // A chain of one source is a gather.
-  if (method == RebuildMethod::kChain && layout_.k() > 1) return RebuildChain(lost, data, parity, padded);
+  // kAuto is the chain where there is one; a chain of one source (k = 1) is a gather.
+  if (method != RebuildMethod::kGather && layout_.k() > 1) return RebuildChain(lost, data, parity, padded);
   return RebuildGather(lost, data, parity, padded);
 }
 
@@ -161,7 +160,6 @@ Status ParityGroup::RebuildGather(const std::vector<int>& lost, NodeData* data, 
   const int k = layout_.k();
   const size_t seg = layout_.SegmentLength(padded);
   auto is_lost = [&](int member) { return std::find(lost.begin(), lost.end(), member) != lost.end(); };
-  auto member_of = [&](int s, int c) { return MemberOf(s, c); };
   MEMENTO_ASSIGN_OR_RETURN(std::vector<StripePlan> plans, PlanRebuild(lost));
   const bool me_lost = is_lost(index_);
   // Two windows in flight: while window w is decoded, window w + 1 moves. Survivors send straight
@@ -186,7 +184,7 @@ Status ParityGroup::RebuildGather(const std::vector<int>& lost, NodeData* data, 
       const auto& sources = p.plan.sources();
       for (size_t si = 0; si < sources.size(); ++si) {
         const int c = sources[si];
-        const int owner = member_of(p.stripe, c);
+        const int owner = MemberOf(p.stripe, c);
         const int tag = static_cast<int>(pi * 64 + si);
         for (int x : lost) {
           if (owner == index_ && x != index_) {
@@ -222,7 +220,7 @@ Status ParityGroup::RebuildGather(const std::vector<int>& lost, NodeData* data, 
     for (size_t pi = 0; pi < plans.size(); ++pi) {
       const StripePlan& p = plans[pi];
       bool mine = false;
-      for (int c : p.erased) mine |= member_of(p.stripe, c) == index_;
+      for (int c : p.erased) mine |= MemberOf(p.stripe, c) == index_;
       if (!mine) continue;
       const auto& sources = p.plan.sources();
       std::vector<const uint8_t*> in(sources.size());
@@ -233,7 +231,7 @@ Status ParityGroup::RebuildGather(const std::vector<int>& lost, NodeData* data, 
       for (size_t e = 0; e < p.erased.size(); ++e) {
         const int c = p.erased[e];
         uint8_t* dst = nullptr;
-        if (member_of(p.stripe, c) == index_) {
+        if (MemberOf(p.stripe, c) == index_) {
           dst = c < k ? data->Span(static_cast<size_t>(c) * seg + cur.off, len)
                       : parity + static_cast<size_t>(c - k) * seg + cur.off;
         }
@@ -248,7 +246,7 @@ Status ParityGroup::RebuildGather(const std::vector<int>& lost, NodeData* data, 
       p.plan.Apply(in.data(), out.data(), len);
       for (size_t e = 0; e < p.erased.size(); ++e) {
         const int c = p.erased[e];
-        if (placed[e] || member_of(p.stripe, c) != index_) continue;
+        if (placed[e] || MemberOf(p.stripe, c) != index_) continue;
         data->Write(static_cast<size_t>(c) * seg + cur.off, len, out[e]);  // spans regions or padding
       }
     }
@@ -334,12 +332,15 @@ Status ParityGroup::RebuildChain(const std::vector<int>& lost, NodeData* data, u
   };
   auto tag = [](size_t pi, int e) { return static_cast<int>(pi * 64 + 1 + e); };  // e = -1: the running sum
   const size_t steps = windows + static_cast<size_t>(k) - 1;
+  for (Link& l : links) {
+    if (l.position == 0) add_share(l, 0);
+  }
   for (size_t t = 0; t < steps; ++t) {
-    // Shares of the windows this member sends now; position 0's were added during the last step.
+    // Shares of the windows this member sends now; position 0's were added before (during the
+    // last step, or above).
     for (Link& l : links) {
       const size_t p = static_cast<size_t>(l.position);
       if (p > 0 && t >= p && t - p < windows) add_share(l, t - p);
-      if (p == 0 && t == 0) add_share(l, 0);
     }
     std::vector<Communicator::Message> sends, recvs;
     for (Link& l : links) {

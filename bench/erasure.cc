@@ -22,8 +22,9 @@
 // ratio = the faster encoding's L per second per node / min(isal, mpi_p2p); goal >= 0.8.
 // Then node 1 is lost: its data and parity are zeroed and ParityGroup::Rebuild({1}) (collective)
 // restores them, by gathering the sources at node 1 and by a chain of partial decodes (alternating;
-// the agent's way, the chain when k > 1, is the rebuild figure); the bytes are checked equal. The storage figure: node 1's data bytes, written
-// untimed to a file in --dir through PosixFileSystem (O_DIRECT) and fsynced, read back timed with
+// the agent's way, the chain when k > 1, is the rebuild figure); the bytes are checked equal. The
+// storage figure: node 1's data bytes, written untimed to a file in --dir through
+// PosixFileSystem (O_DIRECT) and fsynced, read back timed with
 // O_DIRECT preads of 16 MiB (buffered after POSIX_FADV_DONTNEED where O_DIRECT is refused, which
 // the output then says). rebuild_speedup = storage time / rebuild time; goal >= 10.
 #include <fcntl.h>

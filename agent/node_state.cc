@@ -149,19 +149,42 @@ NodeState::~NodeState() {
   verify_pool_.reset();
 }
 
-Status NodeState::CreateSlots(RankSlots* rs) {
+Status NodeState::CreateSlots(RankSlots* rs, std::vector<std::shared_ptr<SharedMemory>> reuse) {
   const uint64_t bytes = rs->record.slot_bytes();
   rs->record.clear_slot_names();
   std::vector<std::string> names;
-  for (int k = 0; k < options_.slots_per_rank; ++k) {
+  for (int k = static_cast<int>(reuse.size()); k < options_.slots_per_rank; ++k) {
     const std::string base = ShmPrefix(options_.job_id, node_id_) + "-r" + std::to_string(rs->record.rank()) + "-s" +
                              std::to_string(k);
     std::string name = base;
-    // A retired layout keeps its segments: the new one takes the next free generation's names.
-    for (int g = 1; RetiredHoldsName(name); ++g) name = base + "-g" + std::to_string(g);
+    // A retired layout keeps its segments (and spares carry their old names): the new one takes
+    // the next free generation's names.
+    auto taken = [&](const std::string& n) {
+      return SlotNameTaken(n) ||
+             std::any_of(reuse.begin(), reuse.end(), [&](const auto& seg) { return seg->name() == n; }) ||
+             std::find(names.begin(), names.end(), n) != names.end();
+    };
+    for (int g = 1; taken(name); ++g) name = base + "-g" + std::to_string(g);
     if (SharedMemory::Exists(name)) SharedMemory::Unlink(name).IgnoreError();  // stale, not in the catalog
     names.push_back(std::move(name));
   }
+  // A spare is resized in place: its pages are reserved already (and shrinking frees the tail).
+  for (auto& seg : reuse) {
+    Status resized = seg->Resize(bytes);
+    if (!resized.ok()) {
+      resized = resized.WithContext("rank " + std::to_string(rs->record.rank()) + ": reusing slot " +
+                                    std::to_string(rs->slots.size()) + " of the retired layout");
+      for (auto& left : reuse) {
+        if (left != nullptr) SharedMemory::Unlink(left->name()).IgnoreError();
+      }
+      ReleaseSlots(rs);
+      rs->record.clear_slot_names();
+      return resized;
+    }
+    rs->record.add_slot_names(seg->name());
+    rs->slots.push_back(std::move(seg));
+  }
+  const size_t first_new = rs->slots.size();
   // Reserving a slot (posix_fallocate) zeroes its pages: the slots are reserved at once, one thread
   // each, which is what a rank's registration waits for.
   std::vector<std::future<Result<std::unique_ptr<SharedMemory>>>> making;
@@ -173,7 +196,7 @@ Status NodeState::CreateSlots(RankSlots* rs) {
     if (!made[k].ok()) {
       if (failed.ok()) {
         failed = made[k].status().WithContext("rank " + std::to_string(rs->record.rank()) + ": creating slot " +
-                                              std::to_string(k));
+                                              std::to_string(first_new + k));
       }
       continue;
     }
@@ -393,6 +416,19 @@ Result<proto::HelloReply> NodeState::Hello(Session* session, const proto::Hello&
   reply.set_protocol_version(kAgentProtocolVersion);
   reply.set_node_id(node_id_);
   reply.set_agent_version(kLibraryVersion);
+  std::lock_guard<std::mutex> lock(mu_);
+  // Versions of ranks with CUDA tensors: a restart in another layout reshards them over NCCL.
+  // Whether the layout differs is known at the registration; the hint lets the set-up start sooner.
+  bool likely = !retired_.empty();
+  const bool held = std::any_of(versions_.begin(), versions_.end(), [](const auto& v) {
+    return v.second.state() == proto::VERSION_LOCALLY_COMPLETE || v.second.state() == proto::VERSION_GLOBALLY_COMPLETE;
+  });
+  for (const auto& [r, rs] : ranks_) {
+    if (likely || !held) break;
+    likely = std::any_of(rs.record.tensors().begin(), rs.record.tensors().end(),
+                         [](const proto::TensorRecord& t) { return t.memory_kind() == 1; });
+  }
+  reply.set_reshard_likely(likely);
   return reply;
 }
 
@@ -401,7 +437,12 @@ Result<proto::RegisterReply> NodeState::Register(Session* session, const proto::
   if (!session->hello_done) return FailedPrecondition("register before hello");
   MEMENTO_ASSIGN_OR_RETURN(proto::RankRecord rec, LayOutSlot(*session, req));
 
+  const auto t_lock = std::chrono::steady_clock::now();
   std::unique_lock<std::mutex> lock(mu_);
+  const double lock_wait = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_lock).count();
+  if (lock_wait > 0.01) {
+    MEMENTO_LOG(kDebug) << who << ": registration waited " << lock_wait << " s for the agent's lock";
+  }
   if (pending_world_size_ != 0 && pending_world_size_ != session->world_size) {
     return InvalidArgument(who + ": declares world size " + std::to_string(session->world_size) +
                            " but other ranks of this node declared " + std::to_string(pending_world_size_));
@@ -452,7 +493,11 @@ Result<proto::RegisterReply> NodeState::Register(Session* session, const proto::
       keep.erase(session->rank);
       MEMENTO_LOG(kInfo) << who << " registered a different layout (" << difference << "); retiring versions "
                          << list(held) << " of the earlier layout for in-memory resharding";
+      const auto t_retire = std::chrono::steady_clock::now();
       MEMENTO_RETURN_IF_ERROR(RetireLayout(keep));
+      MEMENTO_LOG(kDebug) << who << ": retired the earlier layout in "
+                          << std::chrono::duration<double>(std::chrono::steady_clock::now() - t_retire).count()
+                          << " s, " << retired_.spares.size() << " spare slots";
       it = ranks_.end();
     } else if (!lost.empty()) {
       // Nothing saved is dropped by a registration: the versions only memory holds restore in the
@@ -480,7 +525,19 @@ Result<proto::RegisterReply> NodeState::Register(Session* session, const proto::
   }
   if (it == ranks_.end()) {
     const uint64_t need = rec.slot_bytes() * static_cast<uint64_t>(options_.slots_per_rank);
+    // The retired layout's empty slots become this rank's first: their memory is reserved already.
+    std::vector<std::shared_ptr<SharedMemory>> reuse = TakeSpares(options_.slots_per_rank, rec.slot_bytes());
+    uint64_t shm_need = 0;  // what /dev/shm must still give: new slots and grown spares
+    for (int k = 0; k < options_.slots_per_rank; ++k) {
+      const uint64_t have = k < static_cast<int>(reuse.size()) ? reuse[k]->size() : 0;
+      shm_need += rec.slot_bytes() > have ? rec.slot_bytes() - have : 0;
+    }
+    auto give_back = [&] {
+      for (auto& seg : reuse) slot_bytes_in_use_ += seg->size();
+      retired_.spares.insert(retired_.spares.end(), reuse.begin(), reuse.end());
+    };
     if (options_.memory_budget_bytes != 0 && slot_bytes_in_use_ + need > options_.memory_budget_bytes) {
+      give_back();
       return ResourceExhausted(who + ": needs " + std::to_string(options_.slots_per_rank) + " slots of " +
                                FormatBytes(rec.slot_bytes()) + " = " + FormatBytes(need) +
                                ", but the agent's memory budget has " +
@@ -488,15 +545,22 @@ Result<proto::RegisterReply> NodeState::Register(Session* session, const proto::
                                FormatBytes(options_.memory_budget_bytes) + ", " + FormatBytes(slot_bytes_in_use_) +
                                " in use)");
     }
-    const uint64_t shm_free = SharedMemoryFreeBytes();
-    if (shm_free < need) {
-      return ResourceExhausted(who + ": needs " + FormatBytes(need) + " of shared memory for " +
+    const uint64_t shm_free = shm_need > 0 ? SharedMemoryFreeBytes() : 0;
+    if (shm_free < shm_need) {
+      give_back();
+      return ResourceExhausted(who + ": needs " + FormatBytes(shm_need) + " of shared memory for " +
                                std::to_string(options_.slots_per_rank) + " slots, but /dev/shm has " +
                                FormatBytes(shm_free) + " free");
     }
     RankSlots rs;
     rs.record = rec;
-    MEMENTO_RETURN_IF_ERROR(CreateSlots(&rs));
+    const auto t_create = std::chrono::steady_clock::now();
+    const size_t reused = reuse.size();
+    MEMENTO_RETURN_IF_ERROR(CreateSlots(&rs, std::move(reuse)));
+    MEMENTO_LOG(kDebug) << who << ": " << options_.slots_per_rank << " slots of " << FormatBytes(rec.slot_bytes())
+                        << " ready in "
+                        << std::chrono::duration<double>(std::chrono::steady_clock::now() - t_create).count()
+                        << " s (" << reused << " from the retired layout's spares)";
     slot_bytes_in_use_ += need;
     it = ranks_.emplace(session->rank, std::move(rs)).first;
   }
@@ -1185,6 +1249,7 @@ void NodeState::OpenEpoch(const std::vector<TickPayload>& all) {
   pending_world_size_ = 0;
   epoch_open_ = true;
   phase_ = 0;
+  ReleaseSpares("the new layout's ranks all registered");
   auto node = catalog_->GetNode();
   if (node.ok()) {
     node->set_incarnation(incarnation_);

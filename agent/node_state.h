@@ -170,8 +170,15 @@ class NodeState {
   // (CRCs still computing, or lost with a dead agent): computes those CRCs from the slots, marks
   // it locally complete and records it. Returns whether it did. REQUIRES(mu_) once serving.
   bool ChecksumAcked(proto::VersionRecord* v, const std::set<int32_t>& expected);
-  Status CreateSlots(RankSlots* rs);
+  // Creates the slots of `rs->record`, first from `reuse` (a retired layout's spares, resized).
+  Status CreateSlots(RankSlots* rs, std::vector<std::shared_ptr<SharedMemory>> reuse);  // REQUIRES(mu_)
   void ReleaseSlots(RankSlots* rs);
+  // Whether a slot of a registered rank, of the retired layout or a spare has this name.
+  bool SlotNameTaken(const std::string& name) const;  // REQUIRES(mu_)
+  // Takes up to `n` spares for slots of `bytes` (same sizes first); their bytes leave
+  // slot_bytes_in_use_ until CreateSlots accounts the new slots.
+  std::vector<std::shared_ptr<SharedMemory>> TakeSpares(int n, uint64_t bytes);  // REQUIRES(mu_)
+  void ReleaseSpares(const std::string& why);  // REQUIRES(mu_)
   // In-memory resharding. A rank with CUDA tensors that registers a layout other than the saved
   // one (other shapes of its shards, or another world size) retires the node's versions: their
   // slots are kept, read-only, as the earlier layout, and the new layout's ranks get new slots.
@@ -258,6 +265,10 @@ class NodeState {
     int32_t world_size = 0;
     std::map<int32_t, RankSlots> ranks;
     std::map<int64_t, proto::VersionRecord> versions;
+    // The retired ranks' slots that held no version, kept (pages and all) for the new layout's
+    // slots: a registration takes them instead of reserving new memory and the old being freed.
+    // Those left when the new layout's epoch opens are released.
+    std::vector<std::shared_ptr<SharedMemory>> spares;
     bool empty() const { return ranks.empty(); }
   };
   Retired retired_;                                     // GUARDED_BY(mu_)

@@ -19,9 +19,57 @@ bool NodeState::RetiredHoldsName(const std::string& name) const {
   return false;
 }
 
+bool NodeState::SlotNameTaken(const std::string& name) const {
+  if (RetiredHoldsName(name)) return true;
+  for (const auto& seg : retired_.spares) {
+    if (seg->name() == name) return true;
+  }
+  for (const auto& [r, rs] : ranks_) {
+    for (const std::string& n : rs.record.slot_names()) {
+      if (n == name) return true;
+    }
+  }
+  return false;
+}
+
+std::vector<std::shared_ptr<SharedMemory>> NodeState::TakeSpares(int n, uint64_t bytes) {
+  std::vector<std::shared_ptr<SharedMemory>> taken;
+  auto& spares = retired_.spares;
+  // Same size first (nothing to resize), then the largest (shrinking only frees pages).
+  std::stable_sort(spares.begin(), spares.end(), [bytes](const auto& a, const auto& b) {
+    if ((a->size() == bytes) != (b->size() == bytes)) return a->size() == bytes;
+    return a->size() > b->size();
+  });
+  while (static_cast<int>(taken.size()) < n && !spares.empty()) {
+    taken.push_back(std::move(spares.front()));
+    spares.erase(spares.begin());
+    slot_bytes_in_use_ -= taken.back()->size();
+  }
+  if (!taken.empty()) PersistRetired().IgnoreError();  // a crash now releases them (RecoverRetired)
+  return taken;
+}
+
+void NodeState::ReleaseSpares(const std::string& why) {
+  if (retired_.spares.empty()) return;
+  uint64_t bytes = 0;
+  for (const auto& seg : retired_.spares) {
+    bytes += seg->size();
+    SharedMemory::Unlink(seg->name()).IgnoreError();
+  }
+  slot_bytes_in_use_ -= bytes;
+  MEMENTO_LOG(kInfo) << "released " << retired_.spares.size() << " spare slots (" << FormatBytes(bytes)
+                     << ") of the retired layout: " << why;
+  retired_.spares.clear();
+  if (!retired_.empty()) PersistRetired().IgnoreError();
+}
+
 Status NodeState::RecoverRetired() {
   auto rec = catalog_->GetRetired();
   if (!rec.ok()) return rec.status().code() == StatusCode::kNotFound ? Status::Ok() : rec.status();
+  // Spares were kept for a registration round that this agent's restart ended: released.
+  for (const std::string& name : rec->spare_slot_names()) {
+    if (SharedMemory::Exists(name)) SharedMemory::Unlink(name).IgnoreError();
+  }
   Retired back;
   back.world_size = rec->world_size();
   for (const proto::RankRecord& r : rec->ranks()) {
@@ -61,11 +109,12 @@ Status NodeState::PersistRetired() {
   rec.set_world_size(retired_.world_size);
   for (const auto& [r, rs] : retired_.ranks) *rec.add_ranks() = rs.record;
   for (const auto& [step, v] : retired_.versions) *rec.add_versions() = v;
+  for (const auto& seg : retired_.spares) rec.add_spare_slot_names(seg->name());
   return catalog_->PutRetired(rec);
 }
 
 void NodeState::DropRetired(const std::string& why) {
-  if (retired_.empty() && retired_.versions.empty()) return;
+  if (retired_.empty() && retired_.versions.empty() && retired_.spares.empty()) return;
   std::string steps;
   for (const auto& [step, v] : retired_.versions) steps += (steps.empty() ? "" : ", ") + std::to_string(step);
   MEMENTO_LOG(kInfo) << "dropping the retired layout (world size " << retired_.world_size << ", versions "
@@ -73,6 +122,10 @@ void NodeState::DropRetired(const std::string& why) {
   for (auto& [r, rs] : retired_.ranks) {
     slot_bytes_in_use_ -= rs.record.slot_bytes() * rs.held();
     ReleaseSlots(&rs);
+  }
+  for (const auto& seg : retired_.spares) {
+    slot_bytes_in_use_ -= seg->size();
+    SharedMemory::Unlink(seg->name()).IgnoreError();
   }
   retired_ = Retired{};
   retired_valid_.clear();
@@ -90,19 +143,29 @@ Status NodeState::RetireLayout(const std::set<int32_t>& keep) {
   }
   std::set<int32_t> used_slots;
   for (const auto& [step, v] : next.versions) used_slots.insert(v.slot_index());
+  std::vector<std::pair<int32_t, size_t>> spare_of;  // next.spares[i] was slot .second of rank .first
+  std::set<int32_t> capturing;  // an old rank may still write into these: never spares
+  for (const auto& [step, v] : versions_) {
+    if (!next.versions.count(step)) capturing.insert(v.slot_index());
+  }
   for (auto it = ranks_.begin(); it != ranks_.end();) {
     const int32_t r = it->first;
     if (!keep.count(r)) {
       next.world_size = std::max(next.world_size, it->second.record.world_size());
-      // The segments that hold a version move to the retired layout as they are; the others are
-      // released (the new layout's slots take their memory).
+      // The segments that hold a version move to the retired layout as they are; the others
+      // become spares, which the new layout's slots reuse (their pages are reserved already).
       RankSlots& moved = it->second;
       for (size_t k = 0; k < moved.slots.size(); ++k) {
         if (used_slots.count(static_cast<int32_t>(k)) || moved.slots[k] == nullptr) continue;
-        SharedMemory::Unlink(moved.slots[k]->name()).IgnoreError();
+        if (capturing.count(static_cast<int32_t>(k)) || moved.slots[k].use_count() > 1) {
+          SharedMemory::Unlink(moved.slots[k]->name()).IgnoreError();
+          slot_bytes_in_use_ -= moved.record.slot_bytes();
+        } else {
+          next.spares.push_back(std::move(moved.slots[k]));
+          spare_of.emplace_back(r, k);
+        }
         moved.slots[k].reset();
         moved.record.set_slot_names(static_cast<int>(k), "");
-        slot_bytes_in_use_ -= moved.record.slot_bytes();
       }
       next.ranks.emplace(r, std::move(moved));
       catalog_->DeleteRank(r).IgnoreError();
@@ -128,7 +191,16 @@ Status NodeState::RetireLayout(const std::set<int32_t>& keep) {
       auto seg = SharedMemory::Create(name, from.size());
       if (!seg.ok()) {
         ReleaseSlots(&copy);
-        for (auto& [rr, rs] : next.ranks) ranks_.emplace(rr, std::move(rs));  // undo
+        // Undo: the spares go back to the ranks they came from.
+        for (size_t i = 0; i < next.spares.size(); ++i) {
+          RankSlots& owner = next.ranks[spare_of[i].first];
+          owner.record.set_slot_names(static_cast<int>(spare_of[i].second), next.spares[i]->name());
+          owner.slots[spare_of[i].second] = std::move(next.spares[i]);
+        }
+        for (auto& [rr, rs] : next.ranks) {
+          catalog_->PutRank(rs.record).IgnoreError();
+          ranks_.emplace(rr, std::move(rs));
+        }
         return seg.status().WithContext("rank " + std::to_string(r) + ": copying slot " + std::to_string(k) +
                                         " for the retired layout");
       }

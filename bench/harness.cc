@@ -535,6 +535,14 @@ void AgentProcess::Stop() {
 
 AgentProcess::~AgentProcess() {
   Stop();
+  // MEMENTO_BENCH_AGENT_LOGS=DIR keeps each agent's log there (diagnostics; the bench's own runs
+  // are otherwise silent).
+  if (const char* keep = std::getenv("MEMENTO_BENCH_AGENT_LOGS"); keep != nullptr && *keep != '\0') {
+    std::error_code ec;
+    std::filesystem::create_directories(keep, ec);
+    std::filesystem::copy_file(log_path_, std::string(keep) + "/agent-" + job_id_ + ".log",
+                               std::filesystem::copy_options::overwrite_existing, ec);
+  }
   // Every shared-memory segment of this job, whatever slots the agent made.
   const std::string prefix = "memento-" + job_id_ + "-";
   if (DIR* d = ::opendir("/dev/shm")) {

@@ -416,7 +416,7 @@ int Run(const Flags& flags_in) {
   AgentProcess::Options ao;
   ao.slots_per_rank = 3;
   ao.crc_threads = f.crc_threads;
-  ao.log_level = "info";
+  ao.log_level = std::getenv("MEMENTO_BENCH_AGENT_LOG_LEVEL") != nullptr ? std::getenv("MEMENTO_BENCH_AGENT_LOG_LEVEL") : "info";
   std::string checkpoint;  // the first run's flushed step 1
   std::vector<Restart> memory_runs;
   for (int run = 0; run < f.repeat; ++run) {

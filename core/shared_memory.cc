@@ -71,6 +71,40 @@ bool SharedMemory::Exists(const std::string& name) {
   return true;
 }
 
+Status SharedMemory::Resize(size_t bytes) {
+  if (bytes == size_) return Status::Ok();
+  int fd = ::shm_open(name_.c_str(), O_RDWR, 0600);
+  if (fd < 0) return PosixError("shm_open(" + name_ + ")");
+  if (bytes > size_) {
+    int err = ::posix_fallocate(fd, static_cast<off_t>(size_), static_cast<off_t>(bytes - size_));
+    if (err != 0) {
+      ::ftruncate(fd, static_cast<off_t>(size_));  // gives back what the failed reservation took
+      ::close(fd);
+      return PosixError("growing shared memory " + name_ + " from " + FormatBytes(size_) + " to " + FormatBytes(bytes) +
+                            " (free in /dev/shm: " + FormatBytes(SharedMemoryFreeBytes()) + ")",
+                        err);
+    }
+  }
+  void* p = bytes ? ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0) : nullptr;
+  if (p == MAP_FAILED) {
+    Status st = PosixError("mmap(" + name_ + ") at " + FormatBytes(bytes));
+    if (bytes > size_) ::ftruncate(fd, static_cast<off_t>(size_));
+    ::close(fd);
+    return st;
+  }
+  if (bytes < size_ && ::ftruncate(fd, static_cast<off_t>(bytes)) != 0) {
+    Status st = PosixError("shrinking shared memory " + name_ + " to " + FormatBytes(bytes));
+    if (p != nullptr) ::munmap(p, bytes);
+    ::close(fd);
+    return st;
+  }
+  ::close(fd);
+  if (data_ != nullptr) ::munmap(data_, size_);
+  data_ = static_cast<uint8_t*>(p);
+  size_ = bytes;
+  return Status::Ok();
+}
+
 SharedMemory::~SharedMemory() {
   if (data_ != nullptr) ::munmap(data_, size_);
 }

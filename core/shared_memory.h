@@ -26,6 +26,11 @@ class SharedMemory {
   static Status Unlink(const std::string& name);
   static bool Exists(const std::string& name);
 
+  // Gives the segment `bytes` (its name must still exist), remapping it: shrinking frees the tail,
+  // growing reserves the new pages as Create does. The bytes below both sizes keep their contents;
+  // earlier pointers into the segment are invalid after it. On failure the segment is unchanged.
+  Status Resize(size_t bytes);
+
   ~SharedMemory();
   SharedMemory(const SharedMemory&) = delete;
   SharedMemory& operator=(const SharedMemory&) = delete;

@@ -56,9 +56,13 @@ class PinGate {
       std::lock_guard<std::mutex> lock(g_->mu_);
       ++g_->holds_;
     }
-    ~Hold() {
+    ~Hold() { Release(); }
+    // Lets the pinning go on before the hold is destroyed; once only.
+    void Release() {
       if (g_ == nullptr) return;
       std::lock_guard<std::mutex> lock(g_->mu_);
+      if (released_) return;
+      released_ = true;
       if (--g_->holds_ == 0) g_->cv_.notify_all();
     }
     Hold(const Hold&) = delete;
@@ -66,6 +70,7 @@ class PinGate {
 
    private:
     PinGate* g_;
+    bool released_ = false;  // guarded by g_->mu_
   };
   // Returns once no one holds the gate.
   void Pass() {
@@ -144,6 +149,7 @@ class ClientImpl : public Client {
     h->set_library_version(kLibraryVersion);
     MEMENTO_ASSIGN_OR_RETURN(proto::Reply reply, Call(req));
     node_id_ = reply.hello().node_id();
+    reshard_likely_ = reply.hello().reshard_likely();
     Beat(BeatPhase::kConnected, -1);
     return Status::Ok();
   }
@@ -174,6 +180,12 @@ class ClientImpl : public Client {
     t.where = where;
     t.device = cuda_device;
     tensors_.push_back(std::move(t));
+    // The agent holds an earlier layout of another world size: the restore will likely reshard it
+    // over NCCL. Its set-up starts with the first CUDA tensor, overlapping the rest of the
+    // registration (dropped in the background when the registration reply says otherwise).
+    if (where == MemoryKind::kCuda && reshard_likely_ && reshard_prep_ == nullptr && ReshardPrepWanted()) {
+      StartReshardPrep(cuda_device);
+    }
     return Status::Ok();
   }
 
@@ -216,9 +228,13 @@ class ClientImpl : public Client {
     // The agent holds an earlier layout: the restore may reshard it over NCCL. Its set-up (NCCL's
     // initialisation, the buffers) starts now, during the wait, ahead of the slots' pinning (both
     // wait on the driver). MEMENTO_RESHARD_PREP=0 turns that off (diagnostics).
-    if (rr.reshard_candidate() && !devices.empty() && EnvInt("MEMENTO_RESHARD_PREP", 1) != 0) {
-      auto hold = std::make_shared<PinGate::Hold>(&pin_gate_);
-      reshard_prep_ = StartMemoryReshardPrep(devices[0], [hold]() mutable { hold.reset(); });
+    if (!rr.reshard_candidate()) {
+      // Started on the agent's hint and not needed: the pinning goes on at once, the set-up ends
+      // and is dropped in the background.
+      if (prep_hold_ != nullptr) prep_hold_->Release();
+      Release(std::move(reshard_prep_));
+    } else if (reshard_prep_ == nullptr && !devices.empty() && ReshardPrepWanted()) {
+      StartReshardPrep(devices[0]);
     }
     const auto t_map = Clock::now();
     // Host-only ranks map their slots' pages now (MAP_POPULATE), so that the first snapshot does
@@ -513,6 +529,15 @@ class ClientImpl : public Client {
     });
   }
 
+  static bool ReshardPrepWanted() { return EnvInt("MEMENTO_RESHARD_PREP", 1) != 0; }
+
+  // The background pinning pauses while the set-up runs (both wait on the driver).
+  void StartReshardPrep(int device) {
+    auto hold = std::make_shared<PinGate::Hold>(&pin_gate_);
+    prep_hold_ = hold;
+    reshard_prep_ = StartMemoryReshardPrep(device, [hold]() { hold->Release(); });
+  }
+
   // The CUDA copiers exist once the background pinning finished.
   Status AwaitPinning() {
     if (pinning_.valid()) pin_status_ = pinning_.get();
@@ -646,6 +671,8 @@ class ClientImpl : public Client {
   std::future<Status> pinning_;
   PinGate pin_gate_;  // pauses pinning_ between slices
   std::shared_ptr<MemoryReshardPrep> reshard_prep_;  // set-up of a resharded restore, started ahead
+  bool reshard_likely_ = false;  // the agent's hint at the handshake (HelloReply.reshard_likely)
+  std::shared_ptr<PinGate::Hold> prep_hold_;  // the pinning waits for the set-up
   std::future<void> releasing_;                      // CUDA and NCCL resources freed in the background
   Status pin_status_;
   std::unique_ptr<ThreadPool> copy_pool_;

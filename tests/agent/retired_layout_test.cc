@@ -9,7 +9,9 @@
 #include <sys/stat.h>
 #include <sys/un.h>
 
+#include <filesystem>
 #include <mutex>
+#include <set>
 
 #include "core/shared_memory.h"
 #include "integration/harness.h"
@@ -24,7 +26,7 @@ namespace {
 // One rank over a raw socket.
 class RawRank {
  public:
-  RawRank(const AgentCluster& cluster, int rank, int world, int node) : rank_(rank) {
+  RawRank(const AgentCluster& cluster, int rank, int world, int node, int local_rank = 0) : rank_(rank) {
     fd_ = ::socket(AF_UNIX, SOCK_STREAM, 0);
     sockaddr_un addr{};
     addr.sun_family = AF_UNIX;
@@ -35,11 +37,13 @@ class RawRank {
     h->set_protocol_version(kAgentProtocolVersion);
     h->set_job_id(cluster.job());
     h->set_rank(rank);
-    h->set_local_rank(0);
+    h->set_local_rank(local_rank);
     h->set_world_size(world);
     h->set_node_id(node);
     h->set_pid(::getpid());
-    ok_ = ok_ && Call(req).ok();
+    auto hello = ok_ ? Call(req) : Result<proto::Reply>(Internal("not connected"));
+    ok_ = hello.ok();
+    reshard_likely_ = ok_ && hello->hello().reshard_likely();
   }
   ~RawRank() { ::close(fd_); }
   bool ok() const { return ok_; }
@@ -118,6 +122,9 @@ class RawRank {
 
   // The registration's answer: does the node hold an earlier layout to reshard?
   bool reshard_candidate() const { return layout_.reshard_candidate(); }
+  // The handshake's hint that it may.
+  bool reshard_likely() const { return reshard_likely_; }
+  std::vector<std::string> slot_names() const { return {layout_.slot_names().begin(), layout_.slot_names().end()}; }
 
   Result<std::string> NcclId(const std::string& id) {
     proto::Request req;
@@ -131,6 +138,7 @@ class RawRank {
   int fd_ = -1;
   int rank_ = 0;
   bool ok_ = false;
+  bool reshard_likely_ = false;
   proto::RegisterReply layout_;
   std::vector<std::unique_ptr<SharedMemory>> slots_;
 };
@@ -143,6 +151,7 @@ void SaveInRows(const AgentCluster& cluster) {
   RunRanks(2, [&](int r) {
     RawRank rank(cluster, r, 2, r);
     ASSERT_TRUE(rank.ok());
+    EXPECT_FALSE(rank.reshard_likely());
     auto epoch = rank.Register(Rows(r));
     ASSERT_TRUE(epoch.ok()) << epoch.status().ToString();
     EXPECT_FALSE(rank.reshard_candidate());  // the first layout: nothing earlier
@@ -157,6 +166,17 @@ bool ShmExists(const std::string& name) {
   return ::stat(("/dev/shm" + name).c_str(), &st) == 0;
 }
 
+// The slot segments of node `node` of `job` in /dev/shm (names as shm_open takes them).
+std::set<std::string> NodeSlots(const std::string& job, int node) {
+  const std::string prefix = "memento-" + job + "-n" + std::to_string(node) + "-r";
+  std::set<std::string> out;
+  for (const auto& e : std::filesystem::directory_iterator("/dev/shm")) {
+    const std::string f = e.path().filename().string();
+    if (f.rfind(prefix, 0) == 0) out.insert("/" + f);
+  }
+  return out;
+}
+
 TEST(RetiredLayoutTest, ANewLayoutOfCudaRanksReshardsTheVersionEveryNodeHolds) {
   AgentCluster cluster(UniqueJob("retired"), 2);
   cluster.Start();
@@ -168,6 +188,7 @@ TEST(RetiredLayoutTest, ANewLayoutOfCudaRanksReshardsTheVersionEveryNodeHolds) {
     RunRanks(2, [&](int r) {
       RawRank rank(cluster, r, 2, r);
       ASSERT_TRUE(rank.ok());
+      EXPECT_TRUE(rank.reshard_likely());  // versions of CUDA ranks in memory (or retired ones)
       auto epoch = rank.Register(Columns(r));
       ASSERT_TRUE(epoch.ok()) << epoch.status().ToString();
       EXPECT_TRUE(rank.reshard_candidate());  // the node holds the rows, retired
@@ -237,15 +258,95 @@ TEST(RetiredLayoutTest, ANewLayoutOfCudaRanksReshardsTheVersionEveryNodeHolds) {
       "dropping the retired layout (world size 2, versions 1, 2): a version of the new layout is globally complete"));
   for (int i = 0; i < 500 && ShmExists(retired_slot); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(10));
   EXPECT_FALSE(ShmExists(retired_slot));
-  // The next restart in columns has nothing earlier to reshard: no set-up ahead.
+  // The next restart in columns has nothing earlier to reshard: no set-up ahead (the handshake's
+  // hint cannot tell the layout, the registration can).
   RunRanks(2, [&](int r) {
     RawRank rank(cluster, r, 2, r);
     ASSERT_TRUE(rank.ok());
+    EXPECT_TRUE(rank.reshard_likely());
     auto epoch = rank.Register(Columns(r));
     ASSERT_TRUE(epoch.ok()) << epoch.status().ToString();
     EXPECT_FALSE(rank.reshard_candidate());
     EXPECT_EQ(epoch->restore_point(), 3);
   });
+}
+
+// The new layout's slots are the retired layout's empty ones where it can: no memory reserved anew
+// (zeroed) while as much is freed.
+TEST(RetiredLayoutTest, TheNewLayoutTakesTheEarlierLayoutsEmptySlots) {
+  AgentCluster cluster(UniqueJob("retiredspare"), 2);
+  cluster.Start();
+  SaveInRows(cluster);  // steps 1 and 2 in two of each rank's three slots
+  std::vector<std::set<std::string>> before = {NodeSlots(cluster.job(), 0), NodeSlots(cluster.job(), 1)};
+  std::mutex mu;
+  std::vector<std::vector<std::string>> taken(2);
+  std::vector<proto::RestoreReply> replies(2);
+  RunRanks(2, [&](int r) {
+    RawRank rank(cluster, r, 2, r);
+    ASSERT_TRUE(rank.ok());
+    auto epoch = rank.Register(Columns(r));
+    ASSERT_TRUE(epoch.ok()) << epoch.status().ToString();
+    auto reply = rank.Restore();
+    ASSERT_TRUE(reply.ok()) << reply.status().ToString();
+    std::lock_guard<std::mutex> lock(mu);
+    taken[r] = rank.slot_names();
+    replies[r] = *reply;
+  });
+  for (int r = 0; r < 2; ++r) {
+    SCOPED_TRACE("node " + std::to_string(r));
+    ASSERT_EQ(before[r].size(), 3u);
+    ASSERT_TRUE(replies[r].has_memory_reshard());
+    std::set<std::string> retired;
+    for (const std::string& n : replies[r].memory_reshard().old_ranks(0).slot_names()) {
+      if (!n.empty()) retired.insert(n);
+    }
+    ASSERT_EQ(retired.size(), 2u);
+    std::set<std::string> empty_before;  // the old slot that held no version
+    for (const std::string& n : before[r]) {
+      if (!retired.count(n)) empty_before.insert(n);
+    }
+    ASSERT_EQ(empty_before.size(), 1u);
+    ASSERT_EQ(taken[r].size(), 3u);
+    EXPECT_EQ(taken[r][0], *empty_before.begin());  // the spare is the new layout's first slot
+    std::set<std::string> now = retired;
+    now.insert(taken[r].begin(), taken[r].end());
+    EXPECT_EQ(now.size(), 5u);                        // no name shared by two slots
+    EXPECT_EQ(NodeSlots(cluster.job(), r), now);      // and nothing else in /dev/shm
+  }
+}
+
+// A node whose new layout has fewer ranks: they take what they need of the spares, and the rest
+// is released once the new layout's epoch opens.
+TEST(RetiredLayoutTest, SparesTheNewLayoutDoesNotTakeAreReleased) {
+  AgentCluster cluster(UniqueJob("retiredfewer"), 1);
+  cluster.Start();
+  // World size 2 on one node in rows, step 1 only: each rank holds one version, two empty slots.
+  RunRanks(2, [&](int r) {
+    RawRank rank(cluster, r, 2, 0, /*local_rank=*/r);
+    ASSERT_TRUE(rank.ok());
+    auto epoch = rank.Register(Rows(r));
+    ASSERT_TRUE(epoch.ok()) << epoch.status().ToString();
+    ASSERT_TRUE(rank.Capture(1).ok());
+    ASSERT_TRUE(rank.GloballyComplete(1));
+  });
+  const std::set<std::string> before = NodeSlots(cluster.job(), 0);
+  ASSERT_EQ(before.size(), 6u);
+  // World size 1, the whole tensor, twice the bytes: three of the four spares grow into its slots.
+  RawRank rank(cluster, 0, 1, 0);
+  ASSERT_TRUE(rank.ok());
+  EXPECT_TRUE(rank.reshard_likely());
+  auto epoch = rank.Register(SplitEvenly({4, 1024}, 0, 1, 0).value());
+  ASSERT_TRUE(epoch.ok()) << epoch.status().ToString();
+  EXPECT_TRUE(rank.reshard_candidate());
+  EXPECT_EQ(epoch->restore_point(), 1);
+  const std::vector<std::string> taken = rank.slot_names();
+  ASSERT_EQ(taken.size(), 3u);
+  for (const std::string& n : taken) EXPECT_TRUE(before.count(n)) << n << " is not one of the old slots";
+  EXPECT_TRUE(cluster.LogHas("released 1 spare slots (12.0 KiB) of the retired layout: the new layout's ranks all "
+                             "registered"))
+      << cluster.Log();
+  // Left: the two retired slots holding step 1 and the new rank's three.
+  EXPECT_EQ(NodeSlots(cluster.job(), 0).size(), 5u);
 }
 
 TEST(RetiredLayoutTest, ALostNodeLeavesNothingToReshardAndTheRestoreSaysWhy) {

@@ -1,5 +1,7 @@
 // Status, dtypes, CRC-64, shared memory and message framing.
 #include <gtest/gtest.h>
+
+#include <vector>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -7,6 +9,7 @@
 #include <cstring>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "core/crc.h"
 #include "core/dtype.h"
@@ -91,6 +94,37 @@ TEST(SharedMemoryTest, CreateOpenModeAndErrors) {
   EXPECT_EQ(SharedMemory::Open(name, 10000, false).status().code(), StatusCode::kNotFound);
   EXPECT_EQ(FormatBytes(1536), "1.5 KiB");
   EXPECT_EQ(FormatBytes(12), "12 B");
+}
+
+TEST(SharedMemoryTest, ResizeKeepsTheBytesBelowBothSizes) {
+  const std::string name = "/memento-" + std::string(std::getenv("MEMENTO_TEST_PREFIX") ? std::getenv("MEMENTO_TEST_PREFIX") : "tlocal") +
+                           "-shmresize-" + std::to_string(::getpid());
+  auto a = SharedMemory::Create(name, 3 * 4096);
+  ASSERT_TRUE(a.ok()) << a.status().ToString();
+  std::vector<uint8_t> pattern(2 * 4096);
+  for (size_t i = 0; i < pattern.size(); ++i) pattern[i] = static_cast<uint8_t>(i * 7 + 1);
+  std::memcpy((*a)->data(), pattern.data(), pattern.size());
+  // Shrinking: the file and the mapping take the new size; the head is kept.
+  ASSERT_TRUE((*a)->Resize(2 * 4096).ok());
+  EXPECT_EQ((*a)->size(), 2u * 4096);
+  struct stat st {};
+  ASSERT_EQ(::stat(("/dev/shm" + name).c_str(), &st), 0);
+  EXPECT_EQ(st.st_size, 2 * 4096);
+  EXPECT_EQ(std::memcmp((*a)->data(), pattern.data(), pattern.size()), 0);
+  // Growing: another process opening it at the new size sees the old bytes and writable new pages.
+  ASSERT_TRUE((*a)->Resize(5 * 4096 + 100).ok());
+  auto b = SharedMemory::Open(name, 5 * 4096 + 100, /*writable=*/true);
+  ASSERT_TRUE(b.ok()) << b.status().ToString();
+  EXPECT_EQ(std::memcmp((*b)->data(), pattern.data(), pattern.size()), 0);
+  (*b)->data()[5 * 4096 + 99] = 0x5a;
+  EXPECT_EQ((*a)->data()[5 * 4096 + 99], 0x5a);
+  // A segment whose name is gone cannot be resized, and stays as it was.
+  ASSERT_TRUE(SharedMemory::Unlink(name).ok());
+  Status gone = (*a)->Resize(4096);
+  EXPECT_EQ(gone.code(), StatusCode::kNotFound);
+  EXPECT_EQ(gone.message(), "shm_open(" + name + "): No such file or directory");
+  EXPECT_EQ((*a)->size(), 5u * 4096 + 100);
+  EXPECT_EQ((*a)->data()[5 * 4096 + 99], 0x5a);
 }
 
 TEST(EnvTest, NodePattern) {

@@ -10,8 +10,8 @@
 //   3. storage, warm: the same with the files in the page cache.
 // Each figure is the time from FinishRegistration() to the end of Restore() (the slowest rank):
 // the agents' agreement, CRC verification and (storage) loading, then the copies to the GPUs.
-// Limits in the same run: a parallel memcpy of the bytes (the packing the memory path does) and
-// the storage restores (goal: memory ≥ 5× faster).
+// Limits in the same run: a parallel memcpy of the bytes (the packing the memory path does,
+// against Restore() from memory) and the storage restarts (goal: the memory restart ≥ 5× faster).
 #include <fcntl.h>
 #include <spawn.h>
 #include <sys/wait.h>
@@ -473,27 +473,30 @@ int Run(const Flags& flags_in) {
     ForgetOnFatalSignal(storage);
   }
 
-  // What restoring adds to a restart: each restart less the baseline's.
+  // The goal compares whole restarts (what the job waits for, from FinishRegistration() to the end
+  // of Restore()): the memory restart's registration reuses the retired layout's empty slots and
+  // can be cheaper than the baseline's, so "restart - baseline" no longer isolates the restore.
   const double base = from_storage[2].seconds;
   const double mem_net = memory->seconds - base, cold_net = from_storage[0].seconds - base,
                warm_net = from_storage[1].seconds - base;
-  const double cold_ratio = cold_net / mem_net, warm_ratio = warm_net / mem_net;
+  const double cold_ratio = from_storage[0].seconds / memory->seconds,
+               warm_ratio = from_storage[1].seconds / memory->seconds;
   std::printf("reshard: %d ranks (GPUs), %d tensors of [%lld, %lld] fp32 = %.2f GB; rows -> columns\n", f.ranks,
               f.tensors, static_cast<long long>(s.rows), static_cast<long long>(s.cols), bytes / 1e9);
   std::printf("  limit: memcpy of the bytes with %d threads  %8.3f s (%.2f GB/s)\n", threads, memcpy_seconds,
               GBps(bytes, memcpy_seconds));
-  std::printf("  restart (FinishRegistration + Restore, slowest rank; medians of %d); restore = restart - baseline\n",
+  std::printf("  restart (FinishRegistration + Restore, slowest rank; medians of %d); restart - baseline in brackets\n",
               f.repeat);
   std::printf("  baseline, nothing to restore: %8.3f s\n", base);
-  std::printf("  memory (NCCL):        restart %8.3f s, restore %8.3f s (Restore() %6.3f s)  [%s]\n", memory->seconds,
-              mem_net, memory->restore_seconds, memory->source.c_str());
-  std::printf("  storage, cold cache:  restart %8.3f s, restore %8.3f s (Restore() %6.3f s)\n", from_storage[0].seconds,
-              cold_net, from_storage[0].restore_seconds);
-  std::printf("  storage, warm cache:  restart %8.3f s, restore %8.3f s (Restore() %6.3f s)\n", from_storage[1].seconds,
-              warm_net, from_storage[1].restore_seconds);
-  std::printf("  restore from memory vs storage: %.1fx (cold), %.1fx (warm); goal >= %.0fx: %s\n", cold_ratio,
+  std::printf("  memory (NCCL):        restart %8.3f s (%+.3f s), Restore() %6.3f s  [%s]\n", memory->seconds, mem_net,
+              memory->restore_seconds, memory->source.c_str());
+  std::printf("  storage, cold cache:  restart %8.3f s (%+.3f s), Restore() %6.3f s\n", from_storage[0].seconds, cold_net,
+              from_storage[0].restore_seconds);
+  std::printf("  storage, warm cache:  restart %8.3f s (%+.3f s), Restore() %6.3f s\n", from_storage[1].seconds, warm_net,
+              from_storage[1].restore_seconds);
+  std::printf("  restart from memory vs storage: %.1fx (cold), %.1fx (warm); goal >= %.0fx: %s\n", cold_ratio,
               warm_ratio, kGoalSpeedup, cold_ratio >= kGoalSpeedup ? "met" : "not met");
-  std::printf("  restore from memory vs memcpy of the bytes: %.2f\n", memcpy_seconds / mem_net);
+  std::printf("  memory Restore() vs memcpy of the bytes: %.2f\n", memcpy_seconds / memory->restore_seconds);
   if (f.json) {
     JsonLine j;
     j.Add("bench", "reshard")
@@ -511,7 +514,7 @@ int Run(const Flags& flags_in) {
         .Add("storage_warm_restore_seconds", warm_net)
         .Add("speedup_cold", cold_ratio)
         .Add("speedup_warm", warm_ratio)
-        .Add("ratio_to_memcpy", memcpy_seconds / mem_net)
+        .Add("ratio_to_memcpy", memcpy_seconds / memory->restore_seconds)
         .Add("goal_met", cold_ratio >= kGoalSpeedup);
     std::printf("%s\n", j.str().c_str());
   }

@@ -170,13 +170,16 @@ class NodeState {
   // (CRCs still computing, or lost with a dead agent): computes those CRCs from the slots, marks
   // it locally complete and records it. Returns whether it did. REQUIRES(mu_) once serving.
   bool ChecksumAcked(proto::VersionRecord* v, const std::set<int32_t>& expected);
-  // Creates the slots of `rs->record`, first from `reuse` (a retired layout's spares, resized).
-  Status CreateSlots(RankSlots* rs, std::vector<std::shared_ptr<SharedMemory>> reuse);  // REQUIRES(mu_)
+  // Names for `rank`'s new slots (those after the spares in `reuse`), reserved in names_in_flight_.
+  std::vector<std::string> SlotNamesFor(int32_t rank, const std::vector<std::shared_ptr<SharedMemory>>& reuse);  // REQUIRES(mu_)
+  // Makes the slots of `rs->record`: first from `reuse` (a retired layout's spares, resized), then
+  // new segments of `names`. Touches no shared state: runs without mu_.
+  Status MakeSlots(RankSlots* rs, std::vector<std::shared_ptr<SharedMemory>> reuse, const std::vector<std::string>& names);
   void ReleaseSlots(RankSlots* rs);
   // Whether a slot of a registered rank, of the retired layout or a spare has this name.
   bool SlotNameTaken(const std::string& name) const;  // REQUIRES(mu_)
   // Takes up to `n` spares for slots of `bytes` (same sizes first); their bytes leave
-  // slot_bytes_in_use_ until CreateSlots accounts the new slots.
+  // slot_bytes_in_use_ until the registration accounts the new slots.
   std::vector<std::shared_ptr<SharedMemory>> TakeSpares(int n, uint64_t bytes);  // REQUIRES(mu_)
   void ReleaseSpares(const std::string& why);  // REQUIRES(mu_)
   // In-memory resharding. A rank with CUDA tensors that registers a layout other than the saved
@@ -210,6 +213,8 @@ class NodeState {
   std::map<int32_t, RankSlots> ranks_;                  // GUARDED_BY(mu_)
   std::map<int64_t, proto::VersionRecord> versions_;    // GUARDED_BY(mu_)
   uint64_t slot_bytes_in_use_ = 0;                      // GUARDED_BY(mu_)
+  std::map<int32_t, int32_t> creating_;                 // GUARDED_BY(mu_) rank -> local rank, making its slots
+  std::set<std::string> names_in_flight_;               // GUARDED_BY(mu_) their new segments' names
   // Epochs: the job is (re)started whenever its ranks register anew.
   bool epoch_open_ = false;                             // GUARDED_BY(mu_)
   int phase_ = 1;                                       // GUARDED_BY(mu_)

@@ -20,7 +20,7 @@ bool NodeState::RetiredHoldsName(const std::string& name) const {
 }
 
 bool NodeState::SlotNameTaken(const std::string& name) const {
-  if (RetiredHoldsName(name)) return true;
+  if (RetiredHoldsName(name) || names_in_flight_.count(name)) return true;
   for (const auto& seg : retired_.spares) {
     if (seg->name() == name) return true;
   }

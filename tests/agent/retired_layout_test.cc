@@ -9,6 +9,7 @@
 #include <sys/stat.h>
 #include <sys/un.h>
 
+#include <atomic>
 #include <filesystem>
 #include <mutex>
 #include <set>
@@ -58,7 +59,8 @@ class RawRank {
 
   // Registers float tensor "w" with `spec` (declared a CUDA tensor) and blob "rng"; waits for the
   // epoch (all ranks of the job must register: call from one thread per rank).
-  Result<proto::AwaitEpochReply> Register(const ShardSpec& spec, int memory_kind = 1) {
+  // With `await` false, returns once the agent answered the registration (an empty reply).
+  Result<proto::AwaitEpochReply> Register(const ShardSpec& spec, int memory_kind = 1, bool await = true) {
     proto::Request req;
     proto::TensorRecord* t = req.mutable_register_request()->add_tensors();
     t->set_name("w");
@@ -76,9 +78,10 @@ class RawRank {
       MEMENTO_ASSIGN_OR_RETURN(auto seg, SharedMemory::Open(name, layout_.slot_bytes(), true));
       slots_.push_back(std::move(seg));
     }
-    proto::Request await;
-    await.mutable_await_epoch()->set_timeout_ms(60000);
-    MEMENTO_ASSIGN_OR_RETURN(proto::Reply awaited, Call(await));
+    if (!await) return proto::AwaitEpochReply();
+    proto::Request awaiting;
+    awaiting.mutable_await_epoch()->set_timeout_ms(60000);
+    MEMENTO_ASSIGN_OR_RETURN(proto::Reply awaited, Call(awaiting));
     return awaited.await_epoch();
   }
 
@@ -347,6 +350,27 @@ TEST(RetiredLayoutTest, SparesTheNewLayoutDoesNotTakeAreReleased) {
       << cluster.Log();
   // Left: the two retired slots holding step 1 and the new rank's three.
   EXPECT_EQ(NodeSlots(cluster.job(), 0).size(), 5u);
+}
+
+// Two ranks of one node that claim the same local rank, registering at once (one may be making
+// its slots outside the agent's lock while the other registers): one of them is refused.
+TEST(RegistrationTest, TwoRanksClaimingOneLocalRankAreRefused) {
+  AgentCluster cluster(UniqueJob("localrank"), 1);
+  cluster.Start();
+  std::vector<Status> out(2);
+  std::atomic<int> answered{0};
+  RunRanks(2, [&](int r) {
+    RawRank rank(cluster, r, 2, 0, /*local_rank=*/0);
+    ASSERT_TRUE(rank.ok());
+    out[r] = rank.Register(Rows(r), 1, /*await=*/false).status();
+    ++answered;
+    while (answered.load() < 2) std::this_thread::sleep_for(std::chrono::milliseconds(1));  // both stay connected
+  });
+  ASSERT_NE(out[0].ok(), out[1].ok()) << out[0].ToString() << " / " << out[1].ToString();
+  const int refused = out[0].ok() ? 1 : 0;
+  EXPECT_EQ(out[refused].code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(out[refused].message(), "rank " + std::to_string(refused) + ": local rank 0 is already taken by rank " +
+                                        std::to_string(1 - refused));
 }
 
 TEST(RetiredLayoutTest, ALostNodeLeavesNothingToReshardAndTheRestoreSaysWhy) {

@@ -13,6 +13,7 @@
 #include <cstdio>
 #include <cstring>
 #include <future>
+#include <thread>
 
 #include "core/crc.h"
 #include "core/dtype.h"
@@ -422,9 +423,14 @@ Result<proto::HelloReply> NodeState::Hello(Session* session, const proto::Hello&
   reply.set_protocol_version(kAgentProtocolVersion);
   reply.set_node_id(node_id_);
   reply.set_agent_version(kLibraryVersion);
-  std::lock_guard<std::mutex> lock(mu_);
   // Versions of ranks with CUDA tensors: a restart in another layout reshards them over NCCL.
   // Whether the layout differs is known at the registration; the hint lets the set-up start sooner.
+  // Only a hint: the handshake waits for the lock 0.2 s at most (not for an epoch's verification).
+  std::unique_lock<std::mutex> lock(mu_, std::defer_lock);
+  for (int i = 0; !lock.try_lock(); ++i) {
+    if (i == 200) return reply;
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
   bool likely = !retired_.empty();
   const bool held = std::any_of(versions_.begin(), versions_.end(), [](const auto& v) {
     return v.second.state() == proto::VERSION_LOCALLY_COMPLETE || v.second.state() == proto::VERSION_GLOBALLY_COMPLETE;

@@ -171,10 +171,12 @@ class NodeState {
   // it locally complete and records it. Returns whether it did. REQUIRES(mu_) once serving.
   bool ChecksumAcked(proto::VersionRecord* v, const std::set<int32_t>& expected);
   // Names for `rank`'s new slots (those after the spares in `reuse`), reserved in names_in_flight_.
-  std::vector<std::string> SlotNamesFor(int32_t rank, const std::vector<std::shared_ptr<SharedMemory>>& reuse);  // REQUIRES(mu_)
+  std::vector<std::string> SlotNamesFor(int32_t rank,
+                                        const std::vector<std::shared_ptr<SharedMemory>>& reuse);  // REQUIRES(mu_)
   // Makes the slots of `rs->record`: first from `reuse` (a retired layout's spares, resized), then
   // new segments of `names`. Touches no shared state: runs without mu_.
-  Status MakeSlots(RankSlots* rs, std::vector<std::shared_ptr<SharedMemory>> reuse, const std::vector<std::string>& names);
+  Status MakeSlots(RankSlots* rs, std::vector<std::shared_ptr<SharedMemory>> reuse,
+                   const std::vector<std::string>& names);
   void ReleaseSlots(RankSlots* rs);
   // Whether a slot of a registered rank, of the retired layout or a spare has this name.
   bool SlotNameTaken(const std::string& name) const;  // REQUIRES(mu_)

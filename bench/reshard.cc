@@ -421,7 +421,8 @@ int Run(const Flags& flags_in) {
   AgentProcess::Options ao;
   ao.slots_per_rank = 3;
   ao.crc_threads = f.crc_threads;
-  ao.log_level = std::getenv("MEMENTO_BENCH_AGENT_LOG_LEVEL") != nullptr ? std::getenv("MEMENTO_BENCH_AGENT_LOG_LEVEL") : "info";
+  const char* agent_log_level = std::getenv("MEMENTO_BENCH_AGENT_LOG_LEVEL");  // diagnostics
+  ao.log_level = agent_log_level != nullptr ? agent_log_level : "info";
   std::string checkpoint;  // the first run's flushed step 1
   std::vector<Restart> memory_runs;
   for (int run = 0; run < f.repeat; ++run) {

@@ -180,9 +180,9 @@ class ClientImpl : public Client {
     t.where = where;
     t.device = cuda_device;
     tensors_.push_back(std::move(t));
-    // The agent holds an earlier layout of another world size: the restore will likely reshard it
-    // over NCCL. Its set-up starts with the first CUDA tensor, overlapping the rest of the
-    // registration (dropped in the background when the registration reply says otherwise).
+    // The agent holds versions of CUDA ranks (the handshake's hint): should this layout differ, the
+    // restore reshards them over NCCL. Its set-up starts with the first CUDA tensor, overlapping the
+    // rest of the registration (dropped in the background when the registration reply says no).
     if (where == MemoryKind::kCuda && reshard_likely_ && reshard_prep_ == nullptr && ReshardPrepWanted()) {
       StartReshardPrep(cuda_device);
     }
@@ -225,9 +225,10 @@ class ClientImpl : public Client {
         devices.push_back(t.device);
       }
     }
-    // The agent holds an earlier layout: the restore may reshard it over NCCL. Its set-up (NCCL's
-    // initialisation, the buffers) starts now, during the wait, ahead of the slots' pinning (both
-    // wait on the driver). MEMENTO_RESHARD_PREP=0 turns that off (diagnostics).
+    // The agent retired an earlier layout: the restore may reshard it over NCCL. Its set-up (NCCL's
+    // initialisation, the buffers) runs during the wait, ahead of the slots' pinning (both wait on
+    // the driver): started at the first CUDA tensor on the handshake's hint, else now.
+    // MEMENTO_RESHARD_PREP=0 turns that off (diagnostics).
     if (!rr.reshard_candidate()) {
       // Started on the agent's hint and not needed: the pinning goes on at once, the set-up ends
       // and is dropped in the background.
@@ -436,8 +437,7 @@ class ClientImpl : public Client {
     // MEMENTO_RESHARD_CHUNK_BYTES (tests): bytes per peer and round; default from the world size.
     if (const char* c = std::getenv("MEMENTO_RESHARD_CHUNK_BYTES")) io.chunk_bytes = std::strtoull(c, nullptr, 10);
     // MEMENTO_RESHARD_NCCL_CHANNELS: the communicator's most channels (default 4; 0 = NCCL's choice).
-    io.nccl_channels = 4;
-    if (const char* c = std::getenv("MEMENTO_RESHARD_NCCL_CHANNELS")) io.nccl_channels = std::atoi(c);
+    io.nccl_channels = EnvInt("MEMENTO_RESHARD_NCCL_CHANNELS", 4);
     io.pool_threads = std::clamp(static_cast<int>(std::thread::hardware_concurrency()) / 2, 4, 16);
     ThreadPool pool(io.pool_threads);
     io.pool = &pool;

@@ -67,13 +67,8 @@ class Cluster {
       s.Fill(rank, step);
       ASSERT_TRUE((*c)->Snapshot(step).ok());
       ASSERT_TRUE((*c)->WaitUntilSafeToUpdate().ok());
-      bool ok = false;
-      for (int i = 0; i < 3000 && !ok; ++i) {
-        auto v = (*c)->ListVersions();
-        for (const auto& x : v.ok() ? *v : std::vector<VersionInfo>{}) ok |= x.step == step && x.is_protected;
-        if (!ok) std::this_thread::sleep_for(std::chrono::milliseconds(10));
-      }
-      ASSERT_TRUE(ok) << "step " << step << " was not protected on node " << id(rank) << "\n" << agents_->Log();
+      ASSERT_TRUE(WaitProtected(c->get(), step))
+          << "step " << step << " was not protected on node " << id(rank) << "\n" << agents_->Log();
     });
   }
   // Kills every agent and deletes the memory of the nodes at `lost` positions; with
@@ -226,13 +221,13 @@ TEST(ErasureTest, MoreLossesLoadTheCheckpointEvenWhenEverySlotHoldsAVersion) {
       if (step == 10) {
         ASSERT_TRUE(WaitPersisted(cl->get(), 10)) << c.agents().Log();
       }
-      bool done = false;
-      for (int i = 0; i < 3000 && !done; ++i) {
-        auto v = (*cl)->ListVersions();
-        held = v.ok() ? *v : std::vector<VersionInfo>{};
-        for (const auto& x : held) done |= x.step == step && x.is_protected;
-        if (!done) std::this_thread::sleep_for(std::chrono::milliseconds(10));
-      }
+      const bool done = WaitUntil(
+          [&] {
+            auto v = (*cl)->ListVersions();
+            held = v.ok() ? *v : std::vector<VersionInfo>{};
+            return std::any_of(held.begin(), held.end(), [&](const VersionInfo& x) { return x.step == step && x.is_protected; });
+          },
+          30000);
       ASSERT_TRUE(done) << "step " << step << " was not protected on node " << c.id(rank) << "\n" << c.agents().Log();
     }
     std::string steps;
@@ -322,13 +317,7 @@ TEST(ErasureTest, ProtectionRecordedOnSomeNodesOnlyKeepsTheOlderOne) {
     ASSERT_TRUE((*cl)->Snapshot(2).ok());
     ASSERT_TRUE((*cl)->WaitUntilSafeToUpdate().ok());
     if (rank == 2) return;  // its agent freezes in the round that protects step 2
-    bool ok = false;
-    for (int i = 0; i < 3000 && !ok; ++i) {
-      auto v = (*cl)->ListVersions();
-      for (const auto& x : v.ok() ? *v : std::vector<VersionInfo>{}) ok |= x.step == 2 && x.is_protected;
-      if (!ok) std::this_thread::sleep_for(std::chrono::milliseconds(10));
-    }
-    ASSERT_TRUE(ok) << "step 2 was not protected on node " << rank << "\n" << c.agents().Log();
+    ASSERT_TRUE(WaitProtected(cl->get(), 2)) << "step 2 was not protected on node " << rank << "\n" << c.agents().Log();
     // Steps 3 and 4 fill the other two slots (locally complete: the rounds wait for node 2).
     for (int64_t step : {3, 4}) {
       s.Fill(rank, step);

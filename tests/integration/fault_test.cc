@@ -132,13 +132,9 @@ TEST(FaultTest, AgentKilledWhileChecksummingAnAcknowledgedCaptureKeepsIt) {
     states[0]->Fill(0, 3);
     ASSERT_TRUE(clients[0]->Snapshot(3).ok());
     ASSERT_TRUE(clients[0]->WaitUntilSafeToUpdate().ok());
-    bool rank0_recorded = false;
-    for (int i = 0; i < 3000 && !rank0_recorded; ++i) {
-      auto v = clients[0]->ListVersions();
-      for (const auto& x : v.ok() ? *v : std::vector<VersionInfo>{}) rank0_recorded |= x.step == 3 && x.captured_ranks == 1;
-      if (!rank0_recorded) std::this_thread::sleep_for(std::chrono::milliseconds(10));
-    }
-    ASSERT_TRUE(rank0_recorded) << "rank 0's capture of step 3 was never checksummed";
+    ASSERT_TRUE(WaitUntil([&] { return VersionShows(clients[0].get(), 3, [](const VersionInfo& x) { return x.captured_ranks == 1; }); },
+                          30000))
+        << "rank 0's capture of step 3 was never checksummed";
     states[1]->Fill(1, 3);
     ASSERT_TRUE(clients[1]->Snapshot(3).ok());
     ASSERT_TRUE(clients[1]->WaitUntilSafeToUpdate().ok());
@@ -195,7 +191,10 @@ TEST(FaultTest, FourRanksOnTwoNodesRestorableOnlyOnceEveryRankCaptured) {
     ASSERT_TRUE(clients[rank]->Snapshot(2).ok());
     ASSERT_TRUE(clients[rank]->WaitUntilSafeToUpdate().ok());
   }
-  std::this_thread::sleep_for(std::chrono::milliseconds(200));  // many agreement rounds
+  // Node 0 completes step 2 locally (its agent checksums the captures); node 1 cannot.
+  ASSERT_TRUE(WaitUntil([&] { return VersionShows(clients[0].get(), 2, [](const VersionInfo& x) { return x.state == "locally_complete"; }); },
+                        30000));
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));  // many agreement rounds: still not global
   auto v0 = clients[0]->ListVersions();
   auto v1 = clients[3]->ListVersions();
   ASSERT_TRUE(v0.ok() && v1.ok());

@@ -224,9 +224,7 @@ TEST(FlushTrainerTest, TrainerRestartedWithNoAgentStateRestoresFromStorageToTheS
   ASSERT_EQ(ref.first, 0) << ref.second;
   auto first = run("--steps 10");
   ASSERT_EQ(first.first, 0) << first.second;
-  for (int i = 0; i < 3000 && !fs::exists(CheckpointDir(TestTmp() + "/" + job + "-store", job, 8) + "/manifest"); ++i) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(10));
-  }
+  WaitUntil([&] { return fs::exists(CheckpointDir(TestTmp() + "/" + job + "-store", job, 8) + "/manifest"); }, 30000);
   cluster.Kill();
   cluster.WipeNode(0);
   cluster.WipeNode(1);

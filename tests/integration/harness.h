@@ -10,6 +10,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
@@ -34,6 +35,25 @@ inline std::string BinDir() {
 inline std::string TestTmp() {
   const char* t = std::getenv("MEMENTO_TEST_TMP");
   return t ? t : "/tmp";
+}
+
+// MEMENTO_TEST_TIME_SCALE (scripts/test-sanitizers sets 4): instrumented agents and clients run
+// several times slower, so every wait below for what the agents do grows by this factor.
+inline double TimeScale() {
+  const char* v = std::getenv("MEMENTO_TEST_TIME_SCALE");
+  const double s = v != nullptr ? std::atof(v) : 1.0;
+  return s >= 1.0 ? s : 1.0;
+}
+inline int ScaledMs(int ms) { return static_cast<int>(ms * TimeScale()); }
+
+// Polls `done` every 10 ms until it holds or ScaledMs(ms) have passed; returns its last answer.
+inline bool WaitUntil(const std::function<bool()>& done, int ms) {
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(ScaledMs(ms));
+  for (;;) {
+    if (done()) return true;
+    if (std::chrono::steady_clock::now() >= deadline) return false;
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
 }
 
 // A job id unique to this test run; mpi_run.sh removes everything named after its prefix.
@@ -94,14 +114,10 @@ class AgentCluster {
     ss << f.rdbuf();
     return ss.str();
   }
-  // Whether the agents' log holds `text`, waiting up to `wait_ms` for it: mpirun forwards the
-  // agents' output asynchronously, so a line logged before a reply can land in the file after it.
+  // Whether the agents' log holds `text`, waiting up to `wait_ms` (scaled) for it: mpirun forwards
+  // the agents' output asynchronously, so a line logged before a reply can land in the file after it.
   bool LogHas(const std::string& text, int wait_ms = 10000) const {
-    for (int waited = 0;; waited += 20) {
-      if (Log().find(text) != std::string::npos) return true;
-      if (waited >= wait_ms) return false;
-      std::this_thread::sleep_for(std::chrono::milliseconds(20));
-    }
+    return WaitUntil([&] { return Log().find(text) != std::string::npos; }, wait_ms);
   }
   std::string SlotName(int node, int rank, int slot) const {
     return "/memento-" + job_ + "-n" + std::to_string(node) + "-r" + std::to_string(rank) + "-s" + std::to_string(slot);
@@ -130,7 +146,7 @@ class AgentCluster {
       ::execvp("mpirun", argv.data());
       ::_exit(127);
     }
-    auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+    auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(ScaledMs(30000));
     for (int n : node_ids_) {
       struct stat st {};
       while (::stat(Socket(n).c_str(), &st) != 0) {
@@ -145,17 +161,15 @@ class AgentCluster {
     }
   }
 
-  // Waits up to `ms` for the agents' job to end by itself (an agent died); true when it did.
+  // Waits up to `ms` (scaled) for the agents' job to end by itself (an agent died); true when it did.
   bool WaitExit(int ms) {
-    for (int i = 0; i < ms / 10 && pid_ > 0; ++i) {
-      int status = 0;
-      if (::waitpid(pid_, &status, WNOHANG) == pid_) {
-        pid_ = -1;
-        return true;
-      }
-      std::this_thread::sleep_for(std::chrono::milliseconds(10));
-    }
-    return pid_ <= 0;
+    return WaitUntil(
+        [&] {
+          int status = 0;
+          if (pid_ > 0 && ::waitpid(pid_, &status, WNOHANG) == pid_) pid_ = -1;
+          return pid_ <= 0;
+        },
+        ms);
   }
 
   // Graceful stop (SIGTERM: every agent stops in the same round).
@@ -190,9 +204,9 @@ class AgentCluster {
     o.node_id = node;
     o.local_rank = local_rank;
     o.copy_threads = 2;
-    o.connect_timeout_ms = 5000;
-    o.registration_timeout_ms = 60000;
-    o.slot_timeout_ms = slot_timeout_ms > 0 ? slot_timeout_ms : 60000;
+    o.connect_timeout_ms = ScaledMs(5000);
+    o.registration_timeout_ms = ScaledMs(60000);
+    o.slot_timeout_ms = ScaledMs(slot_timeout_ms > 0 ? slot_timeout_ms : 60000);
     return Client::Connect(o);
   }
 
@@ -273,46 +287,41 @@ inline int RunInChild(const std::function<int()>& fn) {
   return status;
 }
 
-// Polls until version `step` is persisted (its checkpoint committed), up to 60 s.
+// Whether the client's node lists version `step` with `pred` true.
+inline bool VersionShows(Client* c, int64_t step, const std::function<bool(const VersionInfo&)>& pred) {
+  auto v = c->ListVersions();
+  if (!v.ok()) return false;
+  return std::any_of(v->begin(), v->end(), [&](const VersionInfo& x) { return x.step == step && pred(x); });
+}
+
+// Polls until version `step` is persisted (its checkpoint committed), up to 60 s (scaled).
 inline bool WaitPersisted(Client* c, int64_t step) {
-  for (int i = 0; i < 6000; ++i) {
-    auto v = c->ListVersions();
-    if (v.ok()) {
-      for (const auto& x : *v) {
-        if (x.step == step && x.persisted) return true;
-      }
-    }
-    std::this_thread::sleep_for(std::chrono::milliseconds(10));
-  }
-  return false;
+  return WaitUntil([&] { return VersionShows(c, step, [](const VersionInfo& x) { return x.persisted; }); }, 60000);
 }
 
 // Polls until version `step` shows a flush error on the client's node; returns it ("" on timeout).
 inline std::string WaitFlushError(Client* c, int64_t step) {
-  for (int i = 0; i < 6000; ++i) {
-    auto v = c->ListVersions();
-    if (v.ok()) {
-      for (const auto& x : *v) {
-        if (x.step == step && !x.flush_error.empty()) return x.flush_error;
-      }
-    }
-    std::this_thread::sleep_for(std::chrono::milliseconds(10));
-  }
-  return "";
+  std::string error;
+  WaitUntil(
+      [&] {
+        return VersionShows(c, step, [&](const VersionInfo& x) {
+          error = x.flush_error;
+          return !error.empty();
+        });
+      },
+      60000);
+  return error;
 }
 
-// Polls until version `step` is globally complete on the client's node, up to 30 s.
+// Polls until version `step` is globally complete on the client's node, up to 30 s (scaled).
 inline bool WaitGloballyComplete(Client* c, int64_t step) {
-  for (int i = 0; i < 3000; ++i) {
-    auto v = c->ListVersions();
-    if (v.ok()) {
-      for (const auto& x : *v) {
-        if (x.step == step && x.state == "globally_complete") return true;
-      }
-    }
-    std::this_thread::sleep_for(std::chrono::milliseconds(10));
-  }
-  return false;
+  return WaitUntil(
+      [&] { return VersionShows(c, step, [](const VersionInfo& x) { return x.state == "globally_complete"; }); }, 30000);
+}
+
+// Polls until version `step` is erasure-coded (protected) on the client's node, up to 30 s (scaled).
+inline bool WaitProtected(Client* c, int64_t step) {
+  return WaitUntil([&] { return VersionShows(c, step, [](const VersionInfo& x) { return x.is_protected; }); }, 30000);
 }
 
 }  // namespace memento::testing

@@ -1,6 +1,10 @@
 // Command lines for the agents' and the training job.
 #include "launcher/commands.h"
 
+#include <unistd.h>
+
+#include <cstdlib>
+#include <filesystem>
 #include <fstream>
 #include <sstream>
 
@@ -138,6 +142,31 @@ Result<std::vector<std::string>> ReadHostfile(const std::string& path) {
   }
   if (hosts.empty()) return InvalidArgument("hostfile " + path + " lists no host");
   return hosts;
+}
+
+std::string MpiTmpdirBase() {
+  for (const char* var : {"OMPI_MCA_orte_tmpdir_base", "TMPDIR", "TEMP", "TMP"}) {
+    const char* v = std::getenv(var);
+    if (v != nullptr && *v != '\0') return v;
+  }
+  return "/tmp";
+}
+
+int RemoveMpiSessionDir(int64_t pid, const std::string& base) {
+  if (pid <= 0) return 0;
+  const std::string suffix = "." + std::to_string(::getuid());
+  int removed = 0;
+  std::error_code ec;
+  for (const auto& e : std::filesystem::directory_iterator(base, ec)) {
+    const std::string name = e.path().filename().string();
+    if (name.rfind("ompi.", 0) != 0 || name.size() <= 5 + suffix.size() ||
+        name.compare(name.size() - suffix.size(), suffix.size(), suffix) != 0) {
+      continue;
+    }
+    std::error_code rm;
+    if (std::filesystem::remove_all(e.path() / ("pid." + std::to_string(pid)), rm) > 0 && !rm) ++removed;
+  }
+  return removed;
 }
 
 }  // namespace memento::launcher

@@ -3,6 +3,7 @@
 // Pure functions of their inputs, so tests check them without a cluster.
 #pragma once
 
+#include <cstdint>
 #include <string>
 #include <utility>
 #include <vector>
@@ -45,5 +46,15 @@ Command TrainingCommand(const Options& o, const NodePlan& plan, bool srun, const
 // Reads a hostfile: one host per line, '#' comments, "host" or "host slots=N" (slots ignored: the
 // launcher places --ranks-per-node ranks per host). InvalidArgument naming the line at fault.
 Result<std::vector<std::string>> ReadHostfile(const std::string& path);
+
+// Where Open MPI puts its session directories on this host: OMPI_MCA_orte_tmpdir_base, else
+// TMPDIR, TEMP or TMP, else /tmp.
+std::string MpiTmpdirBase();
+
+// mpirun keeps a job's session directory (its PMIx segments, about 8 MB) in
+// `base`/ompi.<host>.<uid>/pid.<its pid>/ and removes it when it exits; an mpirun killed with
+// SIGKILL leaves it, one per such stop over a long job. Removes what the dead mpirun `pid` left
+// under `base` for this user; returns how many directories it removed.
+int RemoveMpiSessionDir(int64_t pid, const std::string& base);
 
 }  // namespace memento::launcher

@@ -349,9 +349,11 @@ void Supervisor::StopAll(Attempt* a, bool graceful) {
   if (graceful) {
     // Each agent stops in the same agreement round, then its launcher exits by itself.
     for (const auto& [id, pid] : a->agent_pids) ::kill(static_cast<pid_t>(pid), SIGTERM);
+    const pid_t launcher = a->agents;
     if (!WaitChild(&a->agents, o_.stop_grace_s + 10)) {
       ::kill(-a->agents, SIGKILL);
       WaitChild(&a->agents, 10);
+      if (!srun_) RemoveMpiSessionDir(launcher, MpiTmpdirBase());
     }
     return;
   }
@@ -373,8 +375,11 @@ void Supervisor::StopAll(Attempt* a, bool graceful) {
   }
   for (pid_t* job : {&a->training, &a->agents}) {
     if (*job > 0) {
-      ::kill(-*job, SIGKILL);
+      const pid_t launcher = *job;
+      ::kill(-launcher, SIGKILL);
       WaitChild(job, 10);
+      // A killed mpirun leaves its session directory: one per failure over a long job.
+      if (!srun_) RemoveMpiSessionDir(launcher, MpiTmpdirBase());
     }
   }
   // Stragglers the launchers left behind: every rank and agent this attempt knew of.

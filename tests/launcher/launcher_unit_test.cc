@@ -1,7 +1,14 @@
 // memento-run's parts without processes: options, drills, command lines (mpirun and srun),
 // hostfiles, heartbeat datagrams and the timeline.
 #include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/wait.h>
 #include <unistd.h>
+
+#include <chrono>
+#include <cstdlib>
+#include <filesystem>
+#include <thread>
 
 #include <fstream>
 #include <string>
@@ -328,6 +335,69 @@ TEST(Timeline, JsonAndText) {
             "    detected after 0.25 s; both jobs stopped in 0.50 s; lost node(s) 2, replaced by spare(s) 4\n"
             "    recovery: agents restarted in 0.40 s, registration 0.30 s, rebuild 0.20 s, restore 0.10 s\n"
             "    restored step 11 from memory; 1 step lost; training resumed 1.50 s after the failure\n");
+}
+
+// What a SIGKILLed mpirun leaves: its session directory. Only that pid's directory of this user's
+// Open MPI trees goes.
+TEST(LauncherCommands, RemoveMpiSessionDirRemovesOnlyTheDeadJobsDirectory) {
+  namespace fs = std::filesystem;
+  const char* tmp = std::getenv("MEMENTO_TEST_TMP");
+  const fs::path base = fs::path(tmp ? tmp : "/tmp") / ("mpi-session-" + std::to_string(::getpid()));
+  const std::string uid = std::to_string(::getuid());
+  const std::string other_uid = std::to_string(::getuid() + 1);
+  for (const fs::path& d : {base / ("ompi.node7." + uid) / "pid.4242" / "0" / "1",
+                            base / ("ompi.node7." + uid) / "pid.42420", base / ("ompi.node7." + other_uid) / "pid.4242",
+                            base / "not-ompi" / "pid.4242"}) {
+    fs::create_directories(d);
+  }
+  std::ofstream(base / ("ompi.node7." + uid) / "pid.4242" / "contact.txt") << "4242\n";
+  EXPECT_EQ(RemoveMpiSessionDir(4242, base.string()), 1);
+  EXPECT_FALSE(fs::exists(base / ("ompi.node7." + uid) / "pid.4242"));
+  EXPECT_TRUE(fs::exists(base / ("ompi.node7." + uid) / "pid.42420"));
+  EXPECT_TRUE(fs::exists(base / ("ompi.node7." + other_uid) / "pid.4242"));
+  EXPECT_TRUE(fs::exists(base / "not-ompi" / "pid.4242"));
+  EXPECT_EQ(RemoveMpiSessionDir(4242, base.string()), 0);
+  EXPECT_EQ(RemoveMpiSessionDir(4242, (base / "missing").string()), 0);
+  fs::remove_all(base);
+}
+
+// With a real mpirun: SIGKILL leaves its session directory (the fault), which is then removed.
+TEST(LauncherCommands, AKilledMpirunsSessionDirectoryIsRemoved) {
+  namespace fs = std::filesystem;
+  const char* tmp = std::getenv("MEMENTO_TEST_TMP");
+  const fs::path base = fs::path(tmp ? tmp : "/tmp") / ("mpirun-killed-" + std::to_string(::getpid()));
+  fs::create_directories(base);
+  pid_t pid = ::fork();
+  if (pid == 0) {
+    ::setpgid(0, 0);
+    ::setenv("OMPI_MCA_orte_tmpdir_base", base.c_str(), 1);
+    ::execlp("mpirun", "mpirun", "--oversubscribe", "-np", "1", "sleep", "60", static_cast<char*>(nullptr));
+    ::_exit(127);
+  }
+  ASSERT_GT(pid, 0);
+  ::setpgid(pid, pid);
+  const fs::path session_name = "pid." + std::to_string(pid);
+  auto session_dirs = [&] {
+    int n = 0;
+    std::error_code ec;
+    for (const auto& e : fs::directory_iterator(base, ec)) n += fs::exists(e.path() / session_name) ? 1 : 0;
+    return n;
+  };
+  // The job is up once the rank's directory exists under mpirun's session directory.
+  bool up = false;
+  for (int i = 0; i < 3000 && !up; ++i) {
+    up = session_dirs() == 1;
+    if (!up) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  ::kill(-pid, SIGKILL);
+  int status = 0;
+  ::waitpid(pid, &status, 0);
+  ASSERT_TRUE(up) << "mpirun made no session directory under " << base;
+  ASSERT_TRUE(WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL);
+  EXPECT_EQ(session_dirs(), 1) << "SIGKILL should leave mpirun's session directory";
+  EXPECT_EQ(RemoveMpiSessionDir(pid, base.string()), 1);
+  EXPECT_EQ(session_dirs(), 0);
+  fs::remove_all(base);
 }
 
 }  // namespace

@@ -103,17 +103,21 @@ class RawRank {
   }
 
   bool GloballyComplete(int64_t step) {
-    for (int i = 0; i < 3000; ++i) {
-      proto::Request req;
-      req.mutable_list_versions();
-      auto r = Call(req);
-      if (!r.ok()) return false;
-      for (const auto& v : r->list_versions().versions()) {
-        if (v.step() == step && v.state() == "globally_complete") return true;
-      }
-      std::this_thread::sleep_for(std::chrono::milliseconds(10));
-    }
-    return false;
+    bool failed = false;
+    const bool complete = WaitUntil(
+        [&] {
+          proto::Request req;
+          req.mutable_list_versions();
+          auto r = Call(req);
+          failed = !r.ok();
+          if (failed) return true;
+          for (const auto& v : r->list_versions().versions()) {
+            if (v.step() == step && v.state() == "globally_complete") return true;
+          }
+          return false;
+        },
+        30000);
+    return complete && !failed;
   }
 
   Result<proto::RestoreReply> Restore() {
@@ -259,7 +263,7 @@ TEST(RetiredLayoutTest, ANewLayoutOfCudaRanksReshardsTheVersionEveryNodeHolds) {
   // Step 3 of the new layout is globally complete: the retired layout is gone.
   EXPECT_TRUE(cluster.LogHas(
       "dropping the retired layout (world size 2, versions 1, 2): a version of the new layout is globally complete"));
-  for (int i = 0; i < 500 && ShmExists(retired_slot); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  WaitUntil([&] { return !ShmExists(retired_slot); }, 5000);
   EXPECT_FALSE(ShmExists(retired_slot));
   // The next restart in columns has nothing earlier to reshard: no set-up ahead (the handshake's
   // hint cannot tell the layout, the registration can).

@@ -180,10 +180,8 @@ TEST(ClientTest, CApiRoundTrip) {
   std::fill(flat.begin(), flat.end(), 0.0);
   blob_size = 0;
   int64_t restored = -1;
-  for (int i = 0; i < 300; ++i) {  // the version turns globally complete within a few rounds
-    if (memento_restore(c, -1, &restored) == 0) break;
-    std::this_thread::sleep_for(std::chrono::milliseconds(10));
-  }
+  // The version turns globally complete within a few rounds.
+  WaitUntil([&] { return memento_restore(c, -1, &restored) == 0; }, 30000);
   EXPECT_EQ(restored, 5);
   EXPECT_EQ(w, expect);
   EXPECT_EQ(flat, std::vector<double>(10, 2.5));

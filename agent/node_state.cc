@@ -540,6 +540,9 @@ Result<proto::RegisterReply> NodeState::Register(Session* session, const proto::
       slot_bytes_in_use_ -= it->second.record.slot_bytes() * it->second.slots.size();
       ReleaseSlots(&it->second);
       ranks_.erase(it);
+      // Registered again below, once its new slots exist: until then (they are made outside the
+      // lock) the rank is not one of this round's, whose slots the rebuilds and loads use.
+      pending_ranks_.erase(session->rank);
       it = ranks_.end();
     }
   }

@@ -56,6 +56,12 @@ std::string StateName(proto::VersionState s) {
   }
 }
 
+// Whether a rank registered tensors in GPU memory (TensorRecord.memory_kind 1).
+bool HasCudaTensors(const proto::RankRecord& rec) {
+  return std::any_of(rec.tensors().begin(), rec.tensors().end(),
+                     [](const proto::TensorRecord& t) { return t.memory_kind() == 1; });
+}
+
 bool SameLayout(const proto::RankRecord& a, const proto::RankRecord& b) {
   if (a.tensors_size() != b.tensors_size() || a.blobs_size() != b.blobs_size()) return false;
   for (int i = 0; i < a.tensors_size(); ++i) {
@@ -431,16 +437,11 @@ Result<proto::HelloReply> NodeState::Hello(Session* session, const proto::Hello&
     if (i == 200) return reply;
     std::this_thread::sleep_for(std::chrono::milliseconds(1));
   }
-  bool likely = !retired_.empty();
   const bool held = std::any_of(versions_.begin(), versions_.end(), [](const auto& v) {
     return v.second.state() == proto::VERSION_LOCALLY_COMPLETE || v.second.state() == proto::VERSION_GLOBALLY_COMPLETE;
   });
-  for (const auto& [r, rs] : ranks_) {
-    if (likely || !held) break;
-    likely = std::any_of(rs.record.tensors().begin(), rs.record.tensors().end(),
-                         [](const proto::TensorRecord& t) { return t.memory_kind() == 1; });
-  }
-  reply.set_reshard_likely(likely);
+  const bool cuda = std::any_of(ranks_.begin(), ranks_.end(), [](const auto& r) { return HasCudaTensors(r.second.record); });
+  reply.set_reshard_likely(!retired_.empty() || (held && cuda));
   return reply;
 }
 
@@ -474,8 +475,7 @@ Result<proto::RegisterReply> NodeState::Register(Session* session, const proto::
     }
   }
   auto it = ranks_.find(session->rank);
-  const bool has_cuda = std::any_of(rec.tensors().begin(), rec.tensors().end(),
-                                    [](const proto::TensorRecord& t) { return t.memory_kind() == 1; });
+  const bool has_cuda = HasCudaTensors(rec);
   const bool other_world = it != ranks_.end() && it->second.record.world_size() != session->world_size;
   if (it != ranks_.end() && (!SameLayout(it->second.record, rec) || (has_cuda && other_world))) {
     // A new layout (other TP / DP / ZeRO degrees) cannot use versions held in memory in the old
@@ -1323,11 +1323,7 @@ TickPayload NodeState::MakeTick(bool stop) {
   }
   for (int32_t r : pending_ranks_) {
     auto it = ranks_.find(r);
-    if (it == ranks_.end()) continue;
-    const auto& ts = it->second.record.tensors();
-    if (std::any_of(ts.begin(), ts.end(), [](const proto::TensorRecord& t) { return t.memory_kind() == 1; })) {
-      ++p.cuda_registered;
-    }
+    if (it != ranks_.end() && HasCudaTensors(it->second.record)) ++p.cuda_registered;
   }
   if (phase_ == 2 && !retired_.empty()) {
     p.retired_world = retired_.world_size;
